@@ -1,0 +1,205 @@
+"""The fields-and-routes declaration (``--fields_config``) and its static checks.
+
+Everything here runs before any model weights load, so a typo costs seconds, not a model download.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FIELD_TYPES = ("base", "lora", "checkpoint", "cfg", "guider")
+OPERATOR_TYPES = ("cfg", "guider")
+
+
+class ConfigError(ValueError):
+    """A problem in the user's fields config or flags, with the fix in its message."""
+
+
+@dataclass
+class FieldSpec:
+    name: str
+    type: str
+    path: str | None = None  # lora / checkpoint: local path or Hub id
+    weight_name: str | None = None  # lora: file inside a folder or repo
+    subfolder: str | None = None  # checkpoint: e.g. "transformer" of a pipeline repo
+    of: str | None = None  # operator fields: the field they are built on
+    scale: float | None = None  # cfg: guidance scale
+    guider: str | None = None  # guider: class name in diffusers.guiders
+    guider_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RouteSpec:
+    field: str
+    task: str = "t2i"
+    weight: float = 1.0
+
+
+@dataclass
+class FieldsConfig:
+    fields: dict[str, FieldSpec]
+    routes: list[RouteSpec]
+
+    def to_dict(self) -> dict:
+        def clean(spec: FieldSpec) -> dict:
+            d = {k: v for k, v in spec.__dict__.items() if v not in (None, {}) and k != "name"}
+            return d
+
+        return {
+            "fields": {name: clean(s) for name, s in self.fields.items()},
+            "routes": [r.__dict__.copy() for r in self.routes],
+        }
+
+    def resolve_chain(self, name: str) -> list[FieldSpec]:
+        """The field and the fields it is built on, outermost first."""
+        chain = [self.fields[name]]
+        while chain[-1].of is not None:
+            chain.append(self.fields[chain[-1].of])
+        return chain
+
+    def transformer_field(self, name: str) -> FieldSpec:
+        return self.resolve_chain(name)[-1]
+
+    def routed_fields(self) -> list[str]:
+        seen: list[str] = []
+        for route in self.routes:
+            if route.field not in seen:
+                seen.append(route.field)
+        return seen
+
+
+def _load_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--fields_config {path} does not exist. Pass the path of a .yaml or .json file.")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # the parser's message says where
+        raise ConfigError(f"--fields_config {path} is not valid {path.suffix[1:].upper()}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"--fields_config {path} must hold a mapping with the keys `fields` and `routes`.")
+    return data
+
+
+def parse_fields_config(data: dict | str | Path, base_dir: str | Path | None = None) -> FieldsConfig:
+    """Parse and check a config mapping (or a file). Relative local paths are taken from the file's folder."""
+    if not isinstance(data, dict):
+        base_dir = Path(data).resolve().parent
+        data = _load_file(data)
+    unknown = set(data) - {"fields", "routes"}
+    if unknown:
+        raise ConfigError(f"Unknown top-level key(s) {sorted(unknown)} in the fields config; use `fields` and `routes`.")
+    raw_fields = data.get("fields") or {}
+    if not isinstance(raw_fields, dict) or not raw_fields:
+        raise ConfigError("The fields config declares no fields: add a `fields:` mapping of name -> {type: ...}.")
+    fields: dict[str, FieldSpec] = {}
+    allowed = set(FieldSpec.__dataclass_fields__) - {"name"}
+    for name, raw in raw_fields.items():
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Field {name!r} must be a mapping with at least `type`.")
+        extra = set(raw) - allowed
+        if extra:
+            raise ConfigError(f"Field {name!r} has unknown key(s) {sorted(extra)}; allowed keys: {sorted(allowed)}.")
+        spec = FieldSpec(name=str(name), **raw)
+        if spec.path and base_dir is not None and not Path(spec.path).is_absolute():
+            candidate = Path(base_dir) / spec.path
+            if candidate.exists():  # otherwise it may be a Hub repo id
+                spec.path = str(candidate)
+        fields[spec.name] = spec
+    raw_routes = data.get("routes")
+    if not raw_routes:
+        raise ConfigError("The fields config declares no routes: add `routes: [{field: NAME, task: BUCKET}]`.")
+    routes = []
+    for raw in raw_routes:
+        if not isinstance(raw, dict) or "field" not in raw:
+            raise ConfigError(f"Route {raw!r} must be a mapping with `field` (and optionally `task`, `weight`).")
+        extra = set(raw) - {"field", "task", "weight"}
+        if extra:
+            raise ConfigError(f"Route {raw!r} has unknown key(s) {sorted(extra)}; allowed: field, task, weight.")
+        routes.append(RouteSpec(field=str(raw["field"]), task=str(raw.get("task", "t2i")), weight=float(raw.get("weight", 1.0))))
+    config = FieldsConfig(fields=fields, routes=routes)
+    check_fields_config(config)
+    return config
+
+
+def check_fields_config(config: FieldsConfig) -> None:
+    from diffusers import guiders
+
+    for spec in config.fields.values():
+        if spec.type not in FIELD_TYPES:
+            raise ConfigError(f"Field {spec.name!r} has unknown type {spec.type!r}; use one of {list(FIELD_TYPES)}.")
+        if spec.type in ("lora", "checkpoint") and not spec.path:
+            raise ConfigError(f"Field {spec.name!r} ({spec.type}) needs `path`: a local path or a Hub repo id.")
+        if spec.type in OPERATOR_TYPES:
+            if not spec.of:
+                raise ConfigError(f"Field {spec.name!r} ({spec.type}) needs `of`: the name of the field it guides.")
+            if spec.of not in config.fields:
+                raise ConfigError(
+                    f"Field {spec.name!r} is built on unknown field {spec.of!r}; declared fields: {sorted(config.fields)}."
+                )
+        elif spec.of:
+            raise ConfigError(f"Field {spec.name!r} ({spec.type}) cannot have `of`; only cfg and guider fields do.")
+        if spec.type == "cfg" and (spec.scale is None or spec.scale <= 0):
+            raise ConfigError(f"Field {spec.name!r} (cfg) needs a positive `scale`, e.g. `scale: 3.5`.")
+        if spec.type == "guider":
+            cls = getattr(guiders, spec.guider or "", None)
+            known = [n for n in dir(guiders) if n.endswith("Guidance")]
+            if cls is None:
+                raise ConfigError(
+                    f"Field {spec.name!r} names guider {spec.guider!r}, which diffusers.guiders does not have; use one of {known}."
+                )
+    for spec in config.fields.values():  # cycles through `of`
+        seen = {spec.name}
+        current = spec
+        while current.of is not None:
+            if current.of in seen:
+                raise ConfigError(f"Fields {sorted(seen)} are built on each other in a cycle; break it.")
+            seen.add(current.of)
+            current = config.fields[current.of]
+    for route in config.routes:
+        if route.field not in config.fields:
+            raise ConfigError(
+                f"Route to unknown field {route.field!r} (bucket {route.task!r}); declared fields: {sorted(config.fields)}."
+                " Fix the route's `field` or declare the field."
+            )
+        if not route.weight > 0:
+            raise ConfigError(f"Route to {route.field!r} has weight {route.weight}; weights must be > 0.")
+
+
+def config_from_flags(
+    cfg_scale: float | None = None,
+    expert_lora: str | None = None,
+    expert_checkpoint: str | None = None,
+    task: str = "t2i",
+) -> FieldsConfig:
+    """The common one-route cases without a file: CFG absorption and/or a single expert."""
+    if expert_lora and expert_checkpoint:
+        raise ConfigError("--expert_lora and --expert_checkpoint both given; use one, or a --fields_config with both.")
+    fields: dict[str, FieldSpec] = {"base": FieldSpec("base", "base")}
+    target = "base"
+    if expert_lora:
+        fields["expert"] = FieldSpec("expert", "lora", path=expert_lora)
+        target = "expert"
+    if expert_checkpoint:
+        fields["expert"] = FieldSpec("expert", "checkpoint", path=expert_checkpoint)
+        target = "expert"
+    if cfg_scale is not None:
+        fields[f"{target}_cfg"] = FieldSpec(f"{target}_cfg", "cfg", of=target, scale=cfg_scale)
+        target = f"{target}_cfg"
+    if target == "base":
+        raise ConfigError(
+            "Nothing to distill: the student would learn its own base. Pass --fields_config, --cfg_scale "
+            "(CFG absorption) or --expert_lora / --expert_checkpoint."
+        )
+    config = FieldsConfig(fields=fields, routes=[RouteSpec(field=target, task=task)])
+    check_fields_config(config)
+    return config

@@ -1,0 +1,109 @@
+"""What a pipeline family must provide so the core never sees its conventions.
+
+Inside the library there is one convention (the one of diffusers' FlowMatchEulerDiscreteScheduler):
+``x_sigma = (1 - sigma) * x0 + sigma * noise``, velocity ``v = noise - x0``, sigma runs 1 -> 0, Euler step
+``x_next = x + (sigma_next - sigma) * v``. States keep the layout the family's pipeline uses for its
+``latents`` (so states recorded from a pipeline callback can be fed back unchanged). An adapter converts time,
+sign, packing and conditioning at the edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    """Per-sample model inputs other than the state (prompt embeddings, source-image latents...).
+
+    Every tensor has the batch as its first dimension so that conditionings can be sliced and concatenated.
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def select(self, index: torch.Tensor | list[int]) -> Conditioning:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Conditioning({k: v[index.to(v.device)] for k, v in self.tensors.items()})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        return Conditioning({k: move(v) for k, v in self.tensors.items()})
+
+    @staticmethod
+    def cat(items: list[Conditioning]) -> Conditioning:
+        keys = items[0].tensors.keys()
+        return Conditioning({k: torch.cat([c.tensors[k] for c in items]) for k in keys})
+
+
+class FamilyAdapter:
+    """Base class of the per-family edge. Subclasses set the class attributes and the methods below."""
+
+    name: str = ""
+    pipeline_class_names: tuple[str, ...] = ()
+    transformer_class_name: str = ""
+    can_edit: bool = False
+    #: attention projections; what diffusers' own LoRA training scripts target for this family.
+    default_lora_targets: tuple[str, ...] = ()
+    #: keys of the pipeline's ``_callback_tensor_inputs`` that hold the state
+    state_key: str = "latents"
+
+    # -- classes (imported lazily so that `import danceopd_diffusers` stays cheap) --------------------------
+    def pipeline_class(self) -> type:
+        raise NotImplementedError
+
+    def transformer_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.transformer_class_name)
+
+    # -- conditioning -------------------------------------------------------------------------------------
+    def encode_prompts(self, pipe: Any, prompts: list[str], device: torch.device) -> Conditioning:
+        raise NotImplementedError
+
+    def pipeline_condition_kwargs(self, cond: Conditioning) -> dict[str, Any]:
+        """Keyword arguments of the pipeline ``__call__`` that carry ``cond`` (precomputed embeddings)."""
+        raise NotImplementedError
+
+    # -- the velocity in the library convention --------------------------------------------------------
+    def unguided_call_kwargs(self) -> dict[str, Any]:
+        """Pipeline ``__call__`` arguments that turn every kind of guidance off (one model call per step)."""
+        raise NotImplementedError
+
+    def velocity(
+        self, transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- latents -------------------------------------------------------------------------------------------
+    def latent_shape(self, pipe: Any, batch_size: int, height: int, width: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def default_resolution(self, pipe: Any) -> int:
+        raise NotImplementedError
+
+    def sigmas(self, pipe: Any, num_steps: int, latent_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The pipeline's own sigma grid (N + 1 values, ending at 0) for this resolution and step count."""
+        raise NotImplementedError
+
+    def encode_images(
+        self, pipe: Any, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Pixels in [-1, 1], [B, 3, H, W] -> clean latents x0 in the state layout."""
+        raise NotImplementedError
+
+    def decode_latents(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> list:
+        """Clean latents in the state layout -> PIL images."""
+        raise NotImplementedError
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor):
+    """One Euler step in fp32, cast back, as FlowMatchEulerDiscreteScheduler.step does."""
+    return (x.float() + (sigma_next - sigma) * v.float()).to(x.dtype)

@@ -1,0 +1,148 @@
+"""Fields: velocities over the student's state space that a student can be distilled from.
+
+A field answers ``velocity(query)`` in the library convention (v = noise - x0, sigma in [0, 1]); callers hold
+``torch.no_grad()``. Transformer fields call a model through the family adapter; operator fields (CFG, any
+``diffusers.guiders`` guider) combine the velocities of another field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from .families import Conditioning, FamilyAdapter
+from .student import AdapterScope
+
+
+@dataclass
+class FieldQuery:
+    x: torch.Tensor
+    sigma: torch.Tensor  # [B]
+    cond: Conditioning
+    uncond: Conditioning | None = None  # the empty-prompt conditioning (same source image for edits)
+    step_index: int = 0
+    num_steps: int = 1
+
+
+class Field:
+    name: str
+
+    def velocity(self, query: FieldQuery) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def transformer(self) -> torch.nn.Module | None:
+        return None
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class TransformerField(Field):
+    """The base model, a LoRA expert or a full checkpoint.
+
+    ``adapters`` selects what is active when the transformer is the student's own (``scope`` given): ``None``
+    is the pristine base with every adapter off, a list names frozen expert adapters. Without ``scope`` the
+    transformer is a separate frozen model and is called as it is.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        family: FamilyAdapter,
+        transformer: torch.nn.Module,
+        adapters: list[str] | None = None,
+        scope: AdapterScope | None = None,
+        description: str = "",
+    ):
+        self.name = name
+        self.family = family
+        self._transformer = transformer
+        self.adapters = adapters
+        self.scope = scope
+        self.description = description
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self._transformer
+
+    def velocity(self, query: FieldQuery) -> torch.Tensor:
+        if self.scope is None:
+            return self.family.velocity(self._transformer, query.x, query.sigma, query.cond)
+        with self.scope.use(self.adapters):
+            return self.family.velocity(self._transformer, query.x, query.sigma, query.cond)
+
+    def describe(self) -> str:
+        return self.description or "transformer"
+
+
+class CFGField(Field):
+    """``u + scale * (c - u)`` with u the empty-prompt velocity: the field of classifier-free guidance."""
+
+    def __init__(self, name: str, inner: Field, scale: float):
+        self.name = name
+        self.inner = inner
+        self.scale = float(scale)
+
+    @property
+    def transformer(self) -> torch.nn.Module | None:
+        return self.inner.transformer
+
+    def velocity(self, query: FieldQuery) -> torch.Tensor:
+        if query.uncond is None:
+            raise ValueError(f"Field {self.name!r} (CFG) needs the unconditional conditioning of the query.")
+        both = replace(
+            query,
+            x=torch.cat([query.x, query.x]),
+            sigma=torch.cat([query.sigma, query.sigma]),
+            cond=Conditioning.cat([query.uncond, query.cond]),
+        )
+        v_uncond, v_cond = self.inner.velocity(both).chunk(2)
+        return v_uncond + self.scale * (v_cond - v_uncond)
+
+    def describe(self) -> str:
+        return f"CFG(scale={self.scale}) of {self.inner.name}"
+
+
+class GuiderField(Field):
+    """Any ``diffusers.guiders`` guider (CFG, CFG-Zero*, APG, ...) used as an operator field.
+
+    The guider sees the two branches as it does in a modular pipeline: ``prepare_inputs`` splits the
+    conditioning into one batch per branch, each branch's prediction is the inner field's velocity, and the
+    guider combines them. Model hooks (layer-skip guiders) go on the inner field's transformer.
+    """
+
+    def __init__(self, name: str, inner: Field, guider: Any):
+        self.name = name
+        self.inner = inner
+        self.guider = guider
+
+    @property
+    def transformer(self) -> torch.nn.Module | None:
+        return self.inner.transformer
+
+    def velocity(self, query: FieldQuery) -> torch.Tensor:
+        if query.uncond is None:
+            raise ValueError(f"Field {self.name!r} (guider) needs the unconditional conditioning of the query.")
+        keys = list(query.cond.tensors)
+        timestep = query.sigma.reshape(-1)[0] * 1000
+        self.guider.set_state(step=query.step_index, num_inference_steps=query.num_steps, timestep=timestep)
+        batches = self.guider.prepare_inputs(
+            {k: (query.cond.tensors[k], query.uncond.tensors[k]) for k in keys}
+        )
+        denoiser = self.inner.transformer
+        for batch in batches:
+            if denoiser is not None:
+                self.guider.prepare_models(denoiser)
+            cond = Conditioning({k: getattr(batch, k) for k in keys})
+            batch.noise_pred = self.inner.velocity(replace(query, cond=cond))
+            if denoiser is not None:
+                self.guider.cleanup_models(denoiser)
+        return self.guider(batches).pred
+
+    def describe(self) -> str:
+        config = dict(self.guider.config)
+        args = ", ".join(f"{k}={v}" for k, v in config.items() if not k.startswith("_"))
+        return f"{type(self.guider).__name__}({args}) of {self.inner.name}"

@@ -1,0 +1,117 @@
+"""Reading LoRA files of either format (diffusers or peft) and inspecting them without loading weights."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DIFFUSERS_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+PEFT_LORA_WEIGHT_NAME = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+def resolve_lora_file(path_or_id: str, weight_name: str | None = None) -> str:
+    """A local path to the LoRA's safetensors file: a file, a folder, or a Hub repo id (downloaded)."""
+    path = Path(path_or_id)
+    if path.is_file():
+        return str(path)
+    if path.is_dir():
+        names = [weight_name] if weight_name else [DIFFUSERS_LORA_WEIGHT_NAME, PEFT_LORA_WEIGHT_NAME]
+        for name in names:
+            if (path / name).is_file():
+                return str(path / name)
+        found = sorted(p.name for p in path.glob("*.safetensors"))
+        if len(found) == 1 and not weight_name:
+            return str(path / found[0])
+        raise FileNotFoundError(
+            f"No LoRA weights in {path}: expected {' or '.join(names)}"
+            + (f"; found {found}, pass `weight_name` to choose one" if found else "")
+            + "."
+        )
+    if os.path.isabs(path_or_id) or path_or_id.startswith((".", "~")) or path_or_id.count("/") != 1:
+        raise FileNotFoundError(f"LoRA path {path_or_id!r} does not exist (and is not a Hub repo id).")
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(path_or_id, weight_name or DIFFUSERS_LORA_WEIGHT_NAME)
+
+
+@dataclass
+class LoraHeader:
+    """What a LoRA file declares: module paths (without the ``transformer.`` prefix), ranks and alphas."""
+
+    file: str
+    modules: dict[str, int]  # module path -> rank found in the lora_A weight
+    declared_rank: int | None
+    declared_alpha: float | None
+    target_modules: list[str] | None
+
+
+def _normalize_key(key: str) -> str | None:
+    if key.startswith("transformer."):
+        return key[len("transformer.") :]
+    if key.startswith(_PEFT_PREFIX):
+        return key[len(_PEFT_PREFIX) :]
+    if key.startswith(("text_encoder", "unet.")):
+        return None
+    return key
+
+
+def _peft_config_next_to(file: str) -> dict | None:
+    cfg = Path(file).with_name("adapter_config.json")
+    return json.loads(cfg.read_text()) if cfg.is_file() else None
+
+
+def _adapter_metadata(file: str) -> dict | None:
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        meta = f.metadata() or {}
+    raw = meta.get("lora_adapter_metadata")
+    if raw:  # diffusers' save_lora_weights prefixes every key with the component name
+        packed = json.loads(raw)
+        unpacked = {k[len("transformer.") :]: v for k, v in packed.items() if k.startswith("transformer.")}
+        return unpacked or packed
+    return _peft_config_next_to(file)
+
+
+def inspect_lora(file: str) -> LoraHeader:
+    """Read only the safetensors header (cheap even for huge files)."""
+    from safetensors import safe_open
+
+    modules: dict[str, int] = {}
+    with safe_open(file, framework="pt") as f:
+        for key in f.keys():
+            norm = _normalize_key(key)
+            if norm is None or ".lora_A." not in norm:
+                continue
+            module = norm.split(".lora_A.")[0]
+            modules[module] = f.get_slice(key).get_shape()[0]
+    meta = _adapter_metadata(file) or {}
+    targets = meta.get("target_modules")
+    if isinstance(targets, str):
+        targets = [targets]
+    return LoraHeader(
+        file=file,
+        modules=modules,
+        declared_rank=meta.get("r"),
+        declared_alpha=meta.get("lora_alpha"),
+        target_modules=list(targets) if targets else None,
+    )
+
+
+def load_lora_for_diffusers(file: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """State dict with diffusers' ``transformer.`` prefix and the adapter metadata, from either format."""
+    from safetensors.torch import load_file
+
+    raw = load_file(file)
+    state = {}
+    for key, value in raw.items():
+        norm = _normalize_key(key)
+        if norm is None:
+            continue
+        state["transformer." + norm.replace(".default.weight", ".weight")] = value
+    return state, _adapter_metadata(file)

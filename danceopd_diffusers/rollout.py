@@ -1,0 +1,128 @@
+"""On-policy rollout through the real pipeline, with the fields queried from a pipeline callback.
+
+The student's trajectory is the pipeline ``__call__`` itself (same scheduler, shift, steps and resolution as
+inference). :class:`OnPolicyQueryCallback` sees each state as the pipeline produces it, evaluates the routed
+field at the states chosen for querying, and interrupts the pipeline once the last needed state is reached.
+Candidate states are the N states *before* each step: index 0 is the pure noise, N - 1 the least noisy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.callbacks import PipelineCallback
+
+from .families import euler_step
+
+QUERY_STRATEGIES = ("low", "mid", "high", "uniform")
+# Beta(a, b) of each strategy; integer parameters let us sample exactly from order statistics.
+_BETA = {"low": (5, 2), "mid": (5, 5), "high": (2, 5)}
+
+
+def _beta_integer(a: int, b: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Beta(a, b) for integer a, b: the a-th smallest of a + b - 1 uniforms (a seeded-generator friendly form)."""
+    u = torch.rand((*shape, a + b - 1), generator=generator, dtype=torch.float64)
+    return u.sort(dim=-1).values[..., a - 1]
+
+
+def sample_query_indices(
+    num_steps: int, batch_size: int, k: int, strategy: str, generator: torch.Generator
+) -> torch.Tensor:
+    """[B, K] indices into the N pre-step states; ``low`` (Beta(5,2)) is the paper's low-noise default."""
+    if strategy not in QUERY_STRATEGIES:
+        raise ValueError(f"Unknown query strategy {strategy!r}; use one of {QUERY_STRATEGIES}.")
+    if strategy == "uniform":
+        return torch.randint(0, num_steps, (batch_size, k), generator=generator)
+    a, b = _BETA[strategy]
+    u = _beta_integer(a, b, (batch_size, k), generator)
+    return (u * num_steps).long().clamp(max=num_steps - 1)
+
+
+@dataclass
+class QueryRecord:
+    """The field's answer at states of one index (detached), for the samples that asked for it."""
+
+    samples: torch.Tensor  # [M] sample indices into the rollout batch
+    state_index: int
+    sigma: float
+    x: torch.Tensor  # [M, ...] detached states
+    target: torch.Tensor  # [M, ...] the field's velocity there, no grad
+
+
+Evaluate = Callable[[torch.Tensor, torch.Tensor, float, int], torch.Tensor]
+
+
+class OnPolicyQueryCallback(PipelineCallback):
+    """Record chosen states of the student's rollout, query the routed field there, stop early.
+
+    ``evaluate(samples, x, sigma, state_index)`` returns the target velocity for those samples; it runs inside the
+    pipeline's ``torch.no_grad``. A sample may ask for the same index several times (K > 1 draws); it is queried
+    once and the record repeated.
+    """
+
+    tensor_inputs = ["latents"]
+
+    def __init__(self, query_indices: torch.Tensor, initial_latents: torch.Tensor, evaluate: Evaluate):
+        super().__init__(cutoff_step_ratio=1.0)
+        self.query_indices = query_indices.cpu()
+        self.initial_latents = initial_latents
+        self.evaluate = evaluate
+        self.last_index = int(self.query_indices.max())
+        self.records: list[QueryRecord] = []
+        self.steps_run = 0
+
+    def _record(self, pipeline: Any, state_index: int, latents: torch.Tensor) -> None:
+        hits = (self.query_indices == state_index).nonzero()
+        if len(hits) == 0:
+            return
+        samples = hits[:, 0]
+        sigma = float(pipeline.scheduler.sigmas[state_index])
+        unique = samples.unique()
+        x = latents[unique.to(latents.device)].detach().clone()
+        target = self.evaluate(unique, x, sigma, state_index).detach()
+        # repeat for samples that drew this index more than once
+        order = torch.searchsorted(unique, samples)
+        self.records.append(QueryRecord(samples, state_index, sigma, x[order.to(x.device)], target[order.to(x.device)]))
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
+        self.steps_run = step_index + 1
+        if step_index == 0:
+            self._record(pipeline, 0, self.initial_latents)
+        state_index = step_index + 1  # the callback runs after scheduler.step
+        if state_index <= self.last_index:
+            self._record(pipeline, state_index, callback_kwargs["latents"])
+        if state_index >= self.last_index:
+            pipeline._interrupt = True
+        return callback_kwargs
+
+
+def gather_records(records: list[QueryRecord]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flatten records into (sample index, x, sigma, target) batches for one student forward."""
+    samples = torch.cat([r.samples for r in records])
+    x = torch.cat([r.x for r in records])
+    sigma = torch.cat([torch.full((len(r.samples),), r.sigma) for r in records])
+    target = torch.cat([r.target for r in records])
+    return samples, x, sigma, target
+
+
+def field_rollout(
+    velocity: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    x_t: torch.Tensor,
+    sigmas: torch.Tensor,
+) -> list[torch.Tensor]:
+    """Euler ODE from ``x_t`` along ``sigmas`` with any velocity ``velocity(x, sigma_batch, step)``.
+
+    Returns the N + 1 states (the last one clean). Used for teacher rollouts (off-policy baseline), validation
+    samples of fields and the field-equivalence tests.
+    """
+    states = [x_t]
+    x = x_t
+    for i in range(len(sigmas) - 1):
+        sigma = torch.full((x.shape[0],), float(sigmas[i]), device=x.device)
+        v = velocity(x, sigma, i)
+        x = euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
+        states.append(x)
+    return states

@@ -1,0 +1,78 @@
+"""The student: its LoRA, and switching expert adapters on the shared base without breaking its training.
+
+peft flips ``requires_grad`` whenever adapters are switched (``set_adapter`` makes the active adapter
+trainable, ``disable_adapters`` freezes everything). Expert evaluations on the student's own base therefore go
+through :class:`AdapterScope`, which restores the student adapter and the exact trainable set on exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+STUDENT_ADAPTER = "student"
+
+
+def add_student_lora(
+    transformer: torch.nn.Module,
+    rank: int,
+    alpha: float,
+    target_modules: Sequence[str],
+    adapter_name: str = STUDENT_ADAPTER,
+) -> None:
+    """Gaussian A, zero B: the student at step 0 is exactly its initial model."""
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules)
+    )
+    transformer.add_adapter(config, adapter_name=adapter_name)
+
+
+def load_lora_into_adapter(
+    transformer: torch.nn.Module, state_dict: dict[str, torch.Tensor], metadata: dict | None, adapter_name: str
+) -> None:
+    """Load a diffusers-format LoRA state dict (``transformer.`` keys) as a named adapter."""
+    kwargs = {}
+    if metadata:
+        kwargs["metadata"] = {f"transformer.{k}": v for k, v in metadata.items()}
+    transformer.load_lora_adapter(state_dict, prefix="transformer", adapter_name=adapter_name, **kwargs)
+
+
+def lora_parameters(transformer: torch.nn.Module, adapter_name: str) -> list[torch.nn.Parameter]:
+    return [p for n, p in transformer.named_parameters() if f".{adapter_name}." in n and "lora_" in n]
+
+
+class AdapterScope:
+    """Evaluate other adapters (or none) on a transformer whose ``student`` adapter is being trained."""
+
+    def __init__(self, transformer: torch.nn.Module, student: str = STUDENT_ADAPTER):
+        self.transformer = transformer
+        self.student = student
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Call after loading another adapter, so the trainable set is known exactly."""
+        named = list(self.transformer.named_parameters())
+        self._student = [p for n, p in named if "lora_" in n and f".{self.student}." in n]
+        self._others = [p for n, p in named if "lora_" in n and f".{self.student}." not in n]
+
+    @contextmanager
+    def use(self, adapters: Sequence[str] | None) -> Iterator[None]:
+        """``None`` means the pristine base (every adapter off)."""
+        model = self.transformer
+        if adapters is None:
+            model.disable_adapters()
+        else:
+            model.set_adapter(list(adapters))
+        try:
+            yield
+        finally:
+            model.enable_adapters()
+            model.set_adapter(self.student)
+            for p in self._student:
+                p.requires_grad_(True)
+            for p in self._others:
+                p.requires_grad_(False)

@@ -1,0 +1,145 @@
+"""Tiny, deterministic pipelines built offline.
+
+Every diffusers test downloads its tokenizers; we cannot, so the tokenizers here are built in memory
+(character level) and the models from small configs with a fixed seed. The result is a real pipeline folder
+that ``from_pretrained`` reads through the same code path as a Hub id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+
+_CHARS = list(string.ascii_lowercase + string.digits + ",.'-!?:;()")
+TINY_SD3_VERSION = "1"
+
+
+def _clip_tokenizer(max_length: int = 77):
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in _CHARS:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    # model_max_length is required: SD3's encode_prompt reads it.
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def _t5_tokenizer(max_length: int = 64):
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(c, -2.0) for c in _CHARS] + [("\u2581" + c, -1.5) for c in _CHARS]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 16, shift: float = 3.0):
+    """A ~1 MB StableDiffusion3Pipeline with the real component layout (2 CLIPs + T5)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    clip_tok = _clip_tokenizer()
+    t5_tok = _t5_tokenizer()
+    torch.manual_seed(seed)
+    clip_cfg = dict(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=32,
+        vocab_size=len(clip_tok),
+        max_position_embeddings=77,
+        hidden_act="gelu",
+    )
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg))
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok),
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=64,
+        pooled_projection_dim=64,
+        out_channels=4,
+        pos_embed_max_size=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        block_out_channels=[8, 16],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=sample_size * 2,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tok,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tok,
+    )
+
+
+def tiny_sd3_path(root: str | os.PathLike | None = None) -> str:
+    """Build (once) and return a local folder holding the tiny SD3 pipeline.
+
+    The folder is versioned so a change of the recipe never reuses a stale copy; it is written to a temporary
+    name and renamed, so a crash never leaves a half-written pipeline behind.
+    """
+    root = Path(root or os.environ.get("DANCEOPD_CACHE", Path(tempfile.gettempdir()) / "danceopd-diffusers"))
+    path = root / f"tiny-sd3-v{TINY_SD3_VERSION}"
+    if (path / "model_index.json").exists():
+        return str(path)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=root))
+    build_tiny_sd3_pipeline().save_pretrained(tmp)
+    (tmp / "DANCEOPD_TINY.json").write_text(json.dumps({"family": "sd3", "version": TINY_SD3_VERSION}))
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process won the race; theirs is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)

@@ -97,10 +97,14 @@ def parse_fields_config(data: dict | str | Path, base_dir: str | Path | None = N
         data = _load_file(data)
     unknown = set(data) - {"fields", "routes"}
     if unknown:
-        raise ConfigError(f"Unknown top-level key(s) {sorted(unknown)} in the fields config; use `fields` and `routes`.")
+        raise ConfigError(
+            f"Unknown top-level key(s) {sorted(unknown)} in the fields config; use `fields` and `routes`."
+        )
     raw_fields = data.get("fields") or {}
     if not isinstance(raw_fields, dict) or not raw_fields:
-        raise ConfigError("The fields config declares no fields: add a `fields:` mapping of name -> {type: ...}.")
+        raise ConfigError(
+            "The fields config declares no fields: add a `fields:` mapping of name -> {type: ...}."
+        )
     fields: dict[str, FieldSpec] = {}
     allowed = set(FieldSpec.__dataclass_fields__) - {"name"}
     for name, raw in raw_fields.items():
@@ -108,7 +112,9 @@ def parse_fields_config(data: dict | str | Path, base_dir: str | Path | None = N
             raise ConfigError(f"Field {name!r} must be a mapping with at least `type`.")
         extra = set(raw) - allowed
         if extra:
-            raise ConfigError(f"Field {name!r} has unknown key(s) {sorted(extra)}; allowed keys: {sorted(allowed)}.")
+            raise ConfigError(
+                f"Field {name!r} has unknown key(s) {sorted(extra)}; allowed keys: {sorted(allowed)}."
+            )
         spec = FieldSpec(name=str(name), **raw)
         if spec.path and base_dir is not None and not Path(spec.path).is_absolute():
             candidate = Path(base_dir) / spec.path
@@ -117,15 +123,27 @@ def parse_fields_config(data: dict | str | Path, base_dir: str | Path | None = N
         fields[spec.name] = spec
     raw_routes = data.get("routes")
     if not raw_routes:
-        raise ConfigError("The fields config declares no routes: add `routes: [{field: NAME, task: BUCKET}]`.")
+        raise ConfigError(
+            "The fields config declares no routes: add `routes: [{field: NAME, task: BUCKET}]`."
+        )
     routes = []
     for raw in raw_routes:
         if not isinstance(raw, dict) or "field" not in raw:
-            raise ConfigError(f"Route {raw!r} must be a mapping with `field` (and optionally `task`, `weight`).")
+            raise ConfigError(
+                f"Route {raw!r} must be a mapping with `field` (and optionally `task`, `weight`)."
+            )
         extra = set(raw) - {"field", "task", "weight"}
         if extra:
-            raise ConfigError(f"Route {raw!r} has unknown key(s) {sorted(extra)}; allowed: field, task, weight.")
-        routes.append(RouteSpec(field=str(raw["field"]), task=str(raw.get("task", "t2i")), weight=float(raw.get("weight", 1.0))))
+            raise ConfigError(
+                f"Route {raw!r} has unknown key(s) {sorted(extra)}; allowed: field, task, weight."
+            )
+        routes.append(
+            RouteSpec(
+                field=str(raw["field"]),
+                task=str(raw.get("task", "t2i")),
+                weight=float(raw.get("weight", 1.0)),
+            )
+        )
     config = FieldsConfig(fields=fields, routes=routes)
     check_fields_config(config)
     return config
@@ -136,18 +154,26 @@ def check_fields_config(config: FieldsConfig) -> None:
 
     for spec in config.fields.values():
         if spec.type not in FIELD_TYPES:
-            raise ConfigError(f"Field {spec.name!r} has unknown type {spec.type!r}; use one of {list(FIELD_TYPES)}.")
+            raise ConfigError(
+                f"Field {spec.name!r} has unknown type {spec.type!r}; use one of {list(FIELD_TYPES)}."
+            )
         if spec.type in ("lora", "checkpoint") and not spec.path:
-            raise ConfigError(f"Field {spec.name!r} ({spec.type}) needs `path`: a local path or a Hub repo id.")
+            raise ConfigError(
+                f"Field {spec.name!r} ({spec.type}) needs `path`: a local path or a Hub repo id."
+            )
         if spec.type in OPERATOR_TYPES:
             if not spec.of:
-                raise ConfigError(f"Field {spec.name!r} ({spec.type}) needs `of`: the name of the field it guides.")
+                raise ConfigError(
+                    f"Field {spec.name!r} ({spec.type}) needs `of`: the name of the field it guides."
+                )
             if spec.of not in config.fields:
                 raise ConfigError(
                     f"Field {spec.name!r} is built on unknown field {spec.of!r}; declared fields: {sorted(config.fields)}."
                 )
         elif spec.of:
-            raise ConfigError(f"Field {spec.name!r} ({spec.type}) cannot have `of`; only cfg and guider fields do.")
+            raise ConfigError(
+                f"Field {spec.name!r} ({spec.type}) cannot have `of`; only cfg and guider fields do."
+            )
         if spec.type == "cfg" and (spec.scale is None or spec.scale <= 0):
             raise ConfigError(f"Field {spec.name!r} (cfg) needs a positive `scale`, e.g. `scale: 3.5`.")
         if spec.type == "guider":
@@ -183,7 +209,9 @@ def config_from_flags(
 ) -> FieldsConfig:
     """The common one-route cases without a file: CFG absorption and/or a single expert."""
     if expert_lora and expert_checkpoint:
-        raise ConfigError("--expert_lora and --expert_checkpoint both given; use one, or a --fields_config with both.")
+        raise ConfigError(
+            "--expert_lora and --expert_checkpoint both given; use one, or a --fields_config with both."
+        )
     fields: dict[str, FieldSpec] = {"base": FieldSpec("base", "base")}
     target = "base"
     if expert_lora:

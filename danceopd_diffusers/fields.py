@@ -125,7 +125,9 @@ class GuiderField(Field):
 
     def velocity(self, query: FieldQuery) -> torch.Tensor:
         if query.uncond is None:
-            raise ValueError(f"Field {self.name!r} (guider) needs the unconditional conditioning of the query.")
+            raise ValueError(
+                f"Field {self.name!r} (guider) needs the unconditional conditioning of the query."
+            )
         keys = list(query.cond.tensors)
         timestep = query.sigma.reshape(-1)[0] * 1000
         self.guider.set_state(step=query.step_index, num_inference_steps=query.num_steps, timestep=timestep)

@@ -36,7 +36,10 @@ class TrainingStates:
 
 
 def velocity_mse(
-    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, num_samples: int | None = None
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    num_samples: int | None = None,
 ) -> torch.Tensor:
     """Plain MSE in fp32: the paper's objective.
 
@@ -65,7 +68,9 @@ class RoutedTargets:
         self.num_steps = num_steps
 
     @torch.no_grad()
-    def __call__(self, samples: torch.Tensor, x: torch.Tensor, sigma: float | torch.Tensor, state_index: int = 0):
+    def __call__(
+        self, samples: torch.Tensor, x: torch.Tensor, sigma: float | torch.Tensor, state_index: int = 0
+    ):
         out = torch.empty_like(x)
         sigma_t = sigma if torch.is_tensor(sigma) else torch.full((len(samples),), float(sigma))
         groups: dict[int, list[int]] = {}
@@ -148,9 +153,7 @@ def off_policy_states(
     return TrainingStates(samples, x, sigma, target)
 
 
-def sft_states(
-    x0: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator
-) -> TrainingStates:
+def sft_states(x0: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator) -> TrainingStates:
     """Flow matching on data: x_sigma = (1 - sigma) x0 + sigma noise, target v = noise - x0."""
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     s = sigma.to(x0).reshape(-1, *([1] * (x0.dim() - 1)))
@@ -158,7 +161,9 @@ def sft_states(
     return TrainingStates(torch.arange(x0.shape[0]), x, sigma, noise - x0)
 
 
-def sample_sft_sigmas(scheduler: Any, batch_size: int, generator: torch.Generator, weighting_scheme: str = "logit_normal"):
+def sample_sft_sigmas(
+    scheduler: Any, batch_size: int, generator: torch.Generator, weighting_scheme: str = "logit_normal"
+):
     """Training sigmas as diffusers' SD3/Flux examples draw them (density over the scheduler's shifted grid)."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 

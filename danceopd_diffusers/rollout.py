@@ -85,7 +85,9 @@ class OnPolicyQueryCallback(PipelineCallback):
         target = self.evaluate(unique, x, sigma, state_index).detach()
         # repeat for samples that drew this index more than once
         order = torch.searchsorted(unique, samples)
-        self.records.append(QueryRecord(samples, state_index, sigma, x[order.to(x.device)], target[order.to(x.device)]))
+        self.records.append(
+            QueryRecord(samples, state_index, sigma, x[order.to(x.device)], target[order.to(x.device)])
+        )
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
         self.steps_run = step_index + 1
@@ -99,7 +101,9 @@ class OnPolicyQueryCallback(PipelineCallback):
         return callback_kwargs
 
 
-def gather_records(records: list[QueryRecord]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def gather_records(
+    records: list[QueryRecord],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flatten records into (sample index, x, sigma, target) batches for one student forward."""
     samples = torch.cat([r.samples for r in records])
     x = torch.cat([r.x for r in records])

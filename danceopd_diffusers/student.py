@@ -32,7 +32,10 @@ def add_student_lora(
 
 
 def load_lora_into_adapter(
-    transformer: torch.nn.Module, state_dict: dict[str, torch.Tensor], metadata: dict | None, adapter_name: str
+    transformer: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    metadata: dict | None,
+    adapter_name: str,
 ) -> None:
     """Load a diffusers-format LoRA state dict (``transformer.`` keys) as a named adapter."""
     kwargs = {}
@@ -58,6 +61,16 @@ class AdapterScope:
         named = list(self.transformer.named_parameters())
         self._student = [p for n, p in named if "lora_" in n and f".{self.student}." in n]
         self._others = [p for n, p in named if "lora_" in n and f".{self.student}." not in n]
+        self.restore()
+
+    def restore(self) -> None:
+        """Student adapter active (loading another adapter activates that one), trainable set exact."""
+        self.transformer.enable_adapters()
+        self.transformer.set_adapter(self.student)
+        for p in self._student:
+            p.requires_grad_(True)
+        for p in self._others:
+            p.requires_grad_(False)
 
     @contextmanager
     def use(self, adapters: Sequence[str] | None) -> Iterator[None]:
@@ -70,9 +83,4 @@ class AdapterScope:
         try:
             yield
         finally:
-            model.enable_adapters()
-            model.set_adapter(self.student)
-            for p in self._student:
-                p.requires_grad_(True)
-            for p in self._others:
-                p.requires_grad_(False)
+            self.restore()

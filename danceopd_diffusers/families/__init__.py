@@ -23,4 +23,11 @@ def editing_families() -> list[str]:
     return [name for name, family in FAMILIES.items() if family.can_edit]
 
 
-__all__ = ["Conditioning", "FamilyAdapter", "FAMILIES", "SD3Family", "euler_step", "family_for_pipeline_class"]
+__all__ = [
+    "Conditioning",
+    "FamilyAdapter",
+    "FAMILIES",
+    "SD3Family",
+    "euler_step",
+    "family_for_pipeline_class",
+]

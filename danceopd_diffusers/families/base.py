@@ -89,7 +89,9 @@ class FamilyAdapter:
     def default_resolution(self, pipe: Any) -> int:
         raise NotImplementedError
 
-    def sigmas(self, pipe: Any, num_steps: int, latent_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    def sigmas(
+        self, pipe: Any, num_steps: int, latent_shape: tuple[int, ...], device: torch.device
+    ) -> torch.Tensor:
         """The pipeline's own sigma grid (N + 1 values, ending at 0) for this resolution and step count."""
         raise NotImplementedError
 
@@ -104,6 +106,8 @@ class FamilyAdapter:
         raise NotImplementedError
 
 
-def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor):
+def euler_step(
+    x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor
+):
     """One Euler step in fp32, cast back, as FlowMatchEulerDiscreteScheduler.step does."""
     return (x.float() + (sigma_next - sigma) * v.float()).to(x.dtype)

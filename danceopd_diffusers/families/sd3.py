@@ -58,7 +58,9 @@ class SD3Family(FamilyAdapter):
     ) -> torch.Tensor:
         num_train_timesteps = 1000  # SD3 was trained with timestep = 1000 * sigma
         dtype = x.dtype
-        timestep = (sigma.reshape(-1) * num_train_timesteps).to(device=x.device, dtype=dtype).expand(x.shape[0])
+        timestep = (
+            (sigma.reshape(-1) * num_train_timesteps).to(device=x.device, dtype=dtype).expand(x.shape[0])
+        )
         return transformer(
             hidden_states=x,
             timestep=timestep,
@@ -74,7 +76,9 @@ class SD3Family(FamilyAdapter):
         channels = pipe.transformer.config.in_channels
         return (batch_size, channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
 
-    def sigmas(self, pipe: Any, num_steps: int, latent_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    def sigmas(
+        self, pipe: Any, num_steps: int, latent_shape: tuple[int, ...], device: torch.device
+    ) -> torch.Tensor:
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
             calculate_shift,
             retrieve_timesteps,

@@ -1,0 +1,187 @@
+"""Training data through ``datasets``: buckets of rows per task, checked before any model loads.
+
+Columns (names configurable): ``prompt``, ``task`` (the bucket a route draws from; absent -> every row is
+``t2i``), ``source_image`` (edits), ``target_image`` (``sft``). Image cells may be images (the ``Image``
+feature) or paths, which are taken relative to the data file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import ConfigError, RouteSpec
+
+LOCAL_BUILDERS = {
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
+
+
+@dataclass
+class DataColumns:
+    prompt: str = "prompt"
+    task: str = "task"
+    source_image: str = "source_image"
+    target_image: str = "target_image"
+
+
+def load_training_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | None = None,
+    cache_dir: str | None = None,
+):
+    """Returns (dataset, folder that relative image paths are taken from)."""
+    from datasets import load_dataset
+
+    if train_data_dir is not None and dataset_name is not None:
+        raise ConfigError("--dataset_name and --train_data_dir both given; pass one.")
+    source = train_data_dir or dataset_name
+    if source is None:
+        raise ConfigError("No training data: pass --dataset_name (Hub id or local file) or --train_data_dir.")
+    path = Path(source)
+    if path.is_file():
+        builder = LOCAL_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ConfigError(
+                f"Unsupported data file {path}: use one of {sorted(LOCAL_BUILDERS)} or an image folder."
+            )
+        ds = load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+        return ds, path.resolve().parent
+    if path.is_dir():
+        for name in ("train.jsonl", "train.json", "train.csv", "train.parquet"):
+            if (path / name).is_file():  # a table whose image paths are relative to this folder
+                return load_training_dataset(str(path / name), cache_dir=cache_dir)
+        ds = load_dataset("imagefolder", data_dir=str(path), split="train", cache_dir=cache_dir)
+        return ds, path.resolve()
+    if train_data_dir is not None:
+        raise ConfigError(f"--train_data_dir {train_data_dir} does not exist.")
+    ds = load_dataset(dataset_name, dataset_config_name, split="train", cache_dir=cache_dir)
+    return ds, None
+
+
+def open_image(value: Any, base_dir: Path | None) -> Image.Image:
+    """An image cell (PIL image, ``{"bytes", "path"}`` dict or path) as an RGB PIL image."""
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            import io
+
+            return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+        value = value.get("path")
+    path = Path(os.path.expanduser(str(value)))
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+class TaskBuckets:
+    """Row indices per task, and row access with images opened on demand."""
+
+    def __init__(self, dataset: Any, columns: DataColumns, base_dir: Path | None = None):
+        self.dataset = dataset
+        self.columns = columns
+        self.base_dir = base_dir
+        names = dataset.column_names
+        if columns.prompt not in names:
+            raise ConfigError(
+                f"The dataset has no prompt column {columns.prompt!r} (columns: {names}); pass --caption_column."
+            )
+        if columns.target_image not in names and "image" in names:  # imagefolder
+            columns.target_image = "image"
+        tasks = dataset[columns.task] if columns.task in names else ["t2i"] * len(dataset)
+        self.buckets: dict[str, list[int]] = {}
+        for i, task in enumerate(tasks):
+            self.buckets.setdefault(str(task), []).append(i)
+
+    def has_column(self, name: str) -> bool:
+        return name in self.dataset.column_names
+
+    def is_edit_bucket(self, task: str) -> bool:
+        col = self.columns.source_image
+        if not self.has_column(col):
+            return False
+        rows = self.buckets.get(task, [])
+        return any(v is not None and v != "" for v in self.dataset.select(rows)[col])
+
+    def check_routes(
+        self, routes: Sequence[RouteSpec], need_target: bool, can_edit: bool, editing_families: list[str]
+    ):
+        """Every routed bucket non-empty, its images present and readable, edits only where the family edits."""
+        for task in dict.fromkeys(r.task for r in routes):
+            rows = self.buckets.get(task, [])
+            fields = sorted({r.field for r in routes if r.task == task})
+            if not rows:
+                raise ConfigError(
+                    f"Bucket {task!r} (routed to {fields}) is empty: no row has {self.columns.task} == {task!r}. "
+                    f"Buckets in the data: {sorted(self.buckets)}. Fix the route's `task` or add rows."
+                )
+            if self.is_edit_bucket(task) and not can_edit:
+                others = ", ".join(editing_families) or "none in this version"
+                raise ConfigError(
+                    f"Bucket {task!r} (routed to {fields}) holds edit samples (rows with {self.columns.source_image}), "
+                    f"but this pipeline family cannot edit. Families that can edit: {others}."
+                )
+            image_cols = [
+                c for c in (self.columns.source_image, self.columns.target_image) if self.has_column(c)
+            ]
+            if need_target and self.columns.target_image not in image_cols:
+                raise ConfigError(
+                    f"--method sft needs target images, but the dataset has no {self.columns.target_image!r} column; "
+                    "pass --image_column."
+                )
+            subset = self.dataset.select(rows)
+            for col in image_cols:
+                for row, value in zip(rows, subset[col]):
+                    if value is None or value == "":
+                        if col == self.columns.target_image and need_target:
+                            raise ConfigError(
+                                f"Row {row} of bucket {task!r} has no {col}; sft needs one per row."
+                            )
+                        continue
+                    try:
+                        if isinstance(value, Image.Image):
+                            continue
+                        open_image(value, self.base_dir)
+                    except Exception as exc:
+                        raise ConfigError(
+                            f"Row {row} of bucket {task!r}: {col} {value!r} cannot be opened ({exc}). "
+                            "Fix the path (relative paths are taken from the data file's folder) or remove the row."
+                        ) from exc
+
+    def sample(self, task: str, n: int, generator: torch.Generator) -> list[int]:
+        rows = self.buckets[task]
+        picks = torch.randint(0, len(rows), (n,), generator=generator).tolist()
+        return [rows[i] for i in picks]
+
+    def prompts(self, rows: Sequence[int]) -> list[str]:
+        return [str(p or "") for p in self.dataset.select(rows)[self.columns.prompt]]
+
+    def images(self, rows: Sequence[int], column: str) -> list[Image.Image | None]:
+        if not self.has_column(column):
+            return [None] * len(rows)
+        return [
+            None if v is None or v == "" else open_image(v, self.base_dir)
+            for v in self.dataset.select(rows)[column]
+        ]
+
+
+def images_to_tensor(images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
+    """PIL images -> [B, 3, H, W] in [-1, 1], resized to the training resolution."""
+    arrays = [
+        np.asarray(img.convert("RGB").resize((width, height), Image.BICUBIC), dtype=np.float32)
+        for img in images
+    ]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0

@@ -1,0 +1,36 @@
+"""Prompt embeddings, encoded once per unique prompt while the text encoders are frozen."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .families import Conditioning, FamilyAdapter
+
+
+class PromptCache:
+    def __init__(self, pipe: Any, family: FamilyAdapter, device: torch.device, max_entries: int = 100_000):
+        self.pipe = pipe
+        self.family = family
+        self.device = device
+        self.max_entries = max_entries
+        self._cache: dict[str, Conditioning] = {}
+        self.encoded = 0  # how many prompts went through the text encoders (tests count it)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> Conditioning:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            cond = self.family.encode_prompts(self.pipe, missing, self.device)
+            self.encoded += len(missing)
+            if len(self._cache) + len(missing) > self.max_entries:
+                self._cache.clear()
+            for i, prompt in enumerate(missing):
+                self._cache[prompt] = cond.select([i])
+        return Conditioning.cat([self._cache[p] for p in prompts])
+
+    def empty(self, batch_size: int) -> Conditioning:
+        """The unconditional (empty-prompt) conditioning of CFG, repeated over the batch."""
+        return self([""] * batch_size)

@@ -1,0 +1,769 @@
+#!/usr/bin/env python
+# Copyright 2026 The danceopd-diffusers authors. Apache-2.0.
+"""DanceOPD: on-policy generative field distillation for diffusers flow-matching pipelines.
+
+    accelerate launch train_danceopd.py                       # embedded demo, offline, a few minutes on CPU
+    accelerate launch train_danceopd.py \
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium \
+        --fields_config fields.yaml --dataset_name prompts.jsonl --output_dir my-student
+
+Each optimizer step draws one route (a field and its data bucket), rolls the student out through the real
+pipeline call, queries the routed field at one low-noise state of that trajectory (a pipeline callback) and
+regresses the student's velocity onto it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from danceopd_diffusers import demo
+from danceopd_diffusers.checkpointing import checkpoint_step, resolve_resume, save_checkpoint
+from danceopd_diffusers.config import (
+    ConfigError,
+    FieldsConfig,
+    FieldSpec,
+    RouteSpec,
+    config_from_flags,
+    parse_fields_config,
+)
+from danceopd_diffusers.data import DataColumns, TaskBuckets, images_to_tensor, load_training_dataset
+from danceopd_diffusers.families import editing_families
+from danceopd_diffusers.lora_io import inspect_lora, load_lora_for_diffusers
+from danceopd_diffusers.objectives import (
+    METHODS,
+    RoutedTargets,
+    off_policy_states,
+    on_policy_states,
+    sample_query_indices,
+    sample_sft_sigmas,
+    sft_states,
+    velocity_mse,
+)
+from danceopd_diffusers.preflight import (
+    check_fields_against_model,
+    check_lora_file,
+    check_lora_targets,
+    inspect_pipeline,
+)
+from danceopd_diffusers.rollout import QUERY_STRATEGIES
+from danceopd_diffusers.routing import Router, step_generator
+from danceopd_diffusers.student import STUDENT_ADAPTER
+
+logger = logging.getLogger("danceopd")
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # model
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="Flow-matching pipeline (folder or Hub id). Omit it to run the embedded offline demo.",
+    )
+    parser.add_argument("--revision", type=str, default=None)
+    parser.add_argument("--variant", type=str, default=None)
+    # fields and routes
+    parser.add_argument(
+        "--fields_config", type=str, default=None, help="YAML/JSON file with `fields` and `routes`."
+    )
+    parser.add_argument(
+        "--cfg_scale",
+        type=float,
+        default=None,
+        help="Without --fields_config: absorb CFG with this scale (of the base, or of the expert).",
+    )
+    parser.add_argument(
+        "--expert_lora", type=str, default=None, help="Without --fields_config: one LoRA expert."
+    )
+    parser.add_argument(
+        "--expert_checkpoint",
+        type=str,
+        default=None,
+        help="Without --fields_config: one full-checkpoint expert (folder or .safetensors).",
+    )
+    # method
+    parser.add_argument("--method", type=str, default="danceopd", choices=METHODS)
+    parser.add_argument(
+        "--num_rollout_steps", type=int, default=16, help="N: the pipeline's inference steps."
+    )
+    parser.add_argument(
+        "--query_strategy",
+        type=str,
+        default="low",
+        choices=QUERY_STRATEGIES,
+        help="low = Beta(5,2) (paper), mid = Beta(5,5), high = Beta(2,5), uniform.",
+    )
+    parser.add_argument("--query_k", type=int, default=1, help="K: states queried per rollout.")
+    parser.add_argument(
+        "--per_sample_routing",
+        action="store_true",
+        help="Draw a route per sample instead of one per optimizer step.",
+    )
+    parser.add_argument(
+        "--weighting_scheme",
+        type=str,
+        default="logit_normal",
+        choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+        help="sft only.",
+    )
+    parser.add_argument(
+        "--caption_dropout_prob",
+        type=float,
+        default=0.0,
+        help="sft only: share of prompts replaced by '' so the model keeps an unconditional field.",
+    )
+    # data
+    parser.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="Hub dataset id, or a local csv/json/jsonl/parquet file.",
+    )
+    parser.add_argument("--dataset_config_name", type=str, default=None)
+    parser.add_argument(
+        "--train_data_dir", type=str, default=None, help="Local image folder or folder with train.jsonl."
+    )
+    parser.add_argument("--caption_column", type=str, default="prompt")
+    parser.add_argument("--task_column", type=str, default="task")
+    parser.add_argument("--source_image_column", type=str, default="source_image")
+    parser.add_argument("--image_column", type=str, default="target_image")
+    parser.add_argument("--cache_dir", type=str, default=None)
+    parser.add_argument("--max_sequence_length", type=int, default=256)
+    parser.add_argument("--resolution", type=int, default=None, help="Square training/rollout resolution.")
+    # student
+    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--lora_alpha", type=float, default=None, help="Defaults to --rank.")
+    parser.add_argument(
+        "--lora_layers",
+        type=str,
+        default=None,
+        help="Comma-separated module names for the student LoRA (default: attention projections).",
+    )
+    parser.add_argument(
+        "--full_finetune", action="store_true", help="Train every transformer weight, not a LoRA."
+    )
+    parser.add_argument(
+        "--student_init",
+        type=str,
+        default=None,
+        help="Start from a LoRA (file/folder/Hub id) or a full transformer checkpoint.",
+    )
+    # optimisation
+    parser.add_argument("--train_batch_size", type=int, default=1)
+    parser.add_argument("--max_train_steps", type=int, default=3000)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=4)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--learning_rate", type=float, default=2e-4)
+    parser.add_argument("--scale_lr", action="store_true")
+    parser.add_argument("--lr_scheduler", type=str, default="constant")
+    parser.add_argument("--lr_warmup_steps", type=int, default=0)
+    parser.add_argument("--lr_num_cycles", type=int, default=1)
+    parser.add_argument("--lr_power", type=float, default=1.0)
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=0.0)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--allow_tf32", action="store_true")
+    parser.add_argument("--seed", type=int, default=None)
+    # outputs, checkpoints, logging
+    parser.add_argument("--output_dir", type=str, default="danceopd-output")
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--report_to", type=str, default="tensorboard")
+    parser.add_argument("--tracker_project_name", type=str, default="danceopd")
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument(
+        "--resume_from_checkpoint", type=str, default=None, help="`latest` or a checkpoint name."
+    )
+    parser.add_argument("--validation_prompt", type=str, nargs="+", default=None)
+    parser.add_argument("--validation_seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--validation_steps", type=int, default=500)
+    parser.add_argument(
+        "--skip_pipeline_export",
+        action="store_true",
+        help="Write only the LoRA / transformer and model card, not the full pipeline folder.",
+    )
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", type=str, default=None)
+    parser.add_argument("--hub_token", type=str, default=None)
+    parser.add_argument("--local_rank", type=int, default=-1)
+
+    args = parser.parse_args(input_args)
+    args.demo = args.pretrained_model_name_or_path is None
+    if args.demo:
+        args.demo_overrides = {}
+        for key, value in demo.DEMO_DEFAULTS.items():
+            if getattr(args, key) == parser.get_default(key):
+                if key == "cfg_scale" and (args.fields_config or args.expert_lora or args.expert_checkpoint):
+                    continue
+                setattr(args, key, value)
+                args.demo_overrides[key] = value
+    check_flags(args)
+    return args
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Conflicting or impossible flags, before anything loads."""
+    from_flags = [
+        f for f in ("cfg_scale", "expert_lora", "expert_checkpoint") if getattr(args, f) is not None
+    ]
+    if (
+        args.fields_config
+        and from_flags
+        and not (args.demo and from_flags == ["cfg_scale"] and "cfg_scale" in args.demo_overrides)
+    ):
+        raise ConfigError(
+            f"--fields_config and --{from_flags[0]} both given. Declare every field in the config file, or drop "
+            "--fields_config to use the flags alone."
+        )
+    if args.method == "sft" and from_flags:
+        raise ConfigError(
+            f"--method sft trains on dataset targets and uses no field; drop --{from_flags[0]}."
+        )
+    if args.full_finetune and args.lora_layers:
+        raise ConfigError("--lora_layers has no effect with --full_finetune; drop one of them.")
+    if args.num_rollout_steps < 2:
+        raise ConfigError("--num_rollout_steps must be at least 2.")
+    if args.query_k < 1:
+        raise ConfigError("--query_k must be at least 1.")
+    if args.per_sample_routing and args.method == "sft":
+        raise ConfigError(
+            "--per_sample_routing has no meaning for --method sft (buckets are drawn per step)."
+        )
+    if args.report_to == "wandb" and args.hub_token is not None:
+        raise ConfigError(
+            "--report_to wandb with --hub_token would expose the token; log in with `hf auth login` instead."
+        )
+    if args.resolution is not None and args.resolution % 16:
+        raise ConfigError(f"--resolution {args.resolution} must be a multiple of 16.")
+    if not 0.0 <= args.caption_dropout_prob < 1.0:
+        raise ConfigError("--caption_dropout_prob must be in [0, 1).")
+
+
+def resolve_fields(args: argparse.Namespace) -> FieldsConfig:
+    if args.fields_config:
+        return parse_fields_config(args.fields_config)
+    if args.method == "sft":  # routes are filled with one per data bucket; the field is never queried
+        return FieldsConfig(fields={"base": FieldSpec("base", "base")}, routes=[])
+    return config_from_flags(args.cfg_scale, args.expert_lora, args.expert_checkpoint)
+
+
+def main(args: argparse.Namespace) -> None:
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+    # ---------------------------------------------------------------- checks that load no weights
+    if args.demo:
+        from danceopd_diffusers.tiny import tiny_sd3_path
+
+        args.pretrained_model_name_or_path = tiny_sd3_path()
+    info = inspect_pipeline(args.pretrained_model_name_or_path, revision=args.revision)
+    family = info.family_cls(max_sequence_length=args.max_sequence_length)
+    fields_config = resolve_fields(args)
+    check_fields_against_model(fields_config, info)
+    student_targets = (
+        [t.strip() for t in args.lora_layers.split(",")]
+        if args.lora_layers
+        else list(family.default_lora_targets)
+    )
+    if not args.full_finetune:
+        check_lora_targets(student_targets, info.module_names, "--lora_layers")
+    init_is_lora = False
+    if args.student_init:
+        from danceopd_diffusers.lora_io import resolve_lora_file
+
+        try:
+            init_file = resolve_lora_file(args.student_init)
+            init_header = inspect_lora(init_file)
+            init_is_lora = bool(init_header.modules)
+        except FileNotFoundError:
+            init_is_lora = False
+        if init_is_lora and not args.full_finetune:
+            check_lora_file(init_header, info.module_names, "--student_init", expected_rank=args.rank)
+            student_targets = init_header.target_modules or sorted(init_header.modules)
+    columns = DataColumns(args.caption_column, args.task_column, args.source_image_column, args.image_column)
+    if args.demo and args.dataset_name is None and args.train_data_dir is None:
+        dataset, data_dir = demo.demo_dataset(), None
+    else:
+        dataset, data_dir = load_training_dataset(
+            args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir
+        )
+    buckets = TaskBuckets(dataset, columns, data_dir)
+    if args.method == "sft" and not fields_config.routes:
+        fields_config.routes = [RouteSpec(field="base", task=t) for t in sorted(buckets.buckets)]
+    buckets.check_routes(
+        fields_config.routes,
+        need_target=args.method == "sft",
+        can_edit=family.can_edit,
+        editing_families=editing_families(),
+    )
+
+    # ---------------------------------------------------------------- accelerator
+    logging_dir = Path(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to in ("none", "") else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    log = get_logger("danceopd")
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if args.seed is None:
+        args.seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        seed_tensor = torch.tensor([args.seed], device=accelerator.device)
+        from accelerate.utils import broadcast
+
+        args.seed = int(broadcast(seed_tensor, 0).item())
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.demo:
+            print(
+                f"[danceopd] embedded demo: tiny SD3 pipeline at {args.pretrained_model_name_or_path}; "
+                f"settings {args.demo_overrides}",
+                flush=True,
+            )
+    repo_id = None
+    if args.push_to_hub and accelerator.is_main_process:
+        from danceopd_diffusers.export import create_hub_repo
+
+        repo_id = create_hub_repo(args.hub_model_id or Path(args.output_dir).name, token=args.hub_token)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    weight_dtype = torch.float32
+    if accelerator.mixed_precision == "fp16":
+        weight_dtype = torch.float16
+    elif accelerator.mixed_precision == "bf16":
+        weight_dtype = torch.bfloat16
+
+    # ---------------------------------------------------------------- models
+    pipe = family.pipeline_class().from_pretrained(
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        torch_dtype=weight_dtype,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False)
+    init_is_checkpoint = bool(args.student_init) and not init_is_lora
+    if init_is_checkpoint:
+        from danceopd_diffusers.field_loading import load_transformer
+
+        pipe.transformer = load_transformer(
+            family, args.student_init, None, weight_dtype, config_source=args.pretrained_model_name_or_path
+        )
+        pipe.transformer.requires_grad_(False)
+    pipe.to(accelerator.device)
+    transformer = pipe.transformer
+    scope = None
+    if args.full_finetune:
+        if init_is_lora:
+            from danceopd_diffusers.student import load_lora_into_adapter
+
+            load_lora_into_adapter(transformer, *load_lora_for_diffusers(init_file), adapter_name="init")
+            transformer.fuse_lora(adapter_names=["init"])
+            transformer.unload_lora()
+        transformer.requires_grad_(True)
+    else:
+        from danceopd_diffusers.student import AdapterScope, add_student_lora
+
+        add_student_lora(transformer, args.rank, args.lora_alpha or args.rank, student_targets)
+        if init_is_lora:
+            from peft import set_peft_model_state_dict
+
+            state, _ = load_lora_for_diffusers(init_file)
+            state = {k[len("transformer.") :]: v for k, v in state.items()}
+            set_peft_model_state_dict(transformer, state, adapter_name=STUDENT_ADAPTER)
+        scope = AdapterScope(transformer)
+    from danceopd_diffusers.field_loading import build_fields
+
+    shares_base = scope is not None and not init_is_checkpoint
+    fields = build_fields(
+        fields_config,
+        family,
+        args.pretrained_model_name_or_path,
+        transformer,
+        scope if shares_base else None,
+        weight_dtype,
+        accelerator.device,
+        args.revision,
+    )
+    if scope is not None:
+        scope.refresh()
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if not args.full_finetune:
+        for p in params:  # LoRA weights train in fp32 under mixed precision
+            p.data = p.data.float()
+    if args.scale_lr:
+        args.learning_rate *= (
+            args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        )
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+
+    # ---------------------------------------------------------------- checkpoint hooks
+    def unwrap(model):
+        model = accelerator.unwrap_model(model)
+        return model._orig_mod if hasattr(model, "_orig_mod") else model
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            from danceopd_diffusers.export import save_student_lora
+
+            for model in models:
+                model = unwrap(model)
+                if args.full_finetune:
+                    model.save_pretrained(os.path.join(output_dir, "transformer"))
+                else:
+                    save_student_lora(model, family, output_dir, STUDENT_ADAPTER)
+                if weights:
+                    weights.pop()
+
+    def load_model_hook(models, input_dir):
+        while models:
+            model = unwrap(models.pop())
+            if args.full_finetune:
+                loaded = family.transformer_class().from_pretrained(input_dir, subfolder="transformer")
+                model.load_state_dict(loaded.state_dict())
+                del loaded
+            else:
+                from peft import set_peft_model_state_dict
+
+                state, _ = load_lora_for_diffusers(
+                    os.path.join(input_dir, "pytorch_lora_weights.safetensors")
+                )
+                state = {k[len("transformer.") :]: v for k, v in state.items()}
+                result = set_peft_model_state_dict(model, state, adapter_name=STUDENT_ADAPTER)
+                if getattr(result, "unexpected_keys", None):
+                    raise RuntimeError(
+                        f"Checkpoint {input_dir} does not match the student: {result.unexpected_keys[:3]}"
+                    )
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.data = p.data.float()
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    transformer_ddp, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+
+    # ---------------------------------------------------------------- state before the loop
+    from danceopd_diffusers.prompts import PromptCache
+
+    prompt_cache = PromptCache(pipe, family, accelerator.device)
+    router = Router(fields_config.routes)
+    route_fields = [fields[r.field] for r in fields_config.routes]
+    resolution = args.resolution or family.default_resolution(pipe)
+    latent_shape = family.latent_shape(pipe, args.train_batch_size, resolution, resolution)
+    global_step = 0
+    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint and resume_path is None:
+        accelerator.print(f"No checkpoint in {args.output_dir} to resume from; starting a new run.")
+    if resume_path is not None:
+        accelerator.print(f"Resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        global_step = checkpoint_step(resume_path)
+    if accelerator.is_main_process:
+        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+    logging_dir.mkdir(parents=True, exist_ok=True)
+    routes_log = open(logging_dir / f"routes_rank{accelerator.process_index}.jsonl", "a")
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    log.info("***** Running DanceOPD training *****")
+    log.info(f"  family = {family.name}, method = {args.method}, fields = {list(fields)}")
+    log.info(f"  routes = {[(r.field, r.task, r.weight) for r in fields_config.routes]}")
+    log.info(
+        f"  total batch = {total_batch}, steps = {args.max_train_steps}, N = {args.num_rollout_steps}, "
+        f"K = {args.query_k}, query = {args.query_strategy}, resolution = {resolution}"
+    )
+
+    from tqdm.auto import tqdm
+
+    progress_bar = tqdm(
+        range(args.max_train_steps),
+        initial=global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    sigmas_grid = family.sigmas(pipe, args.num_rollout_steps, latent_shape, accelerator.device)
+    sft_scheduler = copy.deepcopy(pipe.scheduler) if args.method == "sft" else None
+    loss_history: list[float] = []
+    rank = accelerator.process_index
+    last_grid: dict[int, object] = {}  # step -> grid, so the final samples reuse the last validation
+
+    def validate(step: int):
+        from danceopd_diffusers.validation import log_grid, validation_grid
+
+        transformer.eval()
+        routed = [fields[name] for name in fields_config.routed_fields()] if args.method != "sft" else []
+        grid, columns = validation_grid(
+            pipe,
+            family,
+            prompt_cache,
+            routed,
+            args.validation_prompt,
+            args.validation_seeds,
+            args.num_rollout_steps,
+            resolution,
+            resolution,
+        )
+        transformer.train()
+        out = Path(args.output_dir, "validation")
+        out.mkdir(parents=True, exist_ok=True)
+        grid.save(out / f"step-{step:06d}.png")
+        log_grid(accelerator, grid, step)
+        log.info(f"validation grid at step {step}: columns {columns}")
+        last_grid.clear()
+        last_grid[step] = grid
+        return grid
+
+    # ---------------------------------------------------------------- training loop
+    transformer.train()
+    while global_step < args.max_train_steps:
+        step_route = router.draw_step_route(args.seed, global_step, accelerator)
+        route_losses: dict[str, list[float]] = {}
+        step_loss = 0.0
+        for micro in range(args.gradient_accumulation_steps):
+            gen = step_generator(args.seed, "sample", global_step, micro, rank)
+            if args.per_sample_routing:
+                sample_routes = router.draw(gen, args.train_batch_size)
+            else:
+                sample_routes = [step_route] * args.train_batch_size
+            rows = []
+            for r in sample_routes:
+                rows += buckets.sample(fields_config.routes[r].task, 1, gen)
+            prompts = buckets.prompts(rows)
+            with accelerator.accumulate(transformer_ddp):
+                if args.method == "sft":
+                    prompts = [
+                        "" if torch.rand((), generator=gen) < args.caption_dropout_prob else p
+                        for p in prompts
+                    ]
+                    cond = prompt_cache(prompts)
+                    pixels = images_to_tensor(
+                        buckets.images(rows, columns.target_image), resolution, resolution
+                    )
+                    with torch.no_grad():
+                        x0 = family.encode_images(pipe, pixels, gen).to(weight_dtype)
+                    sigma = sample_sft_sigmas(sft_scheduler, len(rows), gen, args.weighting_scheme)
+                    states = sft_states(x0, sigma, gen)
+                else:
+                    cond = prompt_cache(prompts)
+                    uncond = prompt_cache.empty(len(prompts))
+                    targets = RoutedTargets(
+                        [route_fields[r] for r in sample_routes], cond, uncond, args.num_rollout_steps
+                    )
+                    noise = torch.randn(latent_shape, generator=gen).to(accelerator.device, weight_dtype)
+                    if args.method == "dense":
+                        indices = torch.arange(args.num_rollout_steps).repeat(len(rows), 1)
+                    else:
+                        indices = sample_query_indices(
+                            args.num_rollout_steps, len(rows), args.query_k, args.query_strategy, gen
+                        )
+                    if args.method == "offpolicy":
+                        states = off_policy_states(family, targets, noise, sigmas_grid, indices, gen)
+                    else:
+                        transformer.eval()
+                        states = on_policy_states(
+                            pipe,
+                            family,
+                            targets,
+                            cond,
+                            noise,
+                            args.num_rollout_steps,
+                            indices,
+                            resolution,
+                            resolution,
+                            dense=args.method == "dense",
+                        )
+                        transformer.train()
+                cond_rows = cond.select(states.samples)
+                with accelerator.autocast():
+                    pred = family.velocity(
+                        transformer_ddp,
+                        states.x.to(weight_dtype),
+                        states.sigma.to(accelerator.device),
+                        cond_rows,
+                    )
+                loss = velocity_mse(pred, states.target, states.weight, num_samples=len(rows))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach().item() / args.gradient_accumulation_steps
+            with torch.no_grad():
+                per_row = (pred.detach().float() - states.target.float()).pow(2).flatten(1).mean(1).cpu()
+            for row, sample in zip(per_row.tolist(), states.samples.tolist()):
+                route_losses.setdefault(fields_config.routes[sample_routes[sample]].field, []).append(row)
+        routes_log.write(
+            json.dumps(
+                {
+                    "step": global_step,
+                    "route": fields_config.routes[step_route].field,
+                    "sample_routes": [fields_config.routes[r].field for r in sample_routes],
+                }
+            )
+            + "\n"
+        )
+        routes_log.flush()
+        global_step += 1
+        progress_bar.update(1)
+        loss_history.append(step_loss)
+        logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
+        logs.update({f"loss/{name}": sum(v) / len(v) for name, v in route_losses.items()})
+        progress_bar.set_postfix(loss=f"{step_loss:.4g}", lr=f"{logs['lr']:.2g}")
+        accelerator.log(logs, step=global_step)
+        if global_step % args.checkpointing_steps == 0:
+            path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            log.info(f"Saved state to {path}")
+        if (
+            args.validation_prompt
+            and accelerator.is_main_process
+            and global_step % args.validation_steps == 0
+        ):
+            validate(global_step)
+    routes_log.close()
+    progress_bar.close()
+
+    # ---------------------------------------------------------------- outputs
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        from danceopd_diffusers.export import (
+            fused_student,
+            push_output_dir,
+            render_model_card,
+            save_pipeline_folder,
+            save_student_lora,
+        )
+
+        if loss_history:
+            k = max(1, len(loss_history) // 10)
+            first, last = sum(loss_history[:k]) / k, sum(loss_history[-k:]) / k
+            print(f"[danceopd] loss: first {k} steps {first:.5f} -> last {k} steps {last:.5f}", flush=True)
+        model = unwrap(transformer_ddp)
+        samples_image = None
+        if args.validation_prompt:
+            grid = last_grid.get(global_step) or validate(global_step)
+            grid.save(Path(args.output_dir, "samples.png"))
+            samples_image = "samples.png"
+        if not args.full_finetune:
+            save_student_lora(model, family, args.output_dir, STUDENT_ADAPTER)
+            experts = [n for n in model.peft_config if n != STUDENT_ADAPTER]
+            export_model = (
+                fused_student(model, STUDENT_ADAPTER, experts) if not args.skip_pipeline_export else None
+            )
+        else:
+            export_model = model
+        absorbed = _absorbed_scale(fields_config)
+        if args.skip_pipeline_export:
+            if args.full_finetune:
+                model.save_pretrained(os.path.join(args.output_dir, "transformer"))
+        else:
+            save_pipeline_folder(pipe, family, export_model, args.output_dir, absorbed)
+        render_model_card(
+            args.output_dir,
+            base_model=args.pretrained_model_name_or_path
+            if not args.demo
+            else "tiny-sd3 (built offline by danceopd-diffusers)",
+            repo_id=repo_id,
+            fields_table="\n".join(f"| `{n}` | {f.describe()} |" for n, f in fields.items()),
+            routes_table="\n".join(
+                f"| `{r.field}` | `{r.task}` | {r.weight} |" for r in fields_config.routes
+            ),
+            method=args.method,
+            hyperparameters=_hyperparameters(args, resolution),
+            absorbed_guidance_scale=absorbed,
+            has_lora=not args.full_finetune,
+            has_pipeline=not args.skip_pipeline_export,
+            samples_image=samples_image,
+        )
+        (Path(args.output_dir) / "danceopd_config.json").write_text(
+            json.dumps(
+                {"fields_config": fields_config.to_dict(), "args": _hyperparameters(args, resolution)},
+                indent=2,
+            )
+        )
+        if args.push_to_hub:
+            push_output_dir(args.output_dir, repo_id, token=args.hub_token)
+        print(f"[danceopd] outputs written to {args.output_dir}", flush=True)
+    accelerator.end_training()
+
+
+def _absorbed_scale(config: FieldsConfig) -> float | None:
+    scales = set()
+    for route in config.routes:
+        for spec in config.resolve_chain(route.field):
+            if spec.type == "cfg":
+                scales.add(spec.scale)
+            elif spec.type == "guider" and "guidance_scale" in spec.guider_kwargs:
+                scales.add(float(spec.guider_kwargs["guidance_scale"]))
+    return max(scales) if scales else None
+
+
+def _hyperparameters(args: argparse.Namespace, resolution: int) -> dict:
+    keys = [
+        "method",
+        "num_rollout_steps",
+        "query_strategy",
+        "query_k",
+        "per_sample_routing",
+        "rank",
+        "lora_alpha",
+        "full_finetune",
+        "learning_rate",
+        "lr_scheduler",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "max_train_steps",
+        "max_grad_norm",
+        "mixed_precision",
+        "seed",
+    ]
+    out = {k: getattr(args, k) for k in keys}
+    out["resolution"] = resolution
+    if out["lora_alpha"] is None and not args.full_finetune:
+        out["lora_alpha"] = args.rank
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

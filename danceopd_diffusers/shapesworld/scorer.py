@@ -56,15 +56,15 @@ from .world import (
     styled_colour,
 )
 
-LABEL_DISTANCE: float = (
-    60.0  # max RGB distance for a pixel to count as a palette colour (palette pairs >= 107)
-)
+# Max RGB distance for a pixel to count as a palette colour (palette pairs are >= 107 apart).
+LABEL_DISTANCE: float = 60.0
+# Object regions grow through pixels whose nearest colour is theirs up to this distance (hysteresis).
+GROW_DISTANCE: float = 110.0
 MIN_OBJECT_AREA: int = 24  # pixels at 64 px (smallest object is ~100 px solid, ~60 px as an outline)
 MIN_SHAPE_IOU: float = 0.6  # below this, a component is an unclassified blob
 MAX_ASPECT: float = 1.6  # longer/shorter bbox side above this: not one of our (square-bbox) shapes
-HOLLOW_MAX_CORE: float = (
-    0.5  # share of the footprint's core painted in the object colour at or below: outline
-)
+# A component is an outline when at most this share of its core carries the object colour.
+HOLLOW_MAX_CORE: float = 0.5
 MIN_BACKGROUND_SHARE: float = 0.3  # the background colour must cover this share of the image
 POSITION_TOLERANCE: float = 0.1  # centroid distance (fraction of the image side) for "same place"
 
@@ -223,20 +223,26 @@ def analyze(image: Image.Image | np.ndarray) -> Analysis:
     h, w = rgb.shape[:2]
     dist = palette_distances(rgb)
     nearest = dist.argmin(-1).astype(np.int32)
-    close = dist.min(-1) <= LABEL_DISTANCE
+    d_min = dist.min(-1)
+    close = d_min <= LABEL_DISTANCE
     labels = np.where(close, nearest, -1)
+    # Hysteresis: an object is the connected region whose nearest colour is its colour (the ~50% contour of a
+    # blurred edge, so blur neither shrinks nor breaks thin parts), seeded by at least one confident pixel.
+    grow = np.where((d_min <= GROW_DISTANCE) & np.isin(nearest, _OBJECT_IDX), nearest, -1)
 
     bg_counts = np.array([(labels == i).sum() for i in _BACKGROUND_IDX])
     background = None
     if bg_counts.max() >= MIN_BACKGROUND_SHARE * h * w:
         background = PALETTE_NAMES[int(_BACKGROUND_IDX[bg_counts.argmax()])]
 
-    comp = connected_components(np.where(np.isin(labels, _OBJECT_IDX), labels, -1))
-    areas = np.bincount(comp[comp >= 0].reshape(-1)) if (comp >= 0).any() else np.zeros(0, dtype=np.int64)
+    comp = connected_components(grow)
+    n_comp = int(comp.max()) + 1
+    areas = np.bincount(comp[comp >= 0], minlength=n_comp)
+    seeds = np.bincount(comp[(comp >= 0) & close], minlength=n_comp)
     min_area = min_object_area(min(h, w))
     thickness = outline_thickness(min(h, w))
     objects = []
-    for cid in np.flatnonzero(areas >= min_area):
+    for cid in np.flatnonzero((areas >= min_area) & (seeds > 0)):
         m = comp == cid
         ys, xs = np.nonzero(m)
         y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
@@ -249,7 +255,7 @@ def analyze(image: Image.Image | np.ndarray) -> Analysis:
         objects.append(
             Detection(
                 shape=shape,
-                colour=PALETTE_NAMES[int(labels[ys[0], xs[0]])],
+                colour=PALETTE_NAMES[int(grow[ys[0], xs[0]])],
                 bbox=(x0, y0, x1, y1),
                 centroid=(float(xs.mean()) + 0.5, float(ys.mean()) + 0.5),
                 area=area,

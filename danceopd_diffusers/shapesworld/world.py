@@ -78,6 +78,7 @@ EDIT_MASK_MARGIN: int = (
     2  # pixels (at 64 px) by which an edited object's footprint is dilated in the edit mask
 )
 MIN_IMAGE_SIZE: int = 64
+CROSS_ARM: float = 1 / 3
 
 STYLES: tuple[str, ...] = ("solid", "outline", "negative")
 EDIT_STYLES: tuple[str, ...] = ("outline", "negative")
@@ -198,9 +199,10 @@ def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarr
         return np.abs(dx) + np.abs(dy) <= r
     if shape == "triangle":  # apex up, base at the bottom of the bounding square
         return (np.abs(dy) < r) & (np.abs(dx) <= (dy + r) / 2)
-    if shape == "cross":  # plus sign, arms one third of the side wide
+    if shape == "cross":  # plus sign, arms CROSS_ARM of the side wide
         ax, ay = np.abs(dx), np.abs(dy)
-        return (ax < r) & (ay < r) & ((ax < r / 3) | (ay < r / 3))
+        arm = CROSS_ARM * r
+        return (ax < r) & (ay < r) & ((ax < arm) | (ay < arm))
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 

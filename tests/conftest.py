@@ -1,0 +1,80 @@
+"""Shared fixtures: one tiny SD3 pipeline per session, built offline; helpers to run the training script."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory) -> str:
+    from danceopd_diffusers.tiny import tiny_sd3_path
+
+    cache = tmp_path_factory.mktemp("danceopd-cache")
+    os.environ["DANCEOPD_CACHE"] = str(cache)  # the script's embedded demo and subprocesses reuse it
+    return tiny_sd3_path(cache)
+
+
+@pytest.fixture
+def tiny_pipe(tiny_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def run_train(args: list[str]):
+    """Run train_danceopd.main in-process (the accelerate singletons reset around it)."""
+    import train_danceopd
+
+    _reset_accelerate()
+    try:
+        parsed = train_danceopd.parse_args(args)
+        train_danceopd.main(parsed)
+    finally:
+        _reset_accelerate()
+    return parsed
+
+
+def make_lora_file(
+    tiny_path: str, out_dir: Path, rank: int = 4, seed: int = 1, targets=("attn.to_q", "attn.to_v"), scale: float = 0.3
+) -> Path:
+    """A LoRA expert for the tiny transformer with non-zero weights, saved in diffusers' format."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = SD3Transformer2DModel.from_pretrained(tiny_path, subfolder="transformer")
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)), adapter_name="default")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(transformer, adapter_name="default")
+    StableDiffusion3Pipeline.save_lora_weights(
+        out_dir,
+        transformer_lora_layers=state,
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+    )
+    return out_dir / "pytorch_lora_weights.safetensors"

@@ -312,7 +312,11 @@ def main(args: argparse.Namespace) -> None:
 
     # ---------------------------------------------------------------- accelerator
     logging_dir = Path(args.output_dir, args.logging_dir)
+    # Several processes on a machine without CUDA (`accelerate launch --multi_gpu --num_processes 2` on CPU):
+    # run them as gloo CPU processes instead of independent single-process runs.
+    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=cpu_processes,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to in ("none", "") else args.report_to,

@@ -1,13 +1,17 @@
 """Exact, model-free ShapesWorld scorer: GenEval rules for T2I, GEdit-style SC/PQ/overall for edits.
 
-Pipeline: every pixel is labelled with its nearest palette colour (``-1`` when farther than
-``LABEL_DISTANCE`` from all of them); pixels with object colours are grouped into 4-connected components of one
-colour (vectorised label propagation, no scipy); components smaller than ``min_object_area`` are dropped
-(GenEval's detector-confidence threshold plays this role); holes are filled and the filled footprint is matched
-against shape templates drawn in the component's own bounding box (best IoU wins), which is robust to mild
-blur, noise and moderate stretching. A component is an outline when at most ``HOLLOW_MAX_CORE`` of its core
-(the filled footprint eroded by the renderer's outline thickness) carries the object colour; unlike an area
-ratio this separates even the thin small triangle's outline from a solid triangle.
+Pipeline: every pixel gets its nearest palette colour; it is *confident* within ``LABEL_DISTANCE`` of it.
+Objects are 4-connected regions of one object colour grown through pixels whose nearest colour is that colour
+(up to ``GROW_DISTANCE``, i.e. about the 50% contour of a blurred edge) and seeded by at least one confident pixel
+(hysteresis, so blur neither shrinks objects nor breaks 2-px outlines); connected components come from
+vectorised label propagation (no scipy). Regions smaller than ``min_object_area`` are dropped (the role of
+GenEval's detector-confidence threshold). Holes are filled and the filled footprint is matched against shape
+templates drawn in the region's own bounding box (best IoU wins, ``None`` below ``MIN_SHAPE_IOU``), which is
+robust to mild blur, noise and moderate stretching. A region is an outline when at most ``HOLLOW_MAX_CORE`` of
+its core (the filled footprint eroded by the renderer's outline thickness) carries the object colour. The
+background is the most common confident background colour. Measured limits at 64 px: solid scenes are recovered
+exactly under Gaussian blur sigma 0.7 px plus noise sigma 10/255 and under colour casts of ~35/255; outlines
+under blur 0.5 px plus noise 5/255. Heavier blur first breaks outlines, then square/circle separation.
 
 T2I (GenEval): the spec carries GenEval's ``include``/``exclude`` clauses. Detections of a shape are ranked by
 area (our stand-in for detector confidence); a clause with ``count`` n takes the top n; ``color`` requires all n
@@ -60,7 +64,7 @@ from .world import (
 LABEL_DISTANCE: float = 60.0
 # Object regions grow through pixels whose nearest colour is theirs up to this distance (hysteresis).
 GROW_DISTANCE: float = 110.0
-MIN_OBJECT_AREA: int = 24  # pixels at 64 px (smallest object is ~100 px solid, ~60 px as an outline)
+MIN_OBJECT_AREA: int = 24  # pixels at 64 px (the smallest object has ~80 px even as an outline)
 MIN_SHAPE_IOU: float = 0.6  # below this, a component is an unclassified blob
 MAX_ASPECT: float = 1.6  # longer/shorter bbox side above this: not one of our (square-bbox) shapes
 # A component is an outline when at most this share of its core carries the object colour.
@@ -214,7 +218,7 @@ class Analysis:
 
 
 def min_object_area(image_size: int) -> int:
-    return max(8, int(round(MIN_OBJECT_AREA * (image_size / REFERENCE_SIZE) ** 2)))
+    return max(8, round(MIN_OBJECT_AREA * (image_size / REFERENCE_SIZE) ** 2))
 
 
 def analyze(image: Image.Image | np.ndarray) -> Analysis:
@@ -251,7 +255,7 @@ def analyze(image: Image.Image | np.ndarray) -> Analysis:
         shape, iou = classify_shape(filled)
         area, filled_area = int(m.sum()), int(filled.sum())
         core = binary_erode(filled, thickness)
-        hollow = bool(core.any()) and (crop & core).sum() <= HOLLOW_MAX_CORE * core.sum()
+        hollow = bool(core.any() and (crop & core).sum() <= HOLLOW_MAX_CORE * core.sum())
         objects.append(
             Detection(
                 shape=shape,
@@ -414,8 +418,7 @@ def pixel_preservation(src: Analysis, out: Analysis, allowed: np.ndarray) -> flo
     if not keep.any():
         return 1.0
     agree = _shift_any_equal(out.nearest, src.nearest)
-    is_obj = lambda lab: np.isin(lab, _OBJECT_IDX)  # noqa: E731
-    core = binary_erode(is_obj(src.labels)) | binary_erode(is_obj(out.labels))
+    core = binary_erode(np.isin(src.labels, _OBJECT_IDX)) | binary_erode(np.isin(out.labels, _OBJECT_IDX))
     p_all = float(agree[keep].mean())
     obj = keep & core
     p_obj = float(agree[obj].mean()) if obj.any() else p_all
@@ -505,7 +508,7 @@ def score_edit(
         src = analyze(src_img)
         success, created = _local_success(spec, out, size)
         allowed = edit_mask(spec, size)
-        margin = max(EDIT_MASK_MARGIN, int(round(EDIT_MASK_MARGIN * size / REFERENCE_SIZE)))
+        margin = max(EDIT_MASK_MARGIN, round(EDIT_MASK_MARGIN * size / REFERENCE_SIZE))
         for d in created:  # an added object may go anywhere; its own footprint is then allowed to change
             allowed = allowed | binary_dilate(d.mask, margin)
         preservation = pixel_preservation(src, out, allowed)

@@ -27,6 +27,7 @@ import torch
 from danceopd_diffusers import demo
 from danceopd_diffusers.checkpointing import checkpoint_step, resolve_resume, save_checkpoint
 from danceopd_diffusers.config import (
+    EDIT_ONLY_TYPES,
     ConfigError,
     FieldsConfig,
     FieldSpec,
@@ -35,7 +36,7 @@ from danceopd_diffusers.config import (
     parse_fields_config,
 )
 from danceopd_diffusers.data import DataColumns, TaskBuckets, images_to_tensor, load_training_dataset
-from danceopd_diffusers.families import editing_families
+from danceopd_diffusers.families import edit_size, editing_families
 from danceopd_diffusers.lora_io import inspect_lora, load_lora_for_diffusers
 from danceopd_diffusers.objectives import (
     METHODS,
@@ -303,6 +304,18 @@ def main(args: argparse.Namespace) -> None:
     buckets = TaskBuckets(dataset, columns, data_dir)
     if args.method == "sft" and not fields_config.routes:
         fields_config.routes = [RouteSpec(field="base", task=t) for t in sorted(buckets.buckets)]
+    if args.per_sample_routing and len({buckets.is_edit_bucket(r.task) for r in fields_config.routes}) > 1:
+        raise ConfigError(
+            "--per_sample_routing would put edit and text-to-image samples in one batch, which cannot share a "
+            "rollout. Use per-step routing (drop --per_sample_routing): each step then draws one bucket."
+        )
+    for route in fields_config.routes:
+        edit_only = [s.name for s in fields_config.resolve_chain(route.field) if s.type in EDIT_ONLY_TYPES]
+        if edit_only and not buckets.is_edit_bucket(route.task):
+            raise ConfigError(
+                f"Route to {route.field!r} uses image guidance ({edit_only[0]!r}) on bucket {route.task!r}, which "
+                "has no source images. Route it to an edit bucket or use a cfg field."
+            )
     buckets.check_routes(
         fields_config.routes,
         need_target=args.method == "sft",
@@ -484,13 +497,13 @@ def main(args: argparse.Namespace) -> None:
     transformer_ddp, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
 
     # ---------------------------------------------------------------- state before the loop
-    from danceopd_diffusers.prompts import PromptCache
+    from danceopd_diffusers.caches import PromptCache, SourceCache
 
     prompt_cache = PromptCache(pipe, family, accelerator.device)
+    source_cache = SourceCache(pipe, family, accelerator.device)
     router = Router(fields_config.routes)
     route_fields = [fields[r.field] for r in fields_config.routes]
     resolution = args.resolution or family.default_resolution(pipe)
-    latent_shape = family.latent_shape(pipe, args.train_batch_size, resolution, resolution)
     global_step = 0
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint and resume_path is None:
@@ -522,7 +535,19 @@ def main(args: argparse.Namespace) -> None:
         desc="Steps",
         disable=not accelerator.is_local_main_process,
     )
-    sigmas_grid = family.sigmas(pipe, args.num_rollout_steps, latent_shape, accelerator.device)
+    edit_tasks = {r.task for r in fields_config.routes if buckets.is_edit_bucket(r.task)}
+
+    def encode_batch(rows: list[int], prompts: list[str], edit: bool):
+        """Conditioning (+ the empty-prompt one for CFG), and the size to train at: an edit's keeps its
+        source's aspect ratio and both branches keep the source image."""
+        cond, uncond = prompt_cache(prompts), prompt_cache.empty(len(prompts))
+        if not edit:
+            return cond, uncond, resolution, resolution
+        images = buckets.images(rows, columns.source_image)
+        height, width = edit_size(images[0].width, images[0].height, resolution)
+        source = source_cache(rows, images, height, width)
+        return cond.merge(source), uncond.merge(source), height, width
+
     sft_scheduler = copy.deepcopy(pipe.scheduler) if args.method == "sft" else None
     loss_history: list[float] = []
     rank = accelerator.process_index
@@ -570,27 +595,26 @@ def main(args: argparse.Namespace) -> None:
             for r in sample_routes:
                 rows += buckets.sample(fields_config.routes[r].task, 1, gen)
             prompts = buckets.prompts(rows)
+            edit = fields_config.routes[sample_routes[0]].task in edit_tasks
             with accelerator.accumulate(transformer_ddp):
                 if args.method == "sft":
                     prompts = [
                         "" if torch.rand((), generator=gen) < args.caption_dropout_prob else p
                         for p in prompts
                     ]
-                    cond = prompt_cache(prompts)
-                    pixels = images_to_tensor(
-                        buckets.images(rows, columns.target_image), resolution, resolution
-                    )
+                    cond, _, height, width = encode_batch(rows, prompts, edit)
+                    pixels = images_to_tensor(buckets.images(rows, columns.target_image), height, width)
                     with torch.no_grad():
                         x0 = family.encode_images(pipe, pixels, gen).to(weight_dtype)
                     sigma = sample_sft_sigmas(sft_scheduler, len(rows), gen, args.weighting_scheme)
                     states = sft_states(x0, sigma, gen)
                 else:
-                    cond = prompt_cache(prompts)
-                    uncond = prompt_cache.empty(len(prompts))
+                    cond, uncond, height, width = encode_batch(rows, prompts, edit)
                     targets = RoutedTargets(
                         [route_fields[r] for r in sample_routes], cond, uncond, args.num_rollout_steps
                     )
-                    noise = torch.randn(latent_shape, generator=gen).to(accelerator.device, weight_dtype)
+                    shape = family.latent_shape(pipe, len(rows), height, width)
+                    noise = torch.randn(shape, generator=gen).to(accelerator.device, weight_dtype)
                     if args.method == "dense":
                         indices = torch.arange(args.num_rollout_steps).repeat(len(rows), 1)
                     else:
@@ -598,7 +622,8 @@ def main(args: argparse.Namespace) -> None:
                             args.num_rollout_steps, len(rows), args.query_k, args.query_strategy, gen
                         )
                     if args.method == "offpolicy":
-                        states = off_policy_states(family, targets, noise, sigmas_grid, indices, gen)
+                        sigmas = family.sigmas(pipe, args.num_rollout_steps, shape, accelerator.device)
+                        states = off_policy_states(family, targets, noise, sigmas, indices, gen)
                     else:
                         transformer.eval()
                         states = on_policy_states(
@@ -609,8 +634,8 @@ def main(args: argparse.Namespace) -> None:
                             noise,
                             args.num_rollout_steps,
                             indices,
-                            resolution,
-                            resolution,
+                            height,
+                            width,
                             dense=args.method == "dense",
                         )
                         transformer.train()

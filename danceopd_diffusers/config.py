@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FIELD_TYPES = ("base", "lora", "checkpoint", "cfg", "guider")
-OPERATOR_TYPES = ("cfg", "guider")
+FIELD_TYPES = ("base", "lora", "checkpoint", "cfg", "guider", "image_guidance")
+OPERATOR_TYPES = ("cfg", "guider", "image_guidance")
+EDIT_ONLY_TYPES = ("image_guidance",)
 
 
 class ConfigError(ValueError):
@@ -29,6 +30,8 @@ class FieldSpec:
     scale: float | None = None  # cfg: guidance scale
     guider: str | None = None  # guider: class name in diffusers.guiders
     guider_kwargs: dict[str, Any] = field(default_factory=dict)
+    text_scale: float | None = None  # image_guidance: scale of the instruction
+    image_scale: float | None = None  # image_guidance: scale of the source image
 
 
 @dataclass
@@ -176,6 +179,10 @@ def check_fields_config(config: FieldsConfig) -> None:
             )
         if spec.type == "cfg" and (spec.scale is None or spec.scale <= 0):
             raise ConfigError(f"Field {spec.name!r} (cfg) needs a positive `scale`, e.g. `scale: 3.5`.")
+        if spec.type == "image_guidance" and (spec.text_scale is None or spec.image_scale is None):
+            raise ConfigError(
+                f"Field {spec.name!r} (image_guidance) needs `text_scale` and `image_scale`, e.g. 7.5 and 1.5."
+            )
         if spec.type == "guider":
             cls = getattr(guiders, spec.guider or "", None)
             known = [n for n in dir(guiders) if n.endswith("Guidance")]

@@ -178,10 +178,17 @@ class TaskBuckets:
         ]
 
 
+def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Resize keeping the aspect ratio so the image covers (height, width), then centre-crop to it."""
+    image = image.convert("RGB")
+    scale = max(width / image.width, height / image.height)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(size, Image.BICUBIC)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
 def images_to_tensor(images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
-    """PIL images -> [B, 3, H, W] in [-1, 1], resized to the training resolution."""
-    arrays = [
-        np.asarray(img.convert("RGB").resize((width, height), Image.BICUBIC), dtype=np.float32)
-        for img in images
-    ]
+    """PIL images -> [B, 3, H, W] in [-1, 1] at (height, width) (aspect kept, centre crop)."""
+    arrays = [np.asarray(fit_image(img, height, width), dtype=np.float32) for img in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0

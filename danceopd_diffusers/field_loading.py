@@ -15,7 +15,7 @@ import torch
 
 from .config import FieldsConfig, FieldSpec
 from .families import FamilyAdapter
-from .fields import CFGField, Field, GuiderField, TransformerField
+from .fields import CFGField, Field, GuiderField, ImageGuidanceField, TransformerField
 from .lora_io import load_lora_for_diffusers, resolve_lora_file
 from .student import AdapterScope, load_lora_into_adapter
 
@@ -112,6 +112,10 @@ def build_fields(
             )
         elif spec.type == "cfg":
             field = CFGField(spec.name, build(config.fields[spec.of]), spec.scale)
+        elif spec.type == "image_guidance":
+            field = ImageGuidanceField(
+                spec.name, build(config.fields[spec.of]), spec.text_scale, spec.image_scale
+            )
         elif spec.type == "guider":
             from diffusers import guiders
 

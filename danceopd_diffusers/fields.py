@@ -106,6 +106,35 @@ class CFGField(Field):
         return f"CFG(scale={self.scale}) of {self.inner.name}"
 
 
+class ImageGuidanceField(Field):
+    """InstructPix2Pix-style three-branch guidance for edit experts.
+
+    ``v(0,0) + s_img (v(I,0) - v(0,0)) + s_txt (v(I,T) - v(I,0))`` where I is the source image and T the
+    instruction: the unconditional branch keeps the source and drops the text, the image-free branch drops both.
+    """
+
+    def __init__(self, name: str, inner: Field, text_scale: float, image_scale: float):
+        self.name = name
+        self.inner = inner
+        self.text_scale = float(text_scale)
+        self.image_scale = float(image_scale)
+
+    @property
+    def transformer(self) -> torch.nn.Module | None:
+        return self.inner.transformer
+
+    def velocity(self, query: FieldQuery) -> torch.Tensor:
+        if query.uncond is None or not query.cond.has_source:
+            raise ValueError(f"Field {self.name!r} (image guidance) needs edit samples with a source image.")
+        v_full = self.inner.velocity(query)
+        v_image = self.inner.velocity(replace(query, cond=query.uncond))
+        v_none = self.inner.velocity(replace(query, cond=query.uncond.without_source()))
+        return v_none + self.image_scale * (v_image - v_none) + self.text_scale * (v_full - v_image)
+
+    def describe(self) -> str:
+        return f"image guidance(text={self.text_scale}, image={self.image_scale}) of {self.inner.name}"
+
+
 class GuiderField(Field):
     """Any ``diffusers.guiders`` guider (CFG, CFG-Zero*, APG, ...) used as an operator field.
 

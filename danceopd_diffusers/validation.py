@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .caches import PromptCache
 from .families import FamilyAdapter
 from .fields import Field, FieldQuery
-from .prompts import PromptCache
 from .rollout import field_rollout
 
 

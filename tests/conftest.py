@@ -56,7 +56,12 @@ def run_train(args: list[str]):
 
 
 def make_lora_file(
-    tiny_path: str, out_dir: Path, rank: int = 4, seed: int = 1, targets=("attn.to_q", "attn.to_v"), scale: float = 0.3
+    tiny_path: str,
+    out_dir: Path,
+    rank: int = 4,
+    seed: int = 1,
+    targets=("attn.to_q", "attn.to_v"),
+    scale: float = 0.3,
 ) -> Path:
     """A LoRA expert for the tiny transformer with non-zero weights, saved in diffusers' format."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -64,7 +69,9 @@ def make_lora_file(
     from peft.utils import get_peft_model_state_dict
 
     transformer = SD3Transformer2DModel.from_pretrained(tiny_path, subfolder="transformer")
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)), adapter_name="default")
+    transformer.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)), adapter_name="default"
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in transformer.named_parameters():

@@ -58,27 +58,60 @@ def _expect(args: list[str], *fragments: str):
     return message
 
 
-BASE_CFG = {"fields": {"base": {"type": "base"}, "cfg": {"type": "cfg", "of": "base", "scale": 3.0}},
-            "routes": [{"field": "cfg", "task": "t2i"}]}
+BASE_CFG = {
+    "fields": {"base": {"type": "base"}, "cfg": {"type": "cfg", "of": "base", "scale": 3.0}},
+    "routes": [{"field": "cfg", "task": "t2i"}],
+}
 
 
 def test_unknown_field_in_route(tiny_path, tmp_path, no_weight_loading):
     cfg = _config(tmp_path, {"fields": {"base": {"type": "base"}}, "routes": [{"field": "realism"}]})
-    _expect(["--pretrained_model_name_or_path", tiny_path, "--fields_config", cfg, "--output_dir", str(tmp_path / "o")],
-            "unknown field 'realism'", "declared fields")
+    _expect(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--fields_config",
+            cfg,
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        "unknown field 'realism'",
+        "declared fields",
+    )
 
 
 def test_empty_bucket(tiny_path, tmp_path, no_weight_loading):
     data = _data(tmp_path, [{"prompt": "a cat", "task": "t2i"}])
     cfg = _config(tmp_path, {"fields": BASE_CFG["fields"], "routes": [{"field": "cfg", "task": "portraits"}]})
-    _expect(["--pretrained_model_name_or_path", tiny_path, "--fields_config", cfg, "--dataset_name", data,
-             "--output_dir", str(tmp_path / "o")], "Bucket 'portraits'", "is empty", "['t2i']")
+    _expect(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--fields_config",
+            cfg,
+            "--dataset_name",
+            data,
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        "Bucket 'portraits'",
+        "is empty",
+        "['t2i']",
+    )
 
 
 def test_missing_and_unreadable_images(tiny_path, tmp_path, no_weight_loading):
     data = _data(tmp_path, [{"prompt": "a cat", "task": "t2i", "target_image": "img/missing.png"}])
-    args = ["--pretrained_model_name_or_path", tiny_path, "--method", "sft", "--dataset_name", data,
-            "--output_dir", str(tmp_path / "o")]
+    args = [
+        "--pretrained_model_name_or_path",
+        tiny_path,
+        "--method",
+        "sft",
+        "--dataset_name",
+        data,
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
     _expect(args, "missing.png", "cannot be opened", "relative paths")
     (tmp_path / "data" / "img").mkdir()
     (tmp_path / "data" / "img" / "missing.png").write_bytes(b"not a png")
@@ -90,10 +123,24 @@ def test_missing_and_unreadable_images(tiny_path, tmp_path, no_weight_loading):
 
 def test_edit_route_on_a_family_that_cannot_edit(tiny_path, tmp_path, no_weight_loading):
     Image.new("RGB", (8, 8)).save(tmp_path / "src.png")
-    data = _data(tmp_path, [{"prompt": "make it red", "task": "edit", "source_image": str(tmp_path / "src.png")}])
+    data = _data(
+        tmp_path, [{"prompt": "make it red", "task": "edit", "source_image": str(tmp_path / "src.png")}]
+    )
     cfg = _config(tmp_path, {"fields": BASE_CFG["fields"], "routes": [{"field": "cfg", "task": "edit"}]})
-    _expect(["--pretrained_model_name_or_path", tiny_path, "--fields_config", cfg, "--dataset_name", data,
-             "--output_dir", str(tmp_path / "o")], "cannot edit", "Families that can edit")
+    _expect(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--fields_config",
+            cfg,
+            "--dataset_name",
+            data,
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        "cannot edit",
+        "Families that can edit",
+    )
 
 
 def test_lora_with_unknown_target_modules(tiny_path, tmp_path, no_weight_loading):
@@ -102,10 +149,26 @@ def test_lora_with_unknown_target_modules(tiny_path, tmp_path, no_weight_loading
     lora = make_lora_file(tiny_path, tmp_path / "lora")
     state = {k.replace("transformer_blocks.0.", "single_blocks.0."): v for k, v in load_file(lora).items()}
     save_file(state, lora)
-    cfg = _config(tmp_path, {"fields": {"base": {"type": "base"}, "x": {"type": "lora", "path": str(lora.parent)}},
-                             "routes": [{"field": "x"}]})
-    _expect(["--pretrained_model_name_or_path", tiny_path, "--fields_config", cfg, "--output_dir", str(tmp_path / "o")],
-            "does not have", "single_blocks.0", "LoRA of this base model")
+    cfg = _config(
+        tmp_path,
+        {
+            "fields": {"base": {"type": "base"}, "x": {"type": "lora", "path": str(lora.parent)}},
+            "routes": [{"field": "x"}],
+        },
+    )
+    _expect(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--fields_config",
+            cfg,
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        "does not have",
+        "single_blocks.0",
+        "LoRA of this base model",
+    )
 
 
 def test_lora_rank_mismatch(tiny_path, tmp_path, no_weight_loading):
@@ -120,18 +183,58 @@ def test_lora_rank_mismatch(tiny_path, tmp_path, no_weight_loading):
     packed["transformer.r"] = 8
     meta["lora_adapter_metadata"] = json.dumps(packed)
     save_file(load_file(lora), lora, metadata=meta)
-    cfg = _config(tmp_path, {"fields": {"base": {"type": "base"}, "x": {"type": "lora", "path": str(lora)}},
-                             "routes": [{"field": "x"}]})
-    _expect(["--pretrained_model_name_or_path", tiny_path, "--fields_config", cfg, "--output_dir", str(tmp_path / "o")],
-            "declares rank r=8", "rank 4")
+    cfg = _config(
+        tmp_path,
+        {
+            "fields": {"base": {"type": "base"}, "x": {"type": "lora", "path": str(lora)}},
+            "routes": [{"field": "x"}],
+        },
+    )
+    _expect(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--fields_config",
+            cfg,
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        "declares rank r=8",
+        "rank 4",
+    )
     # the student's own warm start: --rank must match the LoRA it continues
-    _expect(["--pretrained_model_name_or_path", tiny_path, "--cfg_scale", "3", "--student_init", str(good),
-             "--rank", "16", "--output_dir", str(tmp_path / "o")], "has rank 4", "--rank 4")
+    _expect(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--cfg_scale",
+            "3",
+            "--student_init",
+            str(good),
+            "--rank",
+            "16",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        "has rank 4",
+        "--rank 4",
+    )
 
 
 def test_student_lora_layers_must_exist(tiny_path, tmp_path, no_weight_loading):
-    _expect(["--pretrained_model_name_or_path", tiny_path, "--cfg_scale", "3", "--lora_layers", "attn.to_qkv",
-             "--output_dir", str(tmp_path / "o")], "'attn.to_qkv' does not exist")
+    _expect(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--cfg_scale",
+            "3",
+            "--lora_layers",
+            "attn.to_qkv",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        "'attn.to_qkv' does not exist",
+    )
 
 
 def test_scheduler_that_is_not_flow_matching(tiny_path, tmp_path, no_weight_loading):
@@ -140,8 +243,18 @@ def test_scheduler_that_is_not_flow_matching(tiny_path, tmp_path, no_weight_load
     index = json.loads((folder / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", "DDIMScheduler"]
     (folder / "model_index.json").write_text(json.dumps(index))
-    _expect(["--pretrained_model_name_or_path", str(folder), "--cfg_scale", "3", "--output_dir", str(tmp_path / "o")],
-            "DDIMScheduler", "not a flow-matching scheduler")
+    _expect(
+        [
+            "--pretrained_model_name_or_path",
+            str(folder),
+            "--cfg_scale",
+            "3",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        "DDIMScheduler",
+        "not a flow-matching scheduler",
+    )
 
 
 @pytest.mark.parametrize(
@@ -149,7 +262,10 @@ def test_scheduler_that_is_not_flow_matching(tiny_path, tmp_path, no_weight_load
     [
         (["--cfg_scale", "3", "--fields_config", "X"], "both given"),
         (["--method", "sft", "--cfg_scale", "3"], "uses no field"),
-        (["--full_finetune", "--lora_layers", "attn.to_q", "--cfg_scale", "3"], "--lora_layers has no effect"),
+        (
+            ["--full_finetune", "--lora_layers", "attn.to_q", "--cfg_scale", "3"],
+            "--lora_layers has no effect",
+        ),
         (["--query_k", "0", "--cfg_scale", "3"], "--query_k"),
         (["--num_rollout_steps", "1", "--cfg_scale", "3"], "--num_rollout_steps"),
         (["--report_to", "wandb", "--hub_token", "x", "--cfg_scale", "3"], "expose the token"),
@@ -160,7 +276,9 @@ def test_scheduler_that_is_not_flow_matching(tiny_path, tmp_path, no_weight_load
 def test_conflicting_flags(tiny_path, tmp_path, no_weight_loading, extra, fragment):
     cfg = _config(tmp_path, BASE_CFG)
     extra = [cfg if a == "X" else a for a in extra]
-    _expect(["--pretrained_model_name_or_path", tiny_path, "--output_dir", str(tmp_path / "o"), *extra], fragment)
+    _expect(
+        ["--pretrained_model_name_or_path", tiny_path, "--output_dir", str(tmp_path / "o"), *extra], fragment
+    )
 
 
 @pytest.mark.parametrize(
@@ -169,13 +287,35 @@ def test_conflicting_flags(tiny_path, tmp_path, no_weight_loading, extra, fragme
         ({"fields": {}, "routes": []}, "declares no fields"),
         ({"fields": {"a": {"type": "teacher"}}, "routes": [{"field": "a"}]}, "unknown type 'teacher'"),
         ({"fields": {"a": {"type": "lora"}}, "routes": [{"field": "a"}]}, "needs `path`"),
-        ({"fields": {"a": {"type": "cfg", "of": "b", "scale": 2}}, "routes": [{"field": "a"}]}, "unknown field 'b'"),
-        ({"fields": {"a": {"type": "cfg", "of": "b", "scale": 2}, "b": {"type": "cfg", "of": "a", "scale": 2}},
-          "routes": [{"field": "a"}]}, "cycle"),
-        ({"fields": {"b": {"type": "base"}, "a": {"type": "guider", "of": "b", "guider": "MagicGuidance"}},
-          "routes": [{"field": "a"}]}, "diffusers.guiders does not have"),
+        (
+            {"fields": {"a": {"type": "cfg", "of": "b", "scale": 2}}, "routes": [{"field": "a"}]},
+            "unknown field 'b'",
+        ),
+        (
+            {
+                "fields": {
+                    "a": {"type": "cfg", "of": "b", "scale": 2},
+                    "b": {"type": "cfg", "of": "a", "scale": 2},
+                },
+                "routes": [{"field": "a"}],
+            },
+            "cycle",
+        ),
+        (
+            {
+                "fields": {
+                    "b": {"type": "base"},
+                    "a": {"type": "guider", "of": "b", "guider": "MagicGuidance"},
+                },
+                "routes": [{"field": "a"}],
+            },
+            "diffusers.guiders does not have",
+        ),
         ({"fields": {"b": {"type": "base"}}, "routes": [{"field": "b", "weight": 0}]}, "weights must be > 0"),
-        ({"fields": {"b": {"type": "base", "colour": 1}}, "routes": [{"field": "b"}]}, "unknown key(s) ['colour']"),
+        (
+            {"fields": {"b": {"type": "base", "colour": 1}}, "routes": [{"field": "b"}]},
+            "unknown key(s) ['colour']",
+        ),
     ],
 )
 def test_config_errors(data, fragment):
@@ -195,5 +335,76 @@ def test_yaml_config_with_relative_paths(tmp_path):
     config = parse_fields_config(tmp_path / "f.yaml")
     assert config.fields["a"].path == str(tmp_path / "loras" / "a.safetensors")
     assert config.fields["hub"].path == "someone/some-lora"
-    assert [(r.field, r.task, r.weight) for r in config.routes] == [("a_cfg", "t2i", 2.0), ("hub", "photo", 1.0)]
+    assert [(r.field, r.task, r.weight) for r in config.routes] == [
+        ("a_cfg", "t2i", 2.0),
+        ("hub", "photo", 1.0),
+    ]
     assert config.transformer_field("a_cfg").name == "a"
+
+
+def test_image_guidance_needs_an_edit_bucket(tiny_path, tmp_path, no_weight_loading):
+    data = _data(tmp_path, [{"prompt": "a cat", "task": "t2i"}])
+    cfg = _config(
+        tmp_path,
+        {
+            "fields": {
+                "base": {"type": "base"},
+                "ig": {"type": "image_guidance", "of": "base", "text_scale": 7.5, "image_scale": 1.5},
+            },
+            "routes": [{"field": "ig", "task": "t2i"}],
+        },
+    )
+    _expect(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--fields_config",
+            cfg,
+            "--dataset_name",
+            data,
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        "image guidance",
+        "no source images",
+    )
+    with pytest.raises(ConfigError, match="needs `text_scale` and `image_scale`"):
+        parse_fields_config(
+            {
+                "fields": {"b": {"type": "base"}, "ig": {"type": "image_guidance", "of": "b"}},
+                "routes": [{"field": "ig"}],
+            }
+        )
+
+
+def test_per_sample_routing_cannot_mix_edits_and_t2i(tiny_path, tmp_path, no_weight_loading):
+    Image.new("RGB", (8, 8)).save(tmp_path / "src.png")
+    data = _data(
+        tmp_path,
+        [
+            {"prompt": "a cat", "task": "t2i"},
+            {"prompt": "make it red", "task": "edit", "source_image": str(tmp_path / "src.png")},
+        ],
+    )
+    cfg = _config(
+        tmp_path,
+        {
+            "fields": BASE_CFG["fields"],
+            "routes": [{"field": "cfg", "task": "t2i"}, {"field": "base", "task": "edit"}],
+        },
+    )
+    _expect(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--fields_config",
+            cfg,
+            "--dataset_name",
+            data,
+            "--per_sample_routing",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        "--per_sample_routing",
+        "per-step routing",
+    )

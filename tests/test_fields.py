@@ -34,8 +34,12 @@ def _perturb_student(transformer, seed=3):
 
 def test_cfg_field_reproduces_stock_pipeline_cfg(tiny_pipe, tiny_path):
     cond, uncond, x = _inputs(tiny_pipe)
-    config = parse_fields_config({"fields": {"base": {"type": "base"}, "cfg": {"type": "cfg", "of": "base", "scale": 4.0}},
-                                  "routes": [{"field": "cfg"}]})
+    config = parse_fields_config(
+        {
+            "fields": {"base": {"type": "base"}, "cfg": {"type": "cfg", "of": "base", "scale": 4.0}},
+            "routes": [{"field": "cfg"}],
+        }
+    )
     fields = build_fields(config, FAMILY, tiny_path, tiny_pipe.transformer, None, torch.float32, "cpu")
     with torch.no_grad():
         stock = tiny_pipe(
@@ -43,25 +47,47 @@ def test_cfg_field_reproduces_stock_pipeline_cfg(tiny_pipe, tiny_path):
             pooled_prompt_embeds=cond.tensors["pooled_projections"],
             negative_prompt_embeds=uncond.tensors["encoder_hidden_states"],
             negative_pooled_prompt_embeds=uncond.tensors["pooled_projections"],
-            guidance_scale=4.0, latents=x, num_inference_steps=6, output_type="latent",
+            guidance_scale=4.0,
+            latents=x,
+            num_inference_steps=6,
+            output_type="latent",
         ).images
         sigmas = FAMILY.sigmas(tiny_pipe, 6, x.shape, "cpu")
-        ours = field_rollout(lambda xx, s, i: fields["cfg"].velocity(FieldQuery(xx, s, cond, uncond)), x, sigmas)[-1]
+        ours = field_rollout(
+            lambda xx, s, i: fields["cfg"].velocity(FieldQuery(xx, s, cond, uncond)), x, sigmas
+        )[-1]
     assert torch.allclose(stock, ours, atol=1e-5), (stock - ours).abs().max()
 
 
 def test_guider_fields(tiny_pipe, tiny_path):
     cond, uncond, x = _inputs(tiny_pipe)
-    config = parse_fields_config({
-        "fields": {
-            "base": {"type": "base"},
-            "cfg": {"type": "cfg", "of": "base", "scale": 3.0},
-            "g_cfg": {"type": "guider", "of": "base", "guider": "ClassifierFreeGuidance", "guider_kwargs": {"guidance_scale": 3.0}},
-            "g_apg": {"type": "guider", "of": "base", "guider": "AdaptiveProjectedGuidance", "guider_kwargs": {"guidance_scale": 3.0, "eta": 0.0}},
-            "g_zero": {"type": "guider", "of": "base", "guider": "ClassifierFreeZeroStarGuidance", "guider_kwargs": {"guidance_scale": 3.0}},
-        },
-        "routes": [{"field": "cfg"}],
-    })
+    config = parse_fields_config(
+        {
+            "fields": {
+                "base": {"type": "base"},
+                "cfg": {"type": "cfg", "of": "base", "scale": 3.0},
+                "g_cfg": {
+                    "type": "guider",
+                    "of": "base",
+                    "guider": "ClassifierFreeGuidance",
+                    "guider_kwargs": {"guidance_scale": 3.0},
+                },
+                "g_apg": {
+                    "type": "guider",
+                    "of": "base",
+                    "guider": "AdaptiveProjectedGuidance",
+                    "guider_kwargs": {"guidance_scale": 3.0, "eta": 0.0},
+                },
+                "g_zero": {
+                    "type": "guider",
+                    "of": "base",
+                    "guider": "ClassifierFreeZeroStarGuidance",
+                    "guider_kwargs": {"guidance_scale": 3.0},
+                },
+            },
+            "routes": [{"field": "cfg"}],
+        }
+    )
     fields = build_fields(config, FAMILY, tiny_path, tiny_pipe.transformer, None, torch.float32, "cpu")
     q = FieldQuery(x, torch.full((2,), 0.7), cond, uncond, step_index=5, num_steps=16)
     with torch.no_grad():
@@ -73,15 +99,21 @@ def test_guider_fields(tiny_pipe, tiny_path):
         assert not torch.allclose(v[name], v["base"], atol=1e-4), name
 
 
-def test_lora_expert_on_shared_base_matches_a_fused_copy_and_keeps_student_trainable(tiny_pipe, tiny_path, tmp_path):
+def test_lora_expert_on_shared_base_matches_a_fused_copy_and_keeps_student_trainable(
+    tiny_pipe, tiny_path, tmp_path
+):
     lora = make_lora_file(tiny_path, tmp_path / "expert")
     cond, uncond, x = _inputs(tiny_pipe)
     transformer = tiny_pipe.transformer
     add_student_lora(transformer, 4, 4, FAMILY.default_lora_targets)
     _perturb_student(transformer)
     scope = AdapterScope(transformer)
-    config = parse_fields_config({"fields": {"base": {"type": "base"}, "expert": {"type": "lora", "path": str(lora)}},
-                                  "routes": [{"field": "expert"}]})
+    config = parse_fields_config(
+        {
+            "fields": {"base": {"type": "base"}, "expert": {"type": "lora", "path": str(lora)}},
+            "routes": [{"field": "expert"}],
+        }
+    )
     n_params = sum(p.numel() for p in transformer.parameters())
     shared = build_fields(config, FAMILY, tiny_path, transformer, scope, torch.float32, "cpu")
     # the expert is a named adapter on the same model: only LoRA parameters were added
@@ -102,7 +134,9 @@ def test_lora_expert_on_shared_base_matches_a_fused_copy_and_keeps_student_train
     assert transformer.active_adapters() == [STUDENT_ADAPTER]
     # gradients reach the student adapter after an expert evaluation
     FAMILY.velocity(transformer, x, q.sigma, cond).square().mean().backward()
-    assert all(p.grad is not None for n, p in transformer.named_parameters() if f".{STUDENT_ADAPTER}.lora_A" in n)
+    assert all(
+        p.grad is not None for n, p in transformer.named_parameters() if f".{STUDENT_ADAPTER}.lora_A" in n
+    )
 
 
 def test_checkpoint_field_from_folder_and_single_file(tiny_pipe, tiny_path, tmp_path):
@@ -116,7 +150,9 @@ def test_checkpoint_field_from_folder_and_single_file(tiny_pipe, tiny_path, tmp_
     save_file(ckpt.state_dict(), tmp_path / "ckpt.safetensors")
     q = FieldQuery(x, torch.full((2,), 0.5), cond, uncond)
     for path in (tmp_path / "ckpt", tmp_path / "ckpt.safetensors"):
-        config = parse_fields_config({"fields": {"c": {"type": "checkpoint", "path": str(path)}}, "routes": [{"field": "c"}]})
+        config = parse_fields_config(
+            {"fields": {"c": {"type": "checkpoint", "path": str(path)}}, "routes": [{"field": "c"}]}
+        )
         field = build_fields(config, FAMILY, tiny_path, None, None, torch.float32, "cpu")["c"]
         assert field.transformer is not ckpt
         assert not any(p.requires_grad for p in field.transformer.parameters())

@@ -11,8 +11,22 @@ from conftest import make_lora_file, run_train
 from PIL import Image
 from safetensors.torch import load_file
 
-SHORT = ["--num_rollout_steps", "4", "--rank", "4", "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
-         "--max_sequence_length", "16", "--learning_rate", "1e-3", "--seed", "7"]
+SHORT = [
+    "--num_rollout_steps",
+    "4",
+    "--rank",
+    "4",
+    "--train_batch_size",
+    "2",
+    "--gradient_accumulation_steps",
+    "2",
+    "--max_sequence_length",
+    "16",
+    "--learning_rate",
+    "1e-3",
+    "--seed",
+    "7",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +43,47 @@ def trained(tiny_path, tmp_path_factory):
     data = tmp / "prompts.csv"
     data.write_text("prompt,task\na red circle,t2i\ntwo blue squares,t2i\na green star,t2i\n")
     out = tmp / "out"
-    run_train(["--pretrained_model_name_or_path", tiny_path, "--fields_config", str(config), "--dataset_name", str(data),
-               "--output_dir", str(out), "--max_train_steps", "4", "--checkpointing_steps", "2",
-               "--validation_steps", "2", "--validation_prompt", "a red circle", *SHORT])
+    run_train(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--fields_config",
+            str(config),
+            "--dataset_name",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "4",
+            "--checkpointing_steps",
+            "2",
+            "--validation_steps",
+            "2",
+            "--validation_prompt",
+            "a red circle",
+            *SHORT,
+        ]
+    )
     return out
 
 
 def test_outputs_exist(trained):
-    for name in ("pytorch_lora_weights.safetensors", "model_index.json", "pipeline_danceopd.py", "README.md",
-                 "samples.png", "transformer/config.json", "checkpoint-2", "checkpoint-4", "validation/step-000002.png"):
+    for name in (
+        "pytorch_lora_weights.safetensors",
+        "model_index.json",
+        "pipeline_danceopd.py",
+        "README.md",
+        "samples.png",
+        "transformer/config.json",
+        "checkpoint-2",
+        "checkpoint-4",
+        "validation/step-000002.png",
+    ):
         assert (trained / name).exists(), name
-    routes = [json.loads(line)["route"] for line in (trained / "logs" / "routes_rank0.jsonl").read_text().splitlines()]
+    routes = [
+        json.loads(line)["route"]
+        for line in (trained / "logs" / "routes_rank0.jsonl").read_text().splitlines()
+    ]
     assert len(routes) == 4 and set(routes) <= {"base_cfg", "expert"}
     events = list((trained / "logs").rglob("events.out.tfevents*"))
     assert events, "tensorboard received nothing"
@@ -60,7 +104,9 @@ def test_exported_pipeline_is_cfg_free_and_round_trips(trained, tmp_path):
     again = DiffusionPipeline.from_pretrained(tmp_path / "copy", trust_remote_code=True)
     assert type(again).__name__ == "DanceOPDStableDiffusion3Pipeline"
     assert json.loads((tmp_path / "copy" / "model_index.json").read_text())["_class_name"] == [
-        "pipeline_danceopd", "DanceOPDStableDiffusion3Pipeline"]
+        "pipeline_danceopd",
+        "DanceOPDStableDiffusion3Pipeline",
+    ]
 
 
 def test_lora_loads_in_stock_pipeline_and_matches_exported_student(trained, tiny_path):
@@ -78,15 +124,29 @@ def test_lora_loads_in_stock_pipeline_and_matches_exported_student(trained, tiny
     for name, p in (("stock", stock), ("exported", exported), ("plain", plain)):
         p.set_progress_bar_config(disable=True)
         out[name] = p("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert torch.allclose(out["stock"], out["exported"], atol=1e-4), (out["stock"] - out["exported"]).abs().max()
+    assert torch.allclose(out["stock"], out["exported"], atol=1e-4), (
+        (out["stock"] - out["exported"]).abs().max()
+    )
     assert not torch.allclose(out["stock"], out["plain"], atol=1e-4)
 
 
 def test_model_card(trained):
     card = (trained / "README.md").read_text()
-    for fragment in ("library_name: diffusers", "base_cfg", "CFG(scale=3.5) of base", "`expert`", "| `t2i` |",
-                     "danceopd", "trust_remote_code=True", "load_lora_weights", "multiplies", "3.5",
-                     "![samples](samples.png)", "`num_rollout_steps` | `4`", "`query_strategy` | `low`"):
+    for fragment in (
+        "library_name: diffusers",
+        "base_cfg",
+        "CFG(scale=3.5) of base",
+        "`expert`",
+        "| `t2i` |",
+        "danceopd",
+        "trust_remote_code=True",
+        "load_lora_weights",
+        "multiplies",
+        "3.5",
+        "![samples](samples.png)",
+        "`num_rollout_steps` | `4`",
+        "`query_strategy` | `low`",
+    ):
         assert fragment in card, fragment
 
 
@@ -96,15 +156,20 @@ def test_push_uploads_exactly_the_outputs(trained, monkeypatch):
     from danceopd_diffusers import export
 
     calls = {}
-    monkeypatch.setattr(huggingface_hub, "create_repo",
-                        lambda repo_id, **kw: calls.setdefault("create", type("R", (), {"repo_id": "me/" + repo_id})))
+    monkeypatch.setattr(
+        huggingface_hub,
+        "create_repo",
+        lambda repo_id, **kw: calls.setdefault("create", type("R", (), {"repo_id": "me/" + repo_id})),
+    )
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
     repo = export.create_hub_repo("student")
     export.push_output_dir(trained, repo, token="t")
     upload = calls["upload"]
     assert upload["repo_id"] == "me/student" and upload["folder_path"] == str(trained)
     files = export.files_to_upload(trained)
-    assert "pytorch_lora_weights.safetensors" in files and "model_index.json" in files and "README.md" in files
+    assert (
+        "pytorch_lora_weights.safetensors" in files and "model_index.json" in files and "README.md" in files
+    )
     assert "pipeline_danceopd.py" in files and "samples.png" in files
     assert any(f.startswith("transformer/") for f in files)
     assert not any(f.startswith(("checkpoint-", "logs/", "validation/")) for f in files)
@@ -125,14 +190,35 @@ def _lora_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_reaches_the_same_weights(tiny_path, tmp_path):
-    base = ["--pretrained_model_name_or_path", tiny_path, "--cfg_scale", "3.0", "--checkpointing_steps", "2",
-            "--dataset_name", _prompts(tmp_path),
-            "--report_to", "none", "--skip_pipeline_export", *SHORT]
+    base = [
+        "--pretrained_model_name_or_path",
+        tiny_path,
+        "--cfg_scale",
+        "3.0",
+        "--checkpointing_steps",
+        "2",
+        "--dataset_name",
+        _prompts(tmp_path),
+        "--report_to",
+        "none",
+        "--skip_pipeline_export",
+        *SHORT,
+    ]
     run_train([*base, "--output_dir", str(tmp_path / "full"), "--max_train_steps", "4"])
     run_train([*base, "--output_dir", str(tmp_path / "cut"), "--max_train_steps", "2"])
     # a crash while saving checkpoint-4 left a partial folder: resume must not take it
     (tmp_path / "cut" / "checkpoint-4.tmp").mkdir()
-    run_train([*base, "--output_dir", str(tmp_path / "cut"), "--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
+    run_train(
+        [
+            *base,
+            "--output_dir",
+            str(tmp_path / "cut"),
+            "--max_train_steps",
+            "4",
+            "--resume_from_checkpoint",
+            "latest",
+        ]
+    )
     full, cut = _lora_weights(tmp_path / "full"), _lora_weights(tmp_path / "cut")
     assert full.keys() == cut.keys()
     for key in full:
@@ -146,10 +232,28 @@ def test_checkpoints_total_limit_and_named_resume(tiny_path, tmp_path):
     from danceopd_diffusers.checkpointing import resolve_resume
 
     out = tmp_path / "o"
-    run_train(["--pretrained_model_name_or_path", tiny_path, "--cfg_scale", "3.0", "--checkpointing_steps", "1",
-               "--dataset_name", _prompts(tmp_path),
-               "--checkpoints_total_limit", "2", "--report_to", "none", "--skip_pipeline_export",
-               "--output_dir", str(out), "--max_train_steps", "3", *SHORT])
+    run_train(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--cfg_scale",
+            "3.0",
+            "--checkpointing_steps",
+            "1",
+            "--dataset_name",
+            _prompts(tmp_path),
+            "--checkpoints_total_limit",
+            "2",
+            "--report_to",
+            "none",
+            "--skip_pipeline_export",
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "3",
+            *SHORT,
+        ]
+    )
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert resolve_resume(out, "checkpoint-2") == out / "checkpoint-2"
     with pytest.raises(FileNotFoundError, match="checkpoint-2, checkpoint-3|checkpoint-2', 'checkpoint-3"):
@@ -159,7 +263,9 @@ def test_checkpoints_total_limit_and_named_resume(tiny_path, tmp_path):
 def _image_data(tmp_path: Path) -> str:
     (tmp_path / "imgs").mkdir()
     rows = []
-    for i, (prompt, colour) in enumerate([("a red square", "red"), ("a blue square", "blue"), ("a green one", "green")]):
+    for i, (prompt, colour) in enumerate(
+        [("a red square", "red"), ("a blue square", "blue"), ("a green one", "green")]
+    ):
         Image.new("RGB", (32, 32), colour).save(tmp_path / "imgs" / f"{i}.png")
         rows.append({"prompt": prompt, "task": "t2i", "target_image": f"imgs/{i}.png"})
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -168,10 +274,30 @@ def _image_data(tmp_path: Path) -> str:
 
 @pytest.mark.parametrize("method", ["sft", "dense", "offpolicy"])
 def test_other_methods_train(tiny_path, tmp_path, method):
-    extra = ["--dataset_name", _image_data(tmp_path), "--caption_dropout_prob", "0.2"] if method == "sft" else ["--cfg_scale", "3", "--dataset_name", _prompts(tmp_path)]
+    extra = (
+        ["--dataset_name", _image_data(tmp_path), "--caption_dropout_prob", "0.2"]
+        if method == "sft"
+        else ["--cfg_scale", "3", "--dataset_name", _prompts(tmp_path)]
+    )
     out = tmp_path / "o"
-    run_train(["--pretrained_model_name_or_path", tiny_path, "--method", method, "--output_dir", str(out),
-               "--max_train_steps", "2", "--checkpointing_steps", "100", "--report_to", "none", *extra, *SHORT])
+    run_train(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--method",
+            method,
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "100",
+            "--report_to",
+            "none",
+            *extra,
+            *SHORT,
+        ]
+    )
     lora = _lora_weights(out)
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
     card = (out / "README.md").read_text()
@@ -181,13 +307,39 @@ def test_other_methods_train(tiny_path, tmp_path, method):
 def test_full_finetune_and_per_sample_routing(tiny_path, tmp_path):
     out = tmp_path / "o"
     config = tmp_path / "f.json"
-    config.write_text(json.dumps({"fields": {"base": {"type": "base"}, "c2": {"type": "cfg", "of": "base", "scale": 2},
-                                             "c5": {"type": "cfg", "of": "base", "scale": 5}},
-                                  "routes": [{"field": "c2"}, {"field": "c5"}]}))
-    run_train(["--pretrained_model_name_or_path", tiny_path, "--fields_config", str(config), "--full_finetune",
-               "--dataset_name", _prompts(tmp_path),
-               "--per_sample_routing", "--output_dir", str(out), "--max_train_steps", "2", "--report_to", "none",
-               "--checkpointing_steps", "1", *SHORT])
+    config.write_text(
+        json.dumps(
+            {
+                "fields": {
+                    "base": {"type": "base"},
+                    "c2": {"type": "cfg", "of": "base", "scale": 2},
+                    "c5": {"type": "cfg", "of": "base", "scale": 5},
+                },
+                "routes": [{"field": "c2"}, {"field": "c5"}],
+            }
+        )
+    )
+    run_train(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--fields_config",
+            str(config),
+            "--full_finetune",
+            "--dataset_name",
+            _prompts(tmp_path),
+            "--per_sample_routing",
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "2",
+            "--report_to",
+            "none",
+            "--checkpointing_steps",
+            "1",
+            *SHORT,
+        ]
+    )
     assert not (out / "pytorch_lora_weights.safetensors").exists()
     assert (out / "checkpoint-1" / "transformer" / "config.json").exists()
     logged = [json.loads(line) for line in (out / "logs" / "routes_rank0.jsonl").read_text().splitlines()]
@@ -201,8 +353,8 @@ def test_full_finetune_and_per_sample_routing(tiny_path, tmp_path):
 
 
 def test_prompts_encoded_once_per_unique_prompt(tiny_pipe):
+    from danceopd_diffusers.caches import PromptCache
     from danceopd_diffusers.families import SD3Family
-    from danceopd_diffusers.prompts import PromptCache
 
     cache = PromptCache(tiny_pipe, SD3Family(max_sequence_length=16), "cpu")
     a = cache(["x", "y", "x"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Conditioning, FamilyAdapter, euler_step
+from .base import SOURCE_PREFIX, Conditioning, FamilyAdapter, edit_size, euler_step
 from .sd3 import SD3Family
 
 FAMILIES: dict[str, type[FamilyAdapter]] = {SD3Family.name: SD3Family}
@@ -24,10 +24,13 @@ def editing_families() -> list[str]:
 
 
 __all__ = [
+    "FAMILIES",
+    "SOURCE_PREFIX",
     "Conditioning",
     "FamilyAdapter",
-    "FAMILIES",
     "SD3Family",
+    "edit_size",
+    "editing_families",
     "euler_step",
     "family_for_pipeline_class",
 ]

@@ -42,6 +42,33 @@ class Conditioning:
         keys = items[0].tensors.keys()
         return Conditioning({k: torch.cat([c.tensors[k] for c in items]) for k in keys})
 
+    def merge(self, other: Conditioning) -> Conditioning:
+        """Prompt conditioning + source-image conditioning of the same samples."""
+        return Conditioning({**self.tensors, **other.tensors})
+
+    @property
+    def has_source(self) -> bool:
+        return any(k.startswith(SOURCE_PREFIX) for k in self.tensors)
+
+    def without_source(self) -> Conditioning:
+        """The same prompts with the source image dropped (the image-free branch of image guidance)."""
+        return Conditioning({k: v for k, v in self.tensors.items() if not k.startswith(SOURCE_PREFIX)})
+
+
+#: keys of a Conditioning that carry the source image of an edit (families name theirs with this prefix)
+SOURCE_PREFIX = "source_"
+
+
+def edit_size(width: int, height: int, resolution: int, multiple: int = 16) -> tuple[int, int]:
+    """The size an edit is trained and sampled at: the source's aspect ratio, area ~ resolution^2.
+
+    Both sides are rounded down to ``multiple`` (what the VAE and patching need). Returns (height, width).
+    """
+    scale = (resolution * resolution / (width * height)) ** 0.5
+    w = max(multiple, int(width * scale) // multiple * multiple)
+    h = max(multiple, int(height * scale) // multiple * multiple)
+    return h, w
+
 
 class FamilyAdapter:
     """Base class of the per-family edge. Subclasses set the class attributes and the methods below."""
@@ -104,6 +131,17 @@ class FamilyAdapter:
     def decode_latents(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> list:
         """Clean latents in the state layout -> PIL images."""
         raise NotImplementedError
+
+    # -- editing (families with ``can_edit``) ---------------------------------------------------------------
+    def encode_sources(
+        self, pipe: Any, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> Conditioning:
+        """Source images ([B, 3, H, W] in [-1, 1], already at the edit size) -> ``source_*`` conditioning.
+
+        Called once per sample; the result is given identically to the student's rollout, its forward and the
+        routed field (and kept by CFG's unconditional branch, which drops only the text).
+        """
+        raise NotImplementedError(f"The {self.name} family cannot edit.")
 
 
 def euler_step(

@@ -1,0 +1,65 @@
+"""Encodings computed once while the encoders are frozen: prompts per unique text, source images per row."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .families import Conditioning, FamilyAdapter
+
+
+class PromptCache:
+    def __init__(self, pipe: Any, family: FamilyAdapter, device: torch.device, max_entries: int = 100_000):
+        self.pipe = pipe
+        self.family = family
+        self.device = device
+        self.max_entries = max_entries
+        self._cache: dict[str, Conditioning] = {}
+        self.encoded = 0  # how many prompts went through the text encoders (tests count it)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> Conditioning:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            cond = self.family.encode_prompts(self.pipe, missing, self.device)
+            self.encoded += len(missing)
+            if len(self._cache) + len(missing) > self.max_entries:
+                self._cache.clear()
+            for i, prompt in enumerate(missing):
+                self._cache[prompt] = cond.select([i])
+        return Conditioning.cat([self._cache[p] for p in prompts])
+
+    def empty(self, batch_size: int) -> Conditioning:
+        """The unconditional (empty-prompt) conditioning of CFG, repeated over the batch."""
+        return self([""] * batch_size)
+
+
+class SourceCache:
+    """Source-image conditioning per data row and edit size: each sample's image is encoded once."""
+
+    def __init__(self, pipe: Any, family: FamilyAdapter, device: torch.device, max_entries: int = 4096):
+        self.pipe = pipe
+        self.family = family
+        self.device = device
+        self.max_entries = max_entries
+        self._cache: dict[tuple[int, int, int], Conditioning] = {}
+        self.encoded = 0
+
+    @torch.no_grad()
+    def __call__(self, rows: Sequence[int], images: Sequence[Any], height: int, width: int) -> Conditioning:
+        from .data import images_to_tensor
+
+        missing = [(r, img) for r, img in zip(rows, images) if (r, height, width) not in self._cache]
+        missing = list({r: (r, img) for r, img in missing}.values())
+        if missing:
+            pixels = images_to_tensor([img for _, img in missing], height, width).to(self.device)
+            generator = torch.Generator().manual_seed(0)  # the encoding of a sample never changes
+            cond = self.family.encode_sources(self.pipe, pixels, generator)
+            self.encoded += len(missing)
+            if len(self._cache) + len(missing) > self.max_entries:
+                self._cache.clear()
+            for i, (row, _) in enumerate(missing):
+                self._cache[(row, height, width)] = cond.select([i])
+        return Conditioning.cat([self._cache[(r, height, width)] for r in rows])

@@ -35,7 +35,13 @@ from danceopd_diffusers.config import (
     config_from_flags,
     parse_fields_config,
 )
-from danceopd_diffusers.data import DataColumns, TaskBuckets, images_to_tensor, load_training_dataset
+from danceopd_diffusers.data import (
+    DataColumns,
+    TaskBuckets,
+    fit_image,
+    images_to_tensor,
+    load_training_dataset,
+)
 from danceopd_diffusers.families import edit_size, editing_families
 from danceopd_diffusers.lora_io import inspect_lora, load_lora_for_diffusers
 from danceopd_diffusers.objectives import (
@@ -540,12 +546,14 @@ def main(args: argparse.Namespace) -> None:
     def encode_batch(rows: list[int], prompts: list[str], edit: bool):
         """Conditioning (+ the empty-prompt one for CFG), and the size to train at: an edit's keeps its
         source's aspect ratio and both branches keep the source image."""
-        cond, uncond = prompt_cache(prompts), prompt_cache.empty(len(prompts))
         if not edit:
-            return cond, uncond, resolution, resolution
+            return prompt_cache(prompts), prompt_cache.empty(len(prompts)), resolution, resolution
         images = buckets.images(rows, columns.source_image)
         height, width = edit_size(images[0].width, images[0].height, resolution)
-        source = source_cache(rows, images, height, width)
+        fitted = [fit_image(img, height, width) for img in images]
+        keys = [(row, height, width) for row in rows]
+        cond, uncond = prompt_cache(prompts, keys, fitted), prompt_cache.empty(len(prompts), keys, fitted)
+        source = source_cache(rows, fitted, height, width)
         return cond.merge(source), uncond.merge(source), height, width
 
     sft_scheduler = copy.deepcopy(pipe.scheduler) if args.method == "sft" else None

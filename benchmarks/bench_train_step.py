@@ -70,9 +70,9 @@ def build_pipeline(device: str, dtype: torch.dtype, config: dict = SD35_MEDIUM):
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from danceopd_diffusers.tiny import _clip_tokenizer, _t5_tokenizer
+    from danceopd_diffusers.tiny.sd3 import clip_tokenizer, t5_tokenizer
 
-    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer(max_length=256)
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer(max_length=256)
     torch.manual_seed(0)
     with torch.device(device):
         transformer = SD3Transformer2DModel(**config).to(dtype)

@@ -11,29 +11,51 @@ from .families import Conditioning, FamilyAdapter
 
 
 class PromptCache:
+    """Prompt conditioning per unique prompt.
+
+    Families whose text encoder also sees the source image (``prompt_uses_source``, e.g. a VL encoder) key the
+    cache by (prompt, sample) and receive the sample's source image.
+    """
+
     def __init__(self, pipe: Any, family: FamilyAdapter, device: torch.device, max_entries: int = 100_000):
         self.pipe = pipe
         self.family = family
         self.device = device
         self.max_entries = max_entries
-        self._cache: dict[str, Conditioning] = {}
+        self._cache: dict[Any, Conditioning] = {}
         self.encoded = 0  # how many prompts went through the text encoders (tests count it)
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str]) -> Conditioning:
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        source_keys: Sequence[Any] | None = None,
+        source_images: Sequence[Any] = (),
+    ) -> Conditioning:
+        with_source = source_keys is not None and self.family.prompt_uses_source
+        keys = [(p, k) for p, k in zip(prompts, source_keys)] if with_source else list(prompts)
+        missing = [i for i, key in enumerate(keys) if key not in self._cache]
+        missing = list({keys[i]: i for i in missing}.values())
         if missing:
-            cond = self.family.encode_prompts(self.pipe, missing, self.device)
+            texts = [prompts[i] for i in missing]
+            if with_source:
+                cond = self.family.encode_prompts(
+                    self.pipe, texts, self.device, source_images=[source_images[i] for i in missing]
+                )
+            else:
+                cond = self.family.encode_prompts(self.pipe, texts, self.device)
             self.encoded += len(missing)
             if len(self._cache) + len(missing) > self.max_entries:
                 self._cache.clear()
-            for i, prompt in enumerate(missing):
-                self._cache[prompt] = cond.select([i])
-        return Conditioning.cat([self._cache[p] for p in prompts])
+            for j, i in enumerate(missing):
+                self._cache[keys[i]] = cond.select([j])
+        return Conditioning.cat([self._cache[key] for key in keys])
 
-    def empty(self, batch_size: int) -> Conditioning:
+    def empty(
+        self, batch_size: int, source_keys: Sequence[Any] | None = None, source_images: Sequence[Any] = ()
+    ):
         """The unconditional (empty-prompt) conditioning of CFG, repeated over the batch."""
-        return self([""] * batch_size)
+        return self([""] * batch_size, source_keys, source_images)
 
 
 class SourceCache:

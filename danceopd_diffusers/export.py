@@ -20,7 +20,6 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CUSTOM_PIPELINE_FILE = REPO_ROOT / "pipelines" / "pipeline_danceopd.py"
 MODEL_CARD_TEMPLATE = REPO_ROOT / "model_card_template.md"
-CUSTOM_PIPELINE_CLASSES = {"sd3": "DanceOPDStableDiffusion3Pipeline"}
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*/**", "checkpoint-*", "*.tmp*/**", "logs/**", "validation/**", ".*"]
 
 
@@ -64,7 +63,7 @@ def save_pipeline_folder(
     )
     index_path = Path(output_dir) / "model_index.json"
     index = json.loads(index_path.read_text())
-    index["_class_name"] = [CUSTOM_PIPELINE_FILE.stem, CUSTOM_PIPELINE_CLASSES[family.name]]
+    index["_class_name"] = [CUSTOM_PIPELINE_FILE.stem, family.custom_pipeline_class_name]
     index["absorbed_guidance_scale"] = absorbed_guidance_scale
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
 

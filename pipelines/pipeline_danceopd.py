@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 
+import diffusers
 from diffusers import StableDiffusion3Pipeline
 
 MODULE_STEM = os.path.splitext(os.path.basename(__file__))[0]
@@ -85,4 +86,199 @@ class DanceOPDStableDiffusion3Pipeline(_CustomPipelineSaveMixin, StableDiffusion
         return super().__call__(prompt, *args, guidance_scale=guidance_scale, **kwargs)
 
 
-PIPELINE_FOR_FAMILY = {"sd3": DanceOPDStableDiffusion3Pipeline}
+def _optional(name: str):
+    """Pipelines of newer diffusers releases: absent ones are simply not offered."""
+    return getattr(diffusers, name, None)
+
+
+FluxPipeline = _optional("FluxPipeline")
+FluxKontextPipeline = _optional("FluxKontextPipeline")
+ZImagePipeline = _optional("ZImagePipeline")
+ZImageOmniPipeline = _optional("ZImageOmniPipeline")
+QwenImagePipeline = _optional("QwenImagePipeline")
+QwenImageEditPipeline = _optional("QwenImageEditPipeline")
+
+
+if FluxPipeline is not None:
+
+    class DanceOPDFluxPipeline(_CustomPipelineSaveMixin, FluxPipeline):
+        """FluxPipeline; true CFG stays off (``true_cfg_scale=1``). ``guidance_scale`` is the embedded guidance
+        input of guidance-distilled checkpoints, not CFG: keep the value the student was trained with."""
+
+        def __init__(
+            self,
+            scheduler,
+            vae,
+            text_encoder,
+            tokenizer,
+            text_encoder_2,
+            tokenizer_2,
+            transformer,
+            image_encoder=None,
+            feature_extractor=None,
+            absorbed_guidance_scale: float | None = None,
+        ):
+            super().__init__(
+                scheduler=scheduler,
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                text_encoder_2=text_encoder_2,
+                tokenizer_2=tokenizer_2,
+                transformer=transformer,
+                image_encoder=image_encoder,
+                feature_extractor=feature_extractor,
+            )
+            self.register_to_config(absorbed_guidance_scale=absorbed_guidance_scale)
+
+        def __call__(self, prompt=None, *args, true_cfg_scale: float = 1.0, **kwargs):
+            return super().__call__(prompt, *args, true_cfg_scale=true_cfg_scale, **kwargs)
+
+
+if FluxKontextPipeline is not None:
+
+    class DanceOPDFluxKontextPipeline(_CustomPipelineSaveMixin, FluxKontextPipeline):
+        """FluxKontextPipeline (edits with ``image=``, text-to-image without); true CFG off by default."""
+
+        def __init__(
+            self,
+            scheduler,
+            vae,
+            text_encoder,
+            tokenizer,
+            text_encoder_2,
+            tokenizer_2,
+            transformer,
+            image_encoder=None,
+            feature_extractor=None,
+            absorbed_guidance_scale: float | None = None,
+        ):
+            super().__init__(
+                scheduler=scheduler,
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                text_encoder_2=text_encoder_2,
+                tokenizer_2=tokenizer_2,
+                transformer=transformer,
+                image_encoder=image_encoder,
+                feature_extractor=feature_extractor,
+            )
+            self.register_to_config(absorbed_guidance_scale=absorbed_guidance_scale)
+
+        def __call__(self, image=None, prompt=None, *args, true_cfg_scale: float = 1.0, **kwargs):
+            return super().__call__(image, prompt, *args, true_cfg_scale=true_cfg_scale, **kwargs)
+
+
+if ZImagePipeline is not None:
+
+    class DanceOPDZImagePipeline(_CustomPipelineSaveMixin, ZImagePipeline):
+        """ZImagePipeline with ``guidance_scale=0`` by default (Z-Image guides only when it is > 0)."""
+
+        def __init__(
+            self,
+            scheduler,
+            vae,
+            text_encoder,
+            tokenizer,
+            transformer,
+            absorbed_guidance_scale: float | None = None,
+        ):
+            super().__init__(
+                scheduler=scheduler,
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                transformer=transformer,
+            )
+            self.register_to_config(absorbed_guidance_scale=absorbed_guidance_scale)
+
+        def __call__(self, prompt=None, *args, guidance_scale: float = 0.0, **kwargs):
+            return super().__call__(prompt, *args, guidance_scale=guidance_scale, **kwargs)
+
+
+if ZImageOmniPipeline is not None:
+
+    class DanceOPDZImageOmniPipeline(_CustomPipelineSaveMixin, ZImageOmniPipeline):
+        """ZImageOmniPipeline (text-to-image and editing) with ``guidance_scale=0`` by default."""
+
+        def __init__(
+            self,
+            scheduler,
+            vae,
+            text_encoder,
+            tokenizer,
+            transformer,
+            siglip=None,
+            siglip_processor=None,
+            absorbed_guidance_scale: float | None = None,
+        ):
+            super().__init__(
+                scheduler=scheduler,
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                transformer=transformer,
+                siglip=siglip,
+                siglip_processor=siglip_processor,
+            )
+            self.register_to_config(absorbed_guidance_scale=absorbed_guidance_scale)
+
+        def __call__(self, *args, guidance_scale: float = 0.0, **kwargs):
+            return super().__call__(*args, guidance_scale=guidance_scale, **kwargs)
+
+
+if QwenImagePipeline is not None:
+
+    class DanceOPDQwenImagePipeline(_CustomPipelineSaveMixin, QwenImagePipeline):
+        """QwenImagePipeline with ``true_cfg_scale=1`` by default (one transformer call per step)."""
+
+        def __init__(
+            self,
+            scheduler,
+            vae,
+            text_encoder,
+            tokenizer,
+            transformer,
+            absorbed_guidance_scale: float | None = None,
+        ):
+            super().__init__(
+                scheduler=scheduler,
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                transformer=transformer,
+            )
+            self.register_to_config(absorbed_guidance_scale=absorbed_guidance_scale)
+
+        def __call__(self, prompt=None, *args, true_cfg_scale: float = 1.0, **kwargs):
+            return super().__call__(prompt, *args, true_cfg_scale=true_cfg_scale, **kwargs)
+
+
+if QwenImageEditPipeline is not None:
+
+    class DanceOPDQwenImageEditPipeline(_CustomPipelineSaveMixin, QwenImageEditPipeline):
+        """QwenImageEditPipeline with ``true_cfg_scale=1`` by default."""
+
+        def __init__(
+            self,
+            scheduler,
+            vae,
+            text_encoder,
+            tokenizer,
+            processor,
+            transformer,
+            absorbed_guidance_scale: float | None = None,
+        ):
+            super().__init__(
+                scheduler=scheduler,
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                processor=processor,
+                transformer=transformer,
+            )
+            self.register_to_config(absorbed_guidance_scale=absorbed_guidance_scale)
+
+        def __call__(self, image=None, prompt=None, *args, true_cfg_scale: float = 1.0, **kwargs):
+            return super().__call__(image, prompt, *args, true_cfg_scale=true_cfg_scale, **kwargs)

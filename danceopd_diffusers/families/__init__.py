@@ -1,11 +1,42 @@
-"""Family adapters: the only place that knows a pipeline family's calling conventions."""
+"""Family adapters: the only place that knows a pipeline family's calling conventions.
+
+Adapters are registered by module so a family whose module is absent (or whose diffusers classes are missing
+from an older diffusers) simply is not offered.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from .base import SOURCE_PREFIX, Conditioning, FamilyAdapter, edit_size, euler_step
 from .sd3 import SD3Family
 
-FAMILIES: dict[str, type[FamilyAdapter]] = {SD3Family.name: SD3Family}
+#: module (in this package) -> adapter class names it defines
+_FAMILY_MODULES = {
+    ".sd3": ("SD3Family",),
+    ".flux": ("FluxFamily", "FluxKontextFamily"),
+    ".z_image": ("ZImageFamily",),
+    ".qwen_image": ("QwenImageFamily", "QwenImageEditFamily"),
+}
+
+
+def _load_families() -> dict[str, type[FamilyAdapter]]:
+    found: dict[str, type[FamilyAdapter]] = {}
+    for module_name, class_names in _FAMILY_MODULES.items():
+        try:
+            module = importlib.import_module(module_name, __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith(__name__):
+                continue  # that family is not part of this version
+            raise
+        for class_name in class_names:
+            cls = getattr(module, class_name, None)
+            if cls is not None:
+                found[cls.name] = cls
+    return found
+
+
+FAMILIES: dict[str, type[FamilyAdapter]] = _load_families()
 
 
 def family_for_pipeline_class(class_name: str) -> type[FamilyAdapter]:

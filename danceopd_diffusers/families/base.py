@@ -76,11 +76,13 @@ class FamilyAdapter:
     name: str = ""
     pipeline_class_names: tuple[str, ...] = ()
     transformer_class_name: str = ""
+    #: the class in pipelines/pipeline_danceopd.py that exported folders of this family use
+    custom_pipeline_class_name: str = ""
     can_edit: bool = False
     #: attention projections; what diffusers' own LoRA training scripts target for this family.
     default_lora_targets: tuple[str, ...] = ()
-    #: keys of the pipeline's ``_callback_tensor_inputs`` that hold the state
-    state_key: str = "latents"
+    #: True when the text encoder also reads the source image of an edit (then prompts are encoded per sample)
+    prompt_uses_source: bool = False
 
     # -- classes (imported lazily so that `import danceopd_diffusers` stays cheap) --------------------------
     def pipeline_class(self) -> type:
@@ -92,7 +94,10 @@ class FamilyAdapter:
         return getattr(diffusers, self.transformer_class_name)
 
     # -- conditioning -------------------------------------------------------------------------------------
-    def encode_prompts(self, pipe: Any, prompts: list[str], device: torch.device) -> Conditioning:
+    def encode_prompts(
+        self, pipe: Any, prompts: list[str], device: torch.device, source_images: list | None = None
+    ) -> Conditioning:
+        """Prompt conditioning; ``source_images`` (PIL, at the edit size) only when ``prompt_uses_source``."""
         raise NotImplementedError
 
     def pipeline_condition_kwargs(self, cond: Conditioning) -> dict[str, Any]:

@@ -13,6 +13,7 @@ class SD3Family(FamilyAdapter):
     name = "sd3"
     pipeline_class_names = ("StableDiffusion3Pipeline", "DanceOPDStableDiffusion3Pipeline")
     transformer_class_name = "SD3Transformer2DModel"
+    custom_pipeline_class_name = "DanceOPDStableDiffusion3Pipeline"
     can_edit = False
     default_lora_targets = (
         "attn.to_q",
@@ -33,7 +34,9 @@ class SD3Family(FamilyAdapter):
 
         return StableDiffusion3Pipeline
 
-    def encode_prompts(self, pipe: Any, prompts: list[str], device: torch.device) -> Conditioning:
+    def encode_prompts(
+        self, pipe: Any, prompts: list[str], device: torch.device, source_images: list | None = None
+    ) -> Conditioning:
         prompt_embeds, _, pooled, _ = pipe.encode_prompt(
             prompt=prompts,
             prompt_2=None,

@@ -1,25 +1,20 @@
-"""Tiny, deterministic pipelines built offline.
+"""Tiny SD3: two CLIPs + T5 with character-level tokenizers built in memory, a 2-layer transformer, a small VAE.
 
-Every diffusers test downloads its tokenizers; we cannot, so the tokenizers here are built in memory
-(character level) and the models from small configs with a fixed seed. The result is a real pipeline folder
-that ``from_pretrained`` reads through the same code path as a Hub id.
+Every diffusers test downloads its tokenizers; we cannot. The char-level tokenizers here (and in the other
+families' modules, which reuse them) are built from a fixed vocabulary, the models from small configs with a
+fixed seed.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import string
-import tempfile
-from pathlib import Path
 
 import torch
 
 _CHARS = list(string.ascii_lowercase + string.digits + ",.'-!?:;()")
-TINY_SD3_VERSION = "1"
 
 
-def _clip_tokenizer(max_length: int = 77):
+def clip_tokenizer(max_length: int = 77):
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -30,7 +25,7 @@ def _clip_tokenizer(max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def _t5_tokenizer(max_length: int = 64):
+def t5_tokenizer(max_length: int = 64):
     from transformers import T5Tokenizer
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
@@ -48,8 +43,8 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 16, shift: float =
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    clip_tok = _clip_tokenizer()
-    t5_tok = _t5_tokenizer()
+    clip_tok = clip_tokenizer()
+    t5_tok = t5_tokenizer()
     torch.manual_seed(seed)
     clip_cfg = dict(
         bos_token_id=0,
@@ -120,26 +115,3 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 16, shift: float =
         text_encoder_3=text_encoder_3,
         tokenizer_3=t5_tok,
     )
-
-
-def tiny_sd3_path(root: str | os.PathLike | None = None) -> str:
-    """Build (once) and return a local folder holding the tiny SD3 pipeline.
-
-    The folder is versioned so a change of the recipe never reuses a stale copy; it is written to a temporary
-    name and renamed, so a crash never leaves a half-written pipeline behind.
-    """
-    root = Path(root or os.environ.get("DANCEOPD_CACHE", Path(tempfile.gettempdir()) / "danceopd-diffusers"))
-    path = root / f"tiny-sd3-v{TINY_SD3_VERSION}"
-    if (path / "model_index.json").exists():
-        return str(path)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=root))
-    build_tiny_sd3_pipeline().save_pretrained(tmp)
-    (tmp / "DANCEOPD_TINY.json").write_text(json.dumps({"family": "sd3", "version": TINY_SD3_VERSION}))
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process won the race; theirs is identical
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)

@@ -17,6 +17,7 @@ _FAMILY_MODULES = {
     ".flux": ("FluxFamily", "FluxKontextFamily"),
     ".z_image": ("ZImageFamily",),
     ".qwen_image": ("QwenImageFamily", "QwenImageEditFamily"),
+    ".flux2": ("Flux2KleinFamily",),
 }
 
 

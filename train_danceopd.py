@@ -561,20 +561,35 @@ def main(args: argparse.Namespace) -> None:
     rank = accelerator.process_index
     last_grid: dict[int, object] = {}  # step -> grid, so the final samples reuse the last validation
 
+    def validation_examples():
+        """Validation prompts against the text-to-image routes; the first row of each edit bucket against its
+        edit routes (source image shown first)."""
+        from danceopd_diffusers.validation import ValidationExample
+
+        def routed_to(tasks):
+            names = dict.fromkeys(r.field for r in fields_config.routes if r.task in tasks)
+            return [fields[n] for n in names] if args.method != "sft" else []
+
+        t2i_fields = routed_to({r.task for r in fields_config.routes} - edit_tasks)
+        examples = [ValidationExample(p, t2i_fields) for p in args.validation_prompt or []]
+        for task in sorted(edit_tasks):
+            row = buckets.buckets[task][0]
+            source = buckets.images([row], columns.source_image)[0]
+            examples.append(ValidationExample(buckets.prompts([row])[0], routed_to({task}), source, row))
+        return examples
+
     def validate(step: int):
         from danceopd_diffusers.validation import log_grid, validation_grid
 
         transformer.eval()
-        routed = [fields[name] for name in fields_config.routed_fields()] if args.method != "sft" else []
-        grid, columns = validation_grid(
+        grid, captions = validation_grid(
             pipe,
             family,
             prompt_cache,
-            routed,
-            args.validation_prompt,
+            source_cache,
+            validation_examples(),
             args.validation_seeds,
             args.num_rollout_steps,
-            resolution,
             resolution,
         )
         transformer.train()
@@ -582,10 +597,12 @@ def main(args: argparse.Namespace) -> None:
         out.mkdir(parents=True, exist_ok=True)
         grid.save(out / f"step-{step:06d}.png")
         log_grid(accelerator, grid, step)
-        log.info(f"validation grid at step {step}: columns {columns}")
+        log.info(f"validation grid at step {step}: rows {captions}")
         last_grid.clear()
         last_grid[step] = grid
         return grid
+
+    run_validation = bool(args.validation_prompt or edit_tasks)
 
     # ---------------------------------------------------------------- training loop
     transformer.train()
@@ -688,11 +705,7 @@ def main(args: argparse.Namespace) -> None:
         if global_step % args.checkpointing_steps == 0:
             path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             log.info(f"Saved state to {path}")
-        if (
-            args.validation_prompt
-            and accelerator.is_main_process
-            and global_step % args.validation_steps == 0
-        ):
+        if run_validation and accelerator.is_main_process and global_step % args.validation_steps == 0:
             validate(global_step)
     routes_log.close()
     progress_bar.close()
@@ -714,7 +727,7 @@ def main(args: argparse.Namespace) -> None:
             print(f"[danceopd] loss: first {k} steps {first:.5f} -> last {k} steps {last:.5f}", flush=True)
         model = unwrap(transformer_ddp)
         samples_image = None
-        if args.validation_prompt:
+        if run_validation:
             grid = last_grid.get(global_step) or validate(global_step)
             grid.save(Path(args.output_dir, "samples.png"))
             samples_image = "samples.png"

@@ -81,7 +81,9 @@ class OnPolicyQueryCallback(PipelineCallback):
         samples = hits[:, 0]
         sigma = float(pipeline.scheduler.sigmas[state_index])
         unique = samples.unique()
-        x = latents[unique.to(latents.device)].detach().clone()
+        # accelerate's mixed precision returns the student's output in fp32, which drifts the pipeline's latents
+        # to fp32 after the first step: keep states in the rollout's own dtype
+        x = latents[unique.to(latents.device)].detach().to(self.initial_latents.dtype, copy=True)
         target = self.evaluate(unique, x, sigma, state_index).detach()
         # repeat for samples that drew this index more than once
         order = torch.searchsorted(unique, samples)

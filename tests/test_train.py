@@ -361,3 +361,43 @@ def test_prompts_encoded_once_per_unique_prompt(tiny_pipe):
     b = cache(["y", "x", ""])
     assert cache.encoded == 3
     assert torch.equal(a.tensors["encoder_hidden_states"][0], b.tensors["encoder_hidden_states"][1])
+
+
+def test_student_init_bf16_and_gradient_checkpointing(trained, tiny_path, tmp_path):
+    """Warm start from a LoRA (continues its weights) or a checkpoint; bf16 autocast and checkpointing run."""
+    common = [
+        "--pretrained_model_name_or_path",
+        tiny_path,
+        "--cfg_scale",
+        "3",
+        "--dataset_name",
+        _prompts(tmp_path),
+        "--max_train_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--skip_pipeline_export",
+        "--checkpointing_steps",
+        "9",
+        *SHORT,
+    ]
+    out = tmp_path / "from_lora"
+    run_train([*common, "--output_dir", str(out), "--student_init", str(trained), "--learning_rate", "0"])
+    start, end = _lora_weights(trained), _lora_weights(out)
+    assert all(torch.allclose(start[k], end[k]) for k in start)  # lr 0: exactly the LoRA it started from
+    out = tmp_path / "from_ckpt"
+    run_train(
+        [
+            *common,
+            "--output_dir",
+            str(out),
+            "--student_init",
+            str(trained / "transformer"),
+            "--mixed_precision",
+            "bf16",
+            "--gradient_checkpointing",
+        ]
+    )
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+    card = (out / "README.md").read_text()
+    assert "base model (frozen copy)" in card  # a checkpoint warm start keeps the pristine base apart

@@ -146,6 +146,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache_dir", type=str, default=None)
     parser.add_argument("--max_sequence_length", type=int, default=256)
     parser.add_argument("--resolution", type=int, default=None, help="Square training/rollout resolution.")
+    parser.add_argument(
+        "--embedded_guidance",
+        type=float,
+        default=None,
+        help="Guidance-distilled checkpoints (Flux.1-dev, Kontext): the embedded guidance input given to the "
+        "student's rollout and every field (default: the family's, 3.5). Not CFG.",
+    )
     # student
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--lora_alpha", type=float, default=None, help="Defaults to --rank.")
@@ -258,6 +265,22 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--caption_dropout_prob must be in [0, 1).")
 
 
+def build_family(family_cls: type, args: argparse.Namespace):
+    """The family adapter with the options this run sets (only those the family has)."""
+    import inspect
+
+    accepted = inspect.signature(family_cls.__init__).parameters
+    options = {"max_sequence_length": args.max_sequence_length}
+    if args.embedded_guidance is not None:
+        if "embedded_guidance" not in accepted:
+            raise ConfigError(
+                f"--embedded_guidance is an input of guidance-distilled Flux checkpoints; the {family_cls.name} family "
+                "has none. Drop the flag (use a cfg field for classifier-free guidance)."
+            )
+        options["embedded_guidance"] = args.embedded_guidance
+    return family_cls(**{k: v for k, v in options.items() if k in accepted})
+
+
 def resolve_fields(args: argparse.Namespace) -> FieldsConfig:
     if args.fields_config:
         return parse_fields_config(args.fields_config)
@@ -277,7 +300,7 @@ def main(args: argparse.Namespace) -> None:
 
         args.pretrained_model_name_or_path = tiny_sd3_path()
     info = inspect_pipeline(args.pretrained_model_name_or_path, revision=args.revision)
-    family = info.family_cls(max_sequence_length=args.max_sequence_length)
+    family = build_family(info.family_cls, args)
     fields_config = resolve_fields(args)
     check_fields_against_model(fields_config, info)
     student_targets = (

@@ -408,3 +408,20 @@ def test_per_sample_routing_cannot_mix_edits_and_t2i(tiny_path, tmp_path, no_wei
         "--per_sample_routing",
         "per-step routing",
     )
+
+
+def test_embedded_guidance_only_for_families_that_have_it(tiny_path, tmp_path, no_weight_loading):
+    _expect(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--cfg_scale",
+            "3",
+            "--embedded_guidance",
+            "2.5",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        "--embedded_guidance",
+        "sd3 family has none",
+    )

@@ -152,5 +152,11 @@ class FamilyAdapter:
 def euler_step(
     x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor
 ):
-    """One Euler step in fp32, cast back, as FlowMatchEulerDiscreteScheduler.step does."""
-    return (x.float() + (sigma_next - sigma) * v.float()).to(x.dtype)
+    """One Euler step with FlowMatchEulerDiscreteScheduler.step's exact arithmetic.
+
+    dt is a float32 difference of float32 sigmas, ``dt * v`` runs in v's dtype, the sum in float32, and the
+    result is cast to v's dtype: matching this bit for bit keeps field rollouts equal to the pipeline's in bf16.
+    """
+    sigmas = torch.tensor([float(sigma), float(sigma_next)], dtype=torch.float32, device=v.device)
+    dt = sigmas[1] - sigmas[0]
+    return (x.to(torch.float32) + dt * v).to(v.dtype)

@@ -45,6 +45,28 @@ SD35_MEDIUM = dict(
 )
 
 
+# FLUX.1 Kontext [dev]: 19 double + 38 single blocks, 24 heads x 128, guidance-distilled
+FLUX_KONTEXT = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+FLUX_SMOKE = dict(
+    FLUX_KONTEXT,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    axes_dims_rope=(4, 6, 6),
+)
+
 SMOKE = dict(
     SD35_MEDIUM,
     num_layers=2,
@@ -137,12 +159,91 @@ def build_pipeline(device: str, dtype: torch.dtype, config: dict = SD35_MEDIUM):
     return pipe
 
 
-def add_random_expert(transformer, name: str, rank: int, seed: int) -> None:
+def build_kontext_pipeline(device: str, dtype: torch.dtype, config: dict = FLUX_KONTEXT):
+    """FLUX.1-Kontext-shaped transformer; tiny CLIP-L/T5 with the real widths (768 pooled, 4096); 16-ch 8x VAE."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxKontextPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from danceopd_diffusers.tiny.sd3 import clip_tokenizer, t5_tokenizer
+
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer(max_length=512)
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(**config).to(dtype)
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                projection_dim=768,
+                intermediate_size=256,
+                num_attention_heads=4,
+                num_hidden_layers=1,
+                vocab_size=len(clip_tok),
+                max_position_embeddings=77,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        ).to(dtype)
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tok),
+                d_model=4096,
+                d_kv=64,
+                d_ff=256,
+                num_layers=1,
+                num_heads=4,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        ).to(dtype)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=16,
+            block_out_channels=[32, 32, 32, 32],
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            shift_factor=0.1159,
+            scaling_factor=0.3611,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ).to(dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxKontextPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tok,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for module in (transformer, vae, clip, t5):
+        module.requires_grad_(False)
+        module.eval()
+    return pipe
+
+
+def add_random_expert(transformer, name: str, rank: int, seed: int, targets) -> None:
     from peft import LoraConfig
 
     transformer.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, target_modules=list(SD3Family.default_lora_targets)),
-        adapter_name=name,
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)), adapter_name=name
     )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -179,11 +280,20 @@ def run(
     optimizer,
     prompt_embeds: Conditioning,
     uncond: Conditioning,
+    edit: bool = False,
 ):
     transformer = pipe.transformer
-    shape = family.latent_shape(pipe, batch, resolution, resolution)
     cond = Conditioning({k: v[:1].expand(batch, *v.shape[1:]) for k, v in prompt_embeds.tensors.items()})
     unc = Conditioning({k: v[:1].expand(batch, *v.shape[1:]) for k, v in uncond.tensors.items()})
+    if edit:  # one source image per sample, encoded once (as SourceCache does), given to both branches
+        pixels = (
+            torch.rand((1, 3, resolution, resolution), generator=torch.Generator().manual_seed(1)) * 2 - 1
+        )
+        with torch.no_grad():
+            source = family.encode_sources(pipe, pixels.to(transformer.device, transformer.dtype))
+        source = Conditioning({k: v.expand(batch, *v.shape[1:]) for k, v in source.tensors.items()})
+        cond, unc = cond.merge(source), unc.merge(source)
+    shape = family.latent_shape(pipe, batch, resolution, resolution)
     rows = []
     device = transformer.device
     if device.type == "cuda":
@@ -237,6 +347,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--expert_rank", type=int, default=64)
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument(
+        "--family",
+        choices=["sd3", "flux-kontext"],
+        default="sd3",
+        help="sd3: SD3.5-Medium shape, T2I; flux-kontext: FLUX.1-Kontext-dev shape, editing routes",
+    )
     parser.add_argument("--json", type=str, default=None)
     parser.add_argument(
         "--smoke", action="store_true", help="A 2-layer model on whatever device: checks the script."
@@ -247,11 +363,18 @@ def main() -> None:
         raise SystemExit("This benchmark needs a CUDA GPU (use --smoke to check the script on CPU).")
     torch.backends.cuda.matmul.allow_tf32 = True
 
-    family = SD3Family(max_sequence_length=256)
-    pipe = build_pipeline(device, torch.bfloat16, SMOKE if args.smoke else SD35_MEDIUM)
+    edit = args.family == "flux-kontext"
+    if edit:
+        from danceopd_diffusers.families.flux import FluxKontextFamily
+
+        family = FluxKontextFamily(max_sequence_length=512)
+        pipe = build_kontext_pipeline(device, torch.bfloat16, FLUX_SMOKE if args.smoke else FLUX_KONTEXT)
+    else:
+        family = SD3Family(max_sequence_length=256)
+        pipe = build_pipeline(device, torch.bfloat16, SMOKE if args.smoke else SD35_MEDIUM)
     transformer = pipe.transformer
-    add_random_expert(transformer, "expert_a", args.expert_rank, 1)
-    add_random_expert(transformer, "expert_b", args.expert_rank, 2)
+    add_random_expert(transformer, "expert_a", args.expert_rank, 1, family.default_lora_targets)
+    add_random_expert(transformer, "expert_b", args.expert_rank, 2, family.default_lora_targets)
     add_student_lora(transformer, args.rank, args.rank, family.default_lora_targets)
     scope = AdapterScope(transformer)
     params = [p for p in transformer.parameters() if p.requires_grad]
@@ -278,6 +401,7 @@ def main() -> None:
         f"device: {name}  transformer params: "
         f"{sum(p.numel() for n, p in transformer.named_parameters() if 'lora_' not in n) / 1e9:.2f} B  "
         f"student LoRA r{args.rank}: {n_student / 1e6:.1f} M  prompt embeds {tuple(cond.tensors['encoder_hidden_states'].shape)}"
+        f"  family: {family.name}{' (edit routes: source image tokens + noisy tokens)' if edit else ''}"
         f"  gradient checkpointing: {args.gradient_checkpointing}",
         flush=True,
     )
@@ -303,6 +427,7 @@ def main() -> None:
                     optimizer,
                     cond,
                     uncond,
+                    edit,
                 )
             except torch.OutOfMemoryError:
                 print(f"| {res} | {batch} | OOM | | | | | | |", flush=True)

@@ -355,6 +355,11 @@ def main() -> None:
     )
     parser.add_argument("--json", type=str, default=None)
     parser.add_argument(
+        "--cudnn_attention",
+        action="store_true",
+        help="keep PyTorch's cuDNN SDPA backend (its backward failed on FLUX shapes with torch 2.11)",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="A 2-layer model on whatever device: checks the script."
     )
     args = parser.parse_args()
@@ -362,6 +367,10 @@ def main() -> None:
     if not args.smoke and device != "cuda":
         raise SystemExit("This benchmark needs a CUDA GPU (use --smoke to check the script on CPU).")
     torch.backends.cuda.matmul.allow_tf32 = True
+    if not args.cudnn_attention:
+        # torch 2.11 + cuDNN: the cuDNN attention backward fails ("mha_graph.execute ... is_good()") on the
+        # Kontext-shaped model; flash / memory-efficient attention are used instead
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     edit = args.family == "flux-kontext"
     if edit:

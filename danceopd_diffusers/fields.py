@@ -71,7 +71,9 @@ class TransformerField(Field):
     def velocity(self, query: FieldQuery) -> torch.Tensor:
         if self.scope is None:  # a separate frozen model: give it inputs in its own dtype
             dtype = self._transformer.dtype
-            v = self.family.velocity(self._transformer, query.x.to(dtype), query.sigma, query.cond.to(dtype=dtype))
+            v = self.family.velocity(
+                self._transformer, query.x.to(dtype), query.sigma, query.cond.to(dtype=dtype)
+            )
             return v.to(query.x.dtype)
         with self.scope.use(self.adapters):
             return self.family.velocity(self._transformer, query.x, query.sigma, query.cond)

@@ -200,7 +200,28 @@ if ZImagePipeline is not None:
 if ZImageOmniPipeline is not None:
 
     class DanceOPDZImageOmniPipeline(_CustomPipelineSaveMixin, ZImageOmniPipeline):
-        """ZImageOmniPipeline (text-to-image and editing) with ``guidance_scale=0`` by default."""
+        """ZImageOmniPipeline (text-to-image and editing) with ``guidance_scale=0`` by default.
+
+        ``siglip``/``siglip_processor`` are optional components (saved when present, loadable when absent);
+        without them an edit conditions on the source's VAE latents only. Source images are encoded in the
+        VAE's own dtype (the stock pipeline casts them to bfloat16, which fails with a float32 VAE).
+        """
+
+        _optional_components = ["siglip", "siglip_processor"]
+
+        def prepare_image_latents(self, images, batch_size, device, dtype):
+            image_latents = []
+            for image in images:
+                image = image.to(device=device, dtype=self.vae.dtype)
+                latent = self.vae.encode(image).latent_dist.mode()[0]
+                latent = (latent - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+                image_latents.append(latent.unsqueeze(1).to(dtype))
+            return [image_latents.copy() for _ in range(batch_size)]
+
+        def prepare_siglip_embeds(self, images, batch_size, device, dtype):
+            if self.siglip is None or self.siglip_processor is None:
+                return [[] for _ in range(batch_size)]
+            return super().prepare_siglip_embeds(images, batch_size, device, dtype)
 
         def __init__(
             self,
@@ -258,7 +279,11 @@ if QwenImagePipeline is not None:
 if QwenImageEditPipeline is not None:
 
     class DanceOPDQwenImageEditPipeline(_CustomPipelineSaveMixin, QwenImageEditPipeline):
-        """QwenImageEditPipeline with ``true_cfg_scale=1`` by default."""
+        """QwenImageEditPipeline with ``true_cfg_scale=1`` by default; edits with ``image=``.
+
+        Without ``image`` it generates from text alone, as a student trained on text-to-image routes does:
+        QwenImagePipeline's template and loop over these same components (no copies).
+        """
 
         def __init__(
             self,
@@ -281,4 +306,14 @@ if QwenImageEditPipeline is not None:
             self.register_to_config(absorbed_guidance_scale=absorbed_guidance_scale)
 
         def __call__(self, image=None, prompt=None, *args, true_cfg_scale: float = 1.0, **kwargs):
+            if image is None:
+                text_to_image = QwenImagePipeline(
+                    scheduler=self.scheduler,
+                    vae=self.vae,
+                    text_encoder=self.text_encoder,
+                    tokenizer=self.tokenizer,
+                    transformer=self.transformer,
+                )
+                text_to_image.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+                return text_to_image(prompt, *args, true_cfg_scale=true_cfg_scale, **kwargs)
             return super().__call__(image, prompt, *args, true_cfg_scale=true_cfg_scale, **kwargs)

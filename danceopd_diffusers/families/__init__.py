@@ -15,7 +15,7 @@ from .sd3 import SD3Family
 _FAMILY_MODULES = {
     ".sd3": ("SD3Family",),
     ".flux": ("FluxFamily", "FluxKontextFamily"),
-    ".z_image": ("ZImageFamily",),
+    ".z_image": ("ZImageFamily", "ZImageOmniFamily"),
     ".qwen_image": ("QwenImageFamily", "QwenImageEditFamily"),
     ".flux2": ("Flux2KleinFamily",),
 }

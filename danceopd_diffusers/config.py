@@ -28,6 +28,7 @@ class FieldSpec:
     subfolder: str | None = None  # checkpoint: e.g. "transformer" of a pipeline repo
     of: str | None = None  # operator fields: the field they are built on
     scale: float | None = None  # cfg: guidance scale
+    norm_rescale: bool = False  # cfg: rescale to the conditional's norm (Qwen-Image's true CFG)
     guider: str | None = None  # guider: class name in diffusers.guiders
     guider_kwargs: dict[str, Any] = field(default_factory=dict)
     text_scale: float | None = None  # image_guidance: scale of the instruction
@@ -48,7 +49,7 @@ class FieldsConfig:
 
     def to_dict(self) -> dict:
         def clean(spec: FieldSpec) -> dict:
-            d = {k: v for k, v in spec.__dict__.items() if v not in (None, {}) and k != "name"}
+            d = {k: v for k, v in spec.__dict__.items() if v not in (None, {}, False) and k != "name"}
             return d
 
         return {

@@ -111,7 +111,7 @@ def build_fields(
                 spec.name, family, _freeze(model).to(device), description=f"checkpoint {spec.path}"
             )
         elif spec.type == "cfg":
-            field = CFGField(spec.name, build(config.fields[spec.of]), spec.scale)
+            field = CFGField(spec.name, build(config.fields[spec.of]), spec.scale, spec.norm_rescale)
         elif spec.type == "image_guidance":
             field = ImageGuidanceField(
                 spec.name, build(config.fields[spec.of]), spec.text_scale, spec.image_scale

@@ -83,12 +83,18 @@ class TransformerField(Field):
 
 
 class CFGField(Field):
-    """``u + scale * (c - u)`` with u the empty-prompt velocity: the field of classifier-free guidance."""
+    """``u + scale * (c - u)`` with u the empty-prompt velocity: the field of classifier-free guidance.
 
-    def __init__(self, name: str, inner: Field, scale: float):
+    ``norm_rescale`` rescales the result, per token (packed layouts) or per pixel (channel-first layouts), to the
+    norm of ``c``: Qwen-Image's ``true_cfg_scale`` combination. The norm ratio is sign-free, so it is the same
+    in our v = noise - x0 as in the pipeline's own prediction.
+    """
+
+    def __init__(self, name: str, inner: Field, scale: float, norm_rescale: bool = False):
         self.name = name
         self.inner = inner
         self.scale = float(scale)
+        self.norm_rescale = norm_rescale
 
     @property
     def transformer(self) -> torch.nn.Module | None:
@@ -104,10 +110,15 @@ class CFGField(Field):
             cond=Conditioning.cat([query.uncond, query.cond]),
         )
         v_uncond, v_cond = self.inner.velocity(both).chunk(2)
-        return v_uncond + self.scale * (v_cond - v_uncond)
+        combined = v_uncond + self.scale * (v_cond - v_uncond)
+        if self.norm_rescale:
+            dim = -1 if combined.dim() == 3 else 1  # packed [B, tokens, C] or channel-first [B, C, ...]
+            combined = combined * (v_cond.norm(dim=dim, keepdim=True) / combined.norm(dim=dim, keepdim=True))
+        return combined
 
     def describe(self) -> str:
-        return f"CFG(scale={self.scale}) of {self.inner.name}"
+        rescale = ", norm-rescaled" if self.norm_rescale else ""
+        return f"CFG(scale={self.scale}{rescale}) of {self.inner.name}"
 
 
 class ImageGuidanceField(Field):

@@ -18,7 +18,6 @@ from danceopd_diffusers.families import FAMILIES, Conditioning, family_for_pipel
 from danceopd_diffusers.families.qwen_image import (
     QwenImageEditFamily,
     QwenImageFamily,
-    QwenNormRescaledCFGField,
     qwen_image_t2i_view,
 )
 from danceopd_diffusers.fields import CFGField, FieldQuery, ImageGuidanceField, TransformerField
@@ -130,7 +129,7 @@ def test_registry_layout_and_lora_targets(qwen_path):
 
 # ------------------------------------------------------------------------------------------------ equivalence
 def test_t2i_fields_reproduce_the_stock_pipeline(qwen_path):
-    """Base field = the pipeline without CFG; QwenNormRescaledCFGField(s) = true_cfg_scale=s, negative ""."""
+    """Base field = the pipeline without CFG; CFGField(s, norm_rescale=True) = true_cfg_scale=s, negative ""."""
     pipe = _load(qwen_path)
     family = QwenImageFamily(max_sequence_length=MAX_LEN)
     cond = family.encode_prompts(pipe, PROMPTS, "cpu")
@@ -156,7 +155,7 @@ def test_t2i_fields_reproduce_the_stock_pipeline(qwen_path):
         ).images
     assert torch.equal(family.sigmas(pipe, STEPS, x.shape, "cpu"), pipe.scheduler.sigmas.float())
     ours = _rollout(base, family, pipe, x, cond, uncond)
-    ours_cfg = _rollout(QwenNormRescaledCFGField("cfg", base, 4.0), family, pipe, x, cond, uncond)
+    ours_cfg = _rollout(CFGField("cfg", base, 4.0, norm_rescale=True), family, pipe, x, cond, uncond)
     plain_cfg = _rollout(CFGField("plain", base, 4.0), family, pipe, x, cond, uncond)
     _close(rollout, stock)
     _close(ours, stock)
@@ -197,7 +196,7 @@ def test_edit_fields_reproduce_the_stock_pipeline(edit_path, small_source_area):
         from_pixels = pipe(image=sources, prompt=PROMPTS, true_cfg_scale=1.0, **common).images  # stock path
         no_image_tokens = pipe(**kwargs | {"image": None}, **common).images
     ours = _rollout(base, family, pipe, x, cond, uncond)
-    ours_cfg = _rollout(QwenNormRescaledCFGField("cfg", base, 3.0), family, pipe, x, cond, uncond)
+    ours_cfg = _rollout(CFGField("cfg", base, 3.0, norm_rescale=True), family, pipe, x, cond, uncond)
     _close(ours, stock)
     _close(rollout, stock)
     _close(from_pixels, stock)

@@ -168,3 +168,25 @@ def test_query_index_distribution(strategy, expected):
     assert idx.min() >= 0 and idx.max() <= 15
     # E[min(int(u*N), N-1)] ~= N*E[u] - 1/2
     assert abs((idx.mean().item() + 0.5) / 16 - expected) < 0.02
+
+
+def test_norm_rescaled_cfg_from_a_config(tiny_pipe, tiny_path):
+    cond, uncond, x = _inputs(tiny_pipe)
+    config = parse_fields_config(
+        {
+            "fields": {
+                "base": {"type": "base"},
+                "cfg": {"type": "cfg", "of": "base", "scale": 4.0, "norm_rescale": True},
+            },
+            "routes": [{"field": "cfg"}],
+        }
+    )
+    fields = build_fields(config, FAMILY, tiny_path, tiny_pipe.transformer, None, torch.float32, "cpu")
+    q = FieldQuery(x, torch.full((2,), 0.6), cond, uncond)
+    with torch.no_grad():
+        v = fields["cfg"].velocity(q)
+        c = fields["base"].velocity(q)
+    # per-pixel channel norms equal the conditional's, and the direction is plain CFG's
+    assert torch.allclose(v.norm(dim=1), c.norm(dim=1), atol=1e-4)
+    assert "norm-rescaled" in fields["cfg"].describe()
+    assert config.to_dict()["fields"]["cfg"]["norm_rescale"] is True

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -106,54 +105,6 @@ def _square_grid(seq_len: int) -> tuple[int, int]:
             "the grid of their source image."
         )
     return side, side
-
-
-# ---------------------------------------------------------------------------------------------------- fields
-def _norm_rescaled_cfg_field_class() -> type:
-    # Defined on first use: ``fields`` imports the families package, so importing it here at module level
-    # would be circular.
-    from ..fields import CFGField, FieldQuery
-
-    class QwenNormRescaledCFGField(CFGField):
-        """Qwen-Image's true CFG as an operator field: ``u + s (c - u)`` rescaled per token to ``|c|``.
-
-        This is the pipelines' ``true_cfg_scale`` combination (``comb * |noise_pred| / |comb|`` over the channel
-        axis of each packed token). The norm ratio is sign-free, so it holds for v = noise - x0 as for the
-        pipeline's own prediction. Not reachable from a fields config (the config's ``cfg`` type is plain CFG);
-        build it in Python: ``QwenNormRescaledCFGField("cfg", base_field, 4.0)``.
-        """
-
-        def velocity(self, query: FieldQuery) -> torch.Tensor:
-            if query.uncond is None:
-                raise ValueError(
-                    f"Field {self.name!r} (CFG) needs the unconditional conditioning of the query."
-                )
-            both = replace(
-                query,
-                x=torch.cat([query.x, query.x]),
-                sigma=torch.cat([query.sigma, query.sigma]),
-                cond=Conditioning.cat([query.uncond, query.cond]),
-            )
-            v_uncond, v_cond = self.inner.velocity(both).chunk(2)
-            combined = v_uncond + self.scale * (v_cond - v_uncond)
-            cond_norm = torch.norm(v_cond, dim=-1, keepdim=True)
-            combined_norm = torch.norm(combined, dim=-1, keepdim=True)
-            return combined * (cond_norm / combined_norm)
-
-        def describe(self) -> str:
-            return f"Qwen true CFG (scale={self.scale}, norm-rescaled) of {self.inner.name}"
-
-    QwenNormRescaledCFGField.__module__ = __name__
-    QwenNormRescaledCFGField.__qualname__ = "QwenNormRescaledCFGField"
-    return QwenNormRescaledCFGField
-
-
-def __getattr__(name: str) -> Any:
-    if name == "QwenNormRescaledCFGField":
-        cls = _norm_rescaled_cfg_field_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------------- adapters

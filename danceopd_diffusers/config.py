@@ -29,6 +29,9 @@ class FieldSpec:
     of: str | None = None  # operator fields: the field they are built on
     scale: float | None = None  # cfg: guidance scale
     norm_rescale: bool = False  # cfg: rescale to the conditional's norm (Qwen-Image's true CFG)
+    embedded_guidance: float | None = (
+        None  # base/lora/checkpoint of guidance-distilled models (Flux): its input
+    )
     guider: str | None = None  # guider: class name in diffusers.guiders
     guider_kwargs: dict[str, Any] = field(default_factory=dict)
     text_scale: float | None = None  # image_guidance: scale of the instruction

@@ -123,6 +123,8 @@ def build_fields(
             field = GuiderField(spec.name, build(config.fields[spec.of]), guider)
         else:  # parse_fields_config rejects unknown types first
             raise ValueError(f"unknown field type {spec.type!r}")
+        if isinstance(field, TransformerField):
+            field.embedded_guidance = spec.embedded_guidance
         fields[spec.name] = field
         return field
 

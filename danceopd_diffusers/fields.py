@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .families import Conditioning, FamilyAdapter
+from .families import EMBEDDED_GUIDANCE, Conditioning, FamilyAdapter
 from .student import AdapterScope
 
 
@@ -56,6 +56,7 @@ class TransformerField(Field):
         adapters: list[str] | None = None,
         scope: AdapterScope | None = None,
         description: str = "",
+        embedded_guidance: float | None = None,
     ):
         self.name = name
         self.family = family
@@ -63,12 +64,18 @@ class TransformerField(Field):
         self.adapters = adapters
         self.scope = scope
         self.description = description
+        self.embedded_guidance = (
+            embedded_guidance  # guidance-distilled models: this field's own guidance input
+        )
 
     @property
     def transformer(self) -> torch.nn.Module:
         return self._transformer
 
     def velocity(self, query: FieldQuery) -> torch.Tensor:
+        if self.embedded_guidance is not None:
+            value = torch.full((query.x.shape[0],), self.embedded_guidance, device=query.x.device)
+            query = replace(query, cond=query.cond.merge(Conditioning({EMBEDDED_GUIDANCE: value})))
         if self.scope is None:  # a separate frozen model: give it inputs in its own dtype
             dtype = self._transformer.dtype
             v = self.family.velocity(
@@ -79,7 +86,10 @@ class TransformerField(Field):
             return self.family.velocity(self._transformer, query.x, query.sigma, query.cond)
 
     def describe(self) -> str:
-        return self.description or "transformer"
+        text = self.description or "transformer"
+        return text + (
+            f" at embedded guidance {self.embedded_guidance}" if self.embedded_guidance is not None else ""
+        )
 
 
 class CFGField(Field):

@@ -111,6 +111,11 @@ def check_fields_against_model(config: FieldsConfig, info: ModelInfo) -> dict[st
     """LoRA experts: files found and consistent with the model. Returns their headers by field name."""
     headers: dict[str, LoraHeader] = {}
     for spec in config.fields.values():
+        if spec.embedded_guidance is not None and not info.family_cls.has_embedded_guidance:
+            raise ConfigError(
+                f"Field {spec.name!r} sets `embedded_guidance`, an input of guidance-distilled Flux models; the "
+                f"{info.family_cls.name} family has none. Remove it (use a cfg field for classifier-free guidance)."
+            )
         if spec.type != "lora":
             continue
         try:

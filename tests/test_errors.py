@@ -425,3 +425,28 @@ def test_embedded_guidance_only_for_families_that_have_it(tiny_path, tmp_path, n
         "--embedded_guidance",
         "sd3 family has none",
     )
+
+
+def test_field_embedded_guidance_only_on_flux(tiny_path, tmp_path, no_weight_loading):
+    cfg = _config(
+        tmp_path,
+        {
+            "fields": {
+                "base": {"type": "base", "embedded_guidance": 3.5},
+                "c": {"type": "cfg", "of": "base", "scale": 2.0},
+            },
+            "routes": [{"field": "c"}],
+        },
+    )
+    _expect(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--fields_config",
+            cfg,
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        "sets `embedded_guidance`",
+        "sd3 family has none",
+    )

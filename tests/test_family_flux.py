@@ -12,8 +12,10 @@ from conftest import run_train
 from PIL import Image
 from safetensors.torch import load_file
 
+from danceopd_diffusers.config import parse_fields_config
 from danceopd_diffusers.families import FAMILIES, Conditioning, family_for_pipeline_class
 from danceopd_diffusers.families.flux import SOURCE_LATENTS, FluxFamily, FluxKontextFamily
+from danceopd_diffusers.field_loading import build_fields
 from danceopd_diffusers.fields import CFGField, FieldQuery, ImageGuidanceField, TransformerField
 from danceopd_diffusers.rollout import field_rollout
 
@@ -145,6 +147,47 @@ def test_t2i_fields_reproduce_the_stock_pipeline(family_name, flux_path, kontext
     _close(ours_cfg, stock_cfg)
     assert not torch.allclose(ours_cfg, ours, atol=1e-3)
     assert not torch.allclose(other_guidance, stock, atol=1e-3)  # the embedded guidance is a live input
+
+
+def test_a_field_can_query_its_model_at_its_own_embedded_guidance(flux_path):
+    """`embedded_guidance` on a field: that field's model sees it, the student keeps the family's value."""
+    pipe = _load(flux_path)
+    family = FAMILIES["flux"](max_sequence_length=MAX_LEN, embedded_guidance=2.5)
+    cond, uncond = _prompt_conds(family, pipe)
+    x = torch.randn(family.latent_shape(pipe, 2, HEIGHT, WIDTH), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        at_5 = _our_rollout(
+            TransformerField("t", family, pipe.transformer, embedded_guidance=5.0),
+            family,
+            pipe,
+            x,
+            cond,
+            uncond,
+        )
+        stock_5 = pipe(
+            prompt=PROMPTS,
+            guidance_scale=5.0,
+            height=HEIGHT,
+            width=WIDTH,
+            num_inference_steps=STEPS,
+            output_type="latent",
+            latents=x,
+            max_sequence_length=MAX_LEN,
+        ).images
+        default = _our_rollout(TransformerField("s", family, pipe.transformer), family, pipe, x, cond, uncond)
+    _close(at_5, stock_5)
+    assert not torch.allclose(at_5, default, atol=1e-3)
+    config = parse_fields_config(
+        {
+            "fields": {
+                "t": {"type": "base", "embedded_guidance": 5.0},
+                "c": {"type": "cfg", "of": "t", "scale": 2.0},
+            },
+            "routes": [{"field": "c"}],
+        }
+    )
+    fields = build_fields(config, family, flux_path, pipe.transformer, None, torch.float32, "cpu")
+    assert fields["t"].embedded_guidance == 5.0 and "embedded guidance 5.0" in fields["t"].describe()
 
 
 def test_checkpoint_without_guidance_embeds(tmp_path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import SOURCE_PREFIX, Conditioning, FamilyAdapter, edit_size, euler_step
+from .base import EMBEDDED_GUIDANCE, SOURCE_PREFIX, Conditioning, FamilyAdapter, edit_size, euler_step
 from .sd3 import SD3Family
 
 #: module (in this package) -> adapter class names it defines
@@ -56,6 +56,7 @@ def editing_families() -> list[str]:
 
 
 __all__ = [
+    "EMBEDDED_GUIDANCE",
     "FAMILIES",
     "SOURCE_PREFIX",
     "Conditioning",

@@ -57,6 +57,8 @@ class Conditioning:
 
 #: keys of a Conditioning that carry the source image of an edit (families name theirs with this prefix)
 SOURCE_PREFIX = "source_"
+#: a Conditioning entry ([B] or [B, 1]) that overrides the embedded guidance input of guidance-distilled models
+EMBEDDED_GUIDANCE = "embedded_guidance"
 
 
 def edit_size(width: int, height: int, resolution: int, multiple: int = 16) -> tuple[int, int]:
@@ -83,6 +85,8 @@ class FamilyAdapter:
     default_lora_targets: tuple[str, ...] = ()
     #: True when the text encoder also reads the source image of an edit (then prompts are encoded per sample)
     prompt_uses_source: bool = False
+    #: True when the transformer takes an embedded guidance input (guidance-distilled checkpoints)
+    has_embedded_guidance: bool = False
 
     # -- classes (imported lazily so that `import danceopd_diffusers` stays cheap) --------------------------
     def pipeline_class(self) -> type:

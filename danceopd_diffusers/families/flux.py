@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .base import SOURCE_PREFIX, Conditioning, FamilyAdapter
+from .base import EMBEDDED_GUIDANCE, SOURCE_PREFIX, Conditioning, FamilyAdapter
 
 #: key of the Kontext source-image latents in a Conditioning: unpacked ``[B, C, h, w]``, exactly what
 #: ``FluxKontextPipeline(image=...)`` takes as pre-encoded latents (a tensor with the VAE's latent channels)
@@ -86,6 +86,7 @@ class FluxFamily(FamilyAdapter):
     transformer_class_name = "FluxTransformer2DModel"
     custom_pipeline_class_name = "DanceOPDFluxPipeline"
     can_edit = False
+    has_embedded_guidance = True
     default_lora_targets = FLUX_LORA_TARGETS
 
     def __init__(self, max_sequence_length: int = 512, embedded_guidance: float = 3.5):
@@ -155,7 +156,12 @@ class FluxFamily(FamilyAdapter):
         timestep = ((sigma * 1000).to(dtype) / 1000).expand(batch)
         guidance = None
         if _unwrap(transformer).config.guidance_embeds:
-            guidance = torch.full([batch], self.embedded_guidance, device=device, dtype=torch.float32)
+            # a field may query its model at its own embedded guidance (a per-sample conditioning entry)
+            per_field = cond.tensors.get(EMBEDDED_GUIDANCE)
+            if per_field is not None:
+                guidance = per_field.reshape(-1).to(device=device, dtype=torch.float32).expand(batch)
+            else:
+                guidance = torch.full([batch], self.embedded_guidance, device=device, dtype=torch.float32)
         hidden = x
         img_ids = latent_ids(*self.token_grid(num_tokens, cond), device, dtype)
         source = cond.tensors.get(SOURCE_LATENTS)

@@ -50,7 +50,7 @@ def train_vae(
     steps: int,
     batch_size: int = 64,
     lr: float = 1e-3,
-    kl_weight: float = 1e-6  # on the latent mean: keeps the latent scale bounded,
+    kl_weight: float = 1e-6,  # on the latent mean: keeps the latent scale bounded
     seed: int = 0,
     device: str = "cpu",
     log_every: int = 100,

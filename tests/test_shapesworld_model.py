@@ -17,7 +17,7 @@ def test_vocabulary_covers_every_prompt_word():
     assert words <= vocab
     tok = build_shapesworld_pipeline().tokenizer_2
     ids = tok("a photo of three red crosses left of a circle").input_ids
-    assert tok.unk_token_id not in ids and len(ids) == 10  # one token per word + </s>
+    assert tok.unk_token_id not in ids and len(ids) == 11  # one token per word (10) + </s>
 
 
 def test_vae_training_reduces_loss_and_encodes_deterministically():

@@ -73,42 +73,15 @@ def build_shapesworld_pipeline(vae=None, seed: int = 0):
         FluxKontextPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
-    from ..tiny.sd3 import clip_tokenizer
+    from ..tiny.sd3 import clip_config, clip_tokenizer, t5_config
 
     clip_tok = clip_tokenizer()
     t5_tok = word_t5_tokenizer(world_vocabulary())
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            hidden_size=64,
-            intermediate_size=128,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            projection_dim=64,
-            vocab_size=len(clip_tok),
-            max_position_embeddings=77,
-            hidden_act="gelu",
-        )
-    )
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=128,
-            d_kv=32,
-            d_ff=256,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=16,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
+    text_encoder = CLIPTextModel(clip_config(len(clip_tok), hidden=64))
+    text_encoder_2 = T5EncoderModel(t5_config(len(t5_tok), d_model=128, d_ff=256, buckets=16))
     transformer = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
     if vae is None:
         vae = AutoencoderKL(**VAE_CONFIG, shift_factor=0.0, scaling_factor=1.0)

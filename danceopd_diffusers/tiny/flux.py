@@ -7,46 +7,19 @@ from __future__ import annotations
 
 import torch
 
-from .sd3 import clip_tokenizer, t5_tokenizer
+from .sd3 import clip_config, clip_tokenizer, t5_config, t5_tokenizer
 
 
 def _tiny_flux_components(seed: int, guidance_embeds: bool) -> dict:
     """The seven components both Flux pipelines take, seeded and small enough for CPU tests."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     clip_tok = clip_tokenizer()
     t5_tok = t5_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            projection_dim=32,
-            vocab_size=len(clip_tok),
-            max_position_embeddings=77,
-            hidden_act="gelu",
-        )
-    )
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=64,
-            d_kv=16,
-            d_ff=128,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
+    text_encoder = CLIPTextModel(clip_config(len(clip_tok)))
+    text_encoder_2 = T5EncoderModel(t5_config(len(t5_tok)))
     latent_channels = 4
     transformer = FluxTransformer2DModel(
         patch_size=1,

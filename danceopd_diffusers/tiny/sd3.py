@@ -33,6 +33,47 @@ def t5_tokenizer(max_length: int = 64):
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
+def clip_config(
+    vocab_size: int, hidden: int = 32, layers: int = 2, intermediate: int | None = None, heads: int = 4
+):
+    """A small CLIP text config for the char-level tokenizer (ids 0/1 = start/end; ``projection_dim`` = hidden)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        projection_dim=hidden,
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+    )
+
+
+def t5_config(
+    vocab_size: int, d_model: int = 64, d_ff: int = 128, layers: int = 2, heads: int = 4, buckets: int = 8
+):
+    """A small T5 encoder config for the in-memory tokenizers (pad 0, eos 1)."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // heads,
+        d_ff=d_ff,
+        num_layers=layers,
+        num_heads=heads,
+        relative_attention_num_buckets=buckets,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
 def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 16, shift: float = 3.0):
     """A ~1 MB StableDiffusion3Pipeline with the real component layout (2 CLIPs + T5)."""
     from diffusers import (
@@ -41,40 +82,14 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 16, shift: float =
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     clip_tok = clip_tokenizer()
     t5_tok = t5_tokenizer()
     torch.manual_seed(seed)
-    clip_cfg = dict(
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        projection_dim=32,
-        vocab_size=len(clip_tok),
-        max_position_embeddings=77,
-        hidden_act="gelu",
-    )
-    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg))
-    text_encoder_3 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=64,
-            d_kv=16,
-            d_ff=128,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
+    text_encoder = CLIPTextModelWithProjection(clip_config(len(clip_tok)))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config(len(clip_tok)))
+    text_encoder_3 = T5EncoderModel(t5_config(len(t5_tok)))
     transformer = SD3Transformer2DModel(
         sample_size=sample_size,
         patch_size=2,

@@ -190,3 +190,31 @@ def test_norm_rescaled_cfg_from_a_config(tiny_pipe, tiny_path):
     assert torch.allclose(v.norm(dim=1), c.norm(dim=1), atol=1e-4)
     assert "norm-rescaled" in fields["cfg"].describe()
     assert config.to_dict()["fields"]["cfg"]["norm_rescale"] is True
+
+
+def test_lora_expert_in_peft_format_equals_diffusers_format(tiny_pipe, tiny_path, tmp_path):
+    """A peft-saved adapter (adapter_model.safetensors + adapter_config.json) is the same field."""
+    import json
+
+    from conftest import make_lora_file
+    from safetensors.torch import load_file, save_file
+
+    lora = make_lora_file(tiny_path, tmp_path / "diffusers_fmt")
+    peft_dir = tmp_path / "peft_fmt"
+    peft_dir.mkdir()
+    state = {"base_model.model." + k[len("transformer.") :]: v for k, v in load_file(lora).items()}
+    save_file(state, peft_dir / "adapter_model.safetensors")
+    (peft_dir / "adapter_config.json").write_text(
+        json.dumps({"r": 4, "lora_alpha": 4, "target_modules": ["attn.to_q", "attn.to_v"], "peft_type": "LORA"})
+    )
+    cond, uncond, x = _inputs(tiny_pipe)
+    q = FieldQuery(x, torch.full((2,), 0.5), cond, uncond)
+    out = {}
+    for name, path in (("diffusers", lora.parent), ("peft", peft_dir)):
+        config = parse_fields_config({"fields": {"e": {"type": "lora", "path": str(path)}}, "routes": [{"field": "e"}]})
+        field = build_fields(config, FAMILY, tiny_path, None, None, torch.float32, "cpu")["e"]
+        with torch.no_grad():
+            out[name] = field.velocity(q)
+    assert torch.allclose(out["diffusers"], out["peft"], atol=1e-6)
+    with torch.no_grad():
+        assert not torch.allclose(out["peft"], FAMILY.velocity(tiny_pipe.transformer, x, q.sigma, cond), atol=1e-4)

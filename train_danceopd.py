@@ -189,6 +189,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--allow_tf32", action="store_true")
+    parser.add_argument(
+        "--disable_cudnn_attention",
+        action="store_true",
+        help="Use flash / memory-efficient attention instead of cuDNN's (its backward fails on FLUX shapes with "
+        "torch 2.11: `mha_graph.execute(...).is_good()`).",
+    )
     parser.add_argument("--seed", type=int, default=None)
     # outputs, checkpoints, logging
     parser.add_argument("--output_dir", type=str, default="danceopd-output")
@@ -389,6 +395,8 @@ def main(args: argparse.Namespace) -> None:
         repo_id = create_hub_repo(args.hub_model_id or Path(args.output_dir).name, token=args.hub_token)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    if args.disable_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     weight_dtype = torch.float32
     if accelerator.mixed_precision == "fp16":

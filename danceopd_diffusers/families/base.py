@@ -134,12 +134,21 @@ class FamilyAdapter:
     def encode_images(
         self, pipe: Any, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Pixels in [-1, 1], [B, 3, H, W] -> clean latents x0 in the state layout."""
-        raise NotImplementedError
+        """Pixels in [-1, 1], [B, 3, H, W] -> clean latents x0 in the state layout.
+
+        The default is an ``AutoencoderKL`` with ``shift_factor``/``scaling_factor`` and channel-first latents
+        (SD3, Z-Image); families with another layout or VAE override it.
+        """
+        vae = pipe.vae
+        latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample(generator)
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
 
     def decode_latents(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> list:
-        """Clean latents in the state layout -> PIL images."""
-        raise NotImplementedError
+        """Clean latents in the state layout -> PIL images (the inverse of the default ``encode_images``)."""
+        vae = pipe.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents, return_dict=False)[0]
+        return pipe.image_processor.postprocess(images, output_type="pil")
 
     # -- editing (families with ``can_edit``) ---------------------------------------------------------------
     def encode_sources(

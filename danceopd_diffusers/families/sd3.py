@@ -101,16 +101,3 @@ class SD3Family(FamilyAdapter):
             )
         retrieve_timesteps(scheduler, num_steps, device, **kwargs)
         return scheduler.sigmas.detach().clone().float().cpu()
-
-    def encode_images(
-        self, pipe: Any, images: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        vae = pipe.vae
-        latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample(generator)
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
-
-    def decode_latents(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> list:
-        vae = pipe.vae
-        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents, return_dict=False)[0]
-        return pipe.image_processor.postprocess(images, output_type="pil")

@@ -173,19 +173,6 @@ class ZImageFamily(FamilyAdapter):
         retrieve_timesteps(scheduler, num_steps, device, sigmas=get_default_z_image_sigmas(num_steps), mu=mu)
         return scheduler.sigmas.detach().clone().float().cpu()
 
-    def encode_images(
-        self, pipe: Any, images: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        vae = pipe.vae
-        latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample(generator)
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
-
-    def decode_latents(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> list:
-        vae = pipe.vae
-        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents, return_dict=False)[0]
-        return pipe.image_processor.postprocess(images, output_type="pil")
-
 
 def _omni_source_pipeline_class() -> type:
     """``ZImageOmniPipeline`` that also takes per-sample pre-encoded sources (built lazily: diffusers import)."""

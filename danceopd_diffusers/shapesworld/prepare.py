@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         "--n_per_category", type=int, default=None, help="train rows per category (default: world's)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--buckets", nargs="+", default=list(BUCKETS), choices=list(BUCKETS))
     args = parser.parse_args(argv)
     root = Path(args.root)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps({"steps": args.vae_steps, "seed": args.seed, "last_loss": sum(history[-50:]) / 50})
         )
     save_shapesworld_pipeline(root / "init", root / "vae")
-    for name, tasks in BUCKETS.items():
+    for name in args.buckets:
+        tasks = BUCKETS[name]
         ds = build_dataset("train", tasks=tasks, n_per_category=args.n_per_category, seed=args.seed)
         save_dataset_to_folder(ds, root / "data" / name)
         print(f"{name}: {len(ds)} rows", flush=True)

@@ -320,6 +320,11 @@ def main(args: argparse.Namespace) -> None:
     if args.student_init:
         from danceopd_diffusers.lora_io import resolve_lora_file
 
+        if not os.path.exists(args.student_init) and args.student_init.count("/") != 1:
+            raise ConfigError(
+                f"--student_init {args.student_init} does not exist: pass a LoRA (file, folder or Hub id) or a "
+                "transformer checkpoint (diffusers folder or .safetensors file)."
+            )
         try:
             init_file = resolve_lora_file(args.student_init)
             init_header = inspect_lora(init_file)

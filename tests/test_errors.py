@@ -450,3 +450,20 @@ def test_field_embedded_guidance_only_on_flux(tiny_path, tmp_path, no_weight_loa
         "sets `embedded_guidance`",
         "sd3 family has none",
     )
+
+
+def test_student_init_that_does_not_exist(tiny_path, tmp_path, no_weight_loading):
+    _expect(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--cfg_scale",
+            "3",
+            "--student_init",
+            str(tmp_path / "nowhere"),
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        "--student_init",
+        "does not exist",
+    )

@@ -365,6 +365,13 @@ def main(args: argparse.Namespace) -> None:
 
     # ---------------------------------------------------------------- accelerator
     logging_dir = Path(args.output_dir, args.logging_dir)
+    from accelerate.utils import is_tensorboard_available
+
+    if args.report_to == "tensorboard" and not is_tensorboard_available():
+        print(
+            "[danceopd] tensorboard is not installed: logging to the console only (pip install tensorboard)"
+        )
+        args.report_to = "none"
     # Several processes on a machine without CUDA (`accelerate launch --multi_gpu --num_processes 2` on CPU):
     # run them as gloo CPU processes instead of independent single-process runs.
     cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()

@@ -82,15 +82,70 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def real_width_clip(cls: type, hidden: int, vocab_size: int, dtype: torch.dtype):
+    """A 1-layer CLIP text encoder with the real output width (768 / 1280)."""
+    from transformers import CLIPTextConfig
+
+    config = CLIPTextConfig(
+        hidden_size=hidden,
+        projection_dim=hidden,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return cls(config).to(dtype)
+
+
+def real_width_t5(vocab_size: int, dtype: torch.dtype):
+    """A 1-layer T5 encoder with the real output width (4096)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=4096,
+        d_kv=64,
+        d_ff=256,
+        num_layers=1,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config).to(dtype)
+
+
+def bench_vae(shift_factor: float, scaling_factor: float, dtype: torch.dtype):
+    """A small VAE with the real layout: 8x down-sampling, 16 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=[32, 32, 32, 32],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).to(dtype)
+
+
 def build_pipeline(device: str, dtype: torch.dtype, config: dict = SD35_MEDIUM):
     """SD3.5-Medium-shaped transformer; tiny text encoders with the real output widths; an 8x, 16-channel VAE."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
     from danceopd_diffusers.tiny.sd3 import clip_tokenizer, t5_tokenizer
 
@@ -99,49 +154,10 @@ def build_pipeline(device: str, dtype: torch.dtype, config: dict = SD35_MEDIUM):
     with torch.device(device):
         transformer = SD3Transformer2DModel(**config).to(dtype)
 
-        def clip(hidden: int):
-            return CLIPTextModelWithProjection(
-                CLIPTextConfig(
-                    hidden_size=hidden,
-                    projection_dim=hidden,
-                    intermediate_size=256,
-                    num_attention_heads=4,
-                    num_hidden_layers=1,
-                    vocab_size=len(clip_tok),
-                    max_position_embeddings=77,
-                    bos_token_id=0,
-                    eos_token_id=1,
-                    pad_token_id=1,
-                )
-            ).to(dtype)
-
-        t5 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tok),
-                d_model=4096,
-                d_kv=64,
-                d_ff=256,
-                num_layers=1,
-                num_heads=4,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        ).to(dtype)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=16,
-            block_out_channels=[32, 32, 32, 32],
-            down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            shift_factor=0.0609,
-            scaling_factor=1.5305,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ).to(dtype)
-        te1, te2 = clip(768), clip(1280)
+        te1 = real_width_clip(CLIPTextModelWithProjection, 768, len(clip_tok), dtype)
+        te2 = real_width_clip(CLIPTextModelWithProjection, 1280, len(clip_tok), dtype)
+        t5 = real_width_t5(len(t5_tok), dtype)
+        vae = bench_vae(0.0609, 1.5305, dtype)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -162,12 +178,11 @@ def build_pipeline(device: str, dtype: torch.dtype, config: dict = SD35_MEDIUM):
 def build_kontext_pipeline(device: str, dtype: torch.dtype, config: dict = FLUX_KONTEXT):
     """FLUX.1-Kontext-shaped transformer; tiny CLIP-L/T5 with the real widths (768 pooled, 4096); 16-ch 8x VAE."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         FluxKontextPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     from danceopd_diffusers.tiny.sd3 import clip_tokenizer, t5_tokenizer
 
@@ -175,46 +190,9 @@ def build_kontext_pipeline(device: str, dtype: torch.dtype, config: dict = FLUX_
     torch.manual_seed(0)
     with torch.device(device):
         transformer = FluxTransformer2DModel(**config).to(dtype)
-        clip = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=768,
-                projection_dim=768,
-                intermediate_size=256,
-                num_attention_heads=4,
-                num_hidden_layers=1,
-                vocab_size=len(clip_tok),
-                max_position_embeddings=77,
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-        ).to(dtype)
-        t5 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tok),
-                d_model=4096,
-                d_kv=64,
-                d_ff=256,
-                num_layers=1,
-                num_heads=4,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        ).to(dtype)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=16,
-            block_out_channels=[32, 32, 32, 32],
-            down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            shift_factor=0.1159,
-            scaling_factor=0.3611,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ).to(dtype)
+        clip = real_width_clip(CLIPTextModel, 768, len(clip_tok), dtype)
+        t5 = real_width_t5(len(t5_tok), dtype)
+        vae = bench_vae(0.1159, 0.3611, dtype)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0,
         use_dynamic_shifting=True,

@@ -219,32 +219,29 @@ def object_mask(obj: Obj, image_size: int) -> np.ndarray:
     return shape_mask(obj.shape, dx, dy, r)
 
 
-def binary_erode(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
-    """8-neighbourhood erosion (outside the image counts as empty)."""
+def _neighbourhood(mask: np.ndarray, iterations: int, erode: bool) -> np.ndarray:
+    """8-neighbourhood erosion (all neighbours set) or dilation (any set); outside the image counts as empty."""
     out = mask.astype(bool)
+    h, w = out.shape
     for _ in range(iterations):
         p = np.pad(out, 1, constant_values=False)
-        h, w = out.shape
-        acc = np.ones_like(out)
+        acc = np.ones_like(out) if erode else np.zeros_like(out)
         for oy in range(3):
             for ox in range(3):
-                acc &= p[oy : oy + h, ox : ox + w]
+                window = p[oy : oy + h, ox : ox + w]
+                acc = acc & window if erode else acc | window
         out = acc
     return out
+
+
+def binary_erode(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """8-neighbourhood erosion (outside the image counts as empty)."""
+    return _neighbourhood(mask, iterations, erode=True)
 
 
 def binary_dilate(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
     """8-neighbourhood dilation, used for edit-mask margins."""
-    out = mask.astype(bool)
-    for _ in range(iterations):
-        p = np.pad(out, 1, constant_values=False)
-        h, w = out.shape
-        acc = np.zeros_like(out)
-        for oy in range(3):
-            for ox in range(3):
-                acc |= p[oy : oy + h, ox : ox + w]
-        out = acc
-    return out
+    return _neighbourhood(mask, iterations, erode=False)
 
 
 def outline_thickness(image_size: int) -> int:

@@ -2,7 +2,7 @@
 # Copyright 2026 The danceopd-diffusers authors. Apache-2.0.
 """DanceOPD: on-policy generative field distillation for diffusers flow-matching pipelines.
 
-    accelerate launch train_danceopd.py                       # embedded demo, offline, a few minutes on CPU
+    accelerate launch train_danceopd.py                       # embedded default: ShapesWorld fusion, offline, CPU
     accelerate launch train_danceopd.py \
         --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium \
         --fields_config fields.yaml --dataset_name prompts.jsonl --output_dir my-student
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import os
@@ -144,6 +145,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--source_image_column", type=str, default="source_image")
     parser.add_argument("--image_column", type=str, default="target_image")
     parser.add_argument("--cache_dir", type=str, default=None)
+    parser.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Keep every row's VAE latents (sft targets, edit sources) on the device after their first use, so "
+        "images are read and encoded once. Needs memory for the whole dataset's latents.",
+    )
     parser.add_argument("--max_sequence_length", type=int, default=256)
     parser.add_argument("--resolution", type=int, default=None, help="Square training/rollout resolution.")
     parser.add_argument(
@@ -218,14 +225,22 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hub_model_id", type=str, default=None)
     parser.add_argument("--hub_token", type=str, default=None)
     parser.add_argument("--local_rank", type=int, default=-1)
+    parser.add_argument(
+        "--demo_eval_limit",
+        type=int,
+        default=None,
+        help="Embedded default only: score the student on the first N prompts / edits of ShapesWorld's "
+        "evaluation set instead of all of it.",
+    )
 
     args = parser.parse_args(input_args)
     args.demo = args.pretrained_model_name_or_path is None
     if args.demo:
         args.demo_overrides = {}
+        user_fields = any(getattr(args, f) is not None for f in demo.FIELD_FLAGS)
         for key, value in demo.DEMO_DEFAULTS.items():
             if getattr(args, key) == parser.get_default(key):
-                if key == "cfg_scale" and (args.fields_config or args.expert_lora or args.expert_checkpoint):
+                if key == "fields_config" and user_fields:
                     continue
                 setattr(args, key, value)
                 args.demo_overrides[key] = value
@@ -238,11 +253,7 @@ def check_flags(args: argparse.Namespace) -> None:
     from_flags = [
         f for f in ("cfg_scale", "expert_lora", "expert_checkpoint") if getattr(args, f) is not None
     ]
-    if (
-        args.fields_config
-        and from_flags
-        and not (args.demo and from_flags == ["cfg_scale"] and "cfg_scale" in args.demo_overrides)
-    ):
+    if args.fields_config and from_flags:
         raise ConfigError(
             f"--fields_config and --{from_flags[0]} both given. Declare every field in the config file, or drop "
             "--fields_config to use the flags alone."
@@ -302,9 +313,7 @@ def main(args: argparse.Namespace) -> None:
 
     # ---------------------------------------------------------------- checks that load no weights
     if args.demo:
-        from danceopd_diffusers.tiny import tiny_sd3_path
-
-        args.pretrained_model_name_or_path = tiny_sd3_path()
+        args.pretrained_model_name_or_path = demo.base_path()
     info = inspect_pipeline(args.pretrained_model_name_or_path, revision=args.revision)
     family = build_family(info.family_cls, args)
     fields_config = resolve_fields(args)
@@ -336,11 +345,10 @@ def main(args: argparse.Namespace) -> None:
             student_targets = init_header.target_modules or sorted(init_header.modules)
     columns = DataColumns(args.caption_column, args.task_column, args.source_image_column, args.image_column)
     if args.demo and args.dataset_name is None and args.train_data_dir is None:
-        dataset, data_dir = demo.demo_dataset(), None
-    else:
-        dataset, data_dir = load_training_dataset(
-            args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir
-        )
+        args.dataset_name = demo.demo_data_file()
+    dataset, data_dir = load_training_dataset(
+        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir
+    )
     buckets = TaskBuckets(dataset, columns, data_dir)
     if args.method == "sft" and not fields_config.routes:
         fields_config.routes = [RouteSpec(field="base", task=t) for t in sorted(buckets.buckets)]
@@ -396,8 +404,8 @@ def main(args: argparse.Namespace) -> None:
         os.makedirs(args.output_dir, exist_ok=True)
         if args.demo:
             print(
-                f"[danceopd] embedded demo: tiny SD3 pipeline at {args.pretrained_model_name_or_path}; "
-                f"settings {args.demo_overrides}",
+                "[danceopd] embedded demo: DanceOPD on ShapesWorld (text-to-image + local edits + global edits) "
+                f"from the shipped sources at {demo.SOURCES}; settings {args.demo_overrides}",
                 flush=True,
             )
     repo_id = None
@@ -417,8 +425,12 @@ def main(args: argparse.Namespace) -> None:
         weight_dtype = torch.bfloat16
 
     # ---------------------------------------------------------------- models
-    pipe = family.pipeline_class().from_pretrained(
+    from danceopd_diffusers.field_loading import load_pipeline
+
+    pipe = load_pipeline(
+        family,
         args.pretrained_model_name_or_path,
+        info.custom_pipeline,
         revision=args.revision,
         variant=args.variant,
         torch_dtype=weight_dtype,
@@ -546,10 +558,12 @@ def main(args: argparse.Namespace) -> None:
     transformer_ddp, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
 
     # ---------------------------------------------------------------- state before the loop
-    from danceopd_diffusers.caches import PromptCache, SourceCache
+    from danceopd_diffusers.caches import PromptCache, SourceCache, TargetCache
 
+    cache_size = len(buckets.dataset) + 1 if args.cache_latents else 4096
     prompt_cache = PromptCache(pipe, family, accelerator.device)
-    source_cache = SourceCache(pipe, family, accelerator.device)
+    source_cache = SourceCache(pipe, family, accelerator.device, max_entries=cache_size)
+    target_cache = TargetCache(pipe, family, accelerator.device, max_entries=cache_size)
     router = Router(fields_config.routes)
     route_fields = [fields[r.field] for r in fields_config.routes]
     resolution = args.resolution or family.default_resolution(pipe)
@@ -586,15 +600,23 @@ def main(args: argparse.Namespace) -> None:
     )
     edit_tasks = {r.task for r in fields_config.routes if buckets.is_edit_bucket(r.task)}
 
+    source_sizes: dict[int, tuple[int, int]] = {}
+
     def encode_batch(rows: list[int], prompts: list[str], edit: bool):
         """Conditioning (+ the empty-prompt one for CFG), and the size to train at: an edit's keeps its
         source's aspect ratio and both branches keep the source image."""
         if not edit:
             return prompt_cache(prompts), prompt_cache.empty(len(prompts)), resolution, resolution
-        images = buckets.images(rows, columns.source_image)
-        height, width = edit_size(images[0].width, images[0].height, resolution)
-        fitted = [fit_image(img, height, width) for img in images]
+        if rows[0] not in source_sizes:
+            first = buckets.images(rows[:1], columns.source_image)[0]
+            source_sizes[rows[0]] = (first.width, first.height)
+        height, width = edit_size(*source_sizes[rows[0]], resolution)
         keys = [(row, height, width) for row in rows]
+
+        def fitted(positions: list[int]):  # called only for rows whose encodings are not cached yet
+            images = buckets.images([rows[i] for i in positions], columns.source_image)
+            return [fit_image(img, height, width) for img in images]
+
         cond, uncond = prompt_cache(prompts, keys, fitted), prompt_cache.empty(len(prompts), keys, fitted)
         source = source_cache(rows, fitted, height, width)
         return cond.merge(source), uncond.merge(source), height, width
@@ -671,9 +693,14 @@ def main(args: argparse.Namespace) -> None:
                         for p in prompts
                     ]
                     cond, _, height, width = encode_batch(rows, prompts, edit)
-                    pixels = images_to_tensor(buckets.images(rows, columns.target_image), height, width)
-                    with torch.no_grad():
-                        x0 = family.encode_images(pipe, pixels, gen).to(weight_dtype)
+                    if args.cache_latents:
+                        targets = functools.partial(_images_at_positions, buckets, rows, columns.target_image)
+                        x0 = target_cache(rows, targets, height, width).to(weight_dtype)
+                    else:
+                        with torch.no_grad():
+                            targets = buckets.images(rows, columns.target_image)
+                            pixels = images_to_tensor(targets, height, width)
+                            x0 = family.encode_images(pipe, pixels, gen).to(weight_dtype)
                     sigma = sample_sft_sigmas(sft_scheduler, len(rows), gen, args.weighting_scheme)
                     states = sft_states(x0, sigma, gen)
                 else:
@@ -792,7 +819,7 @@ def main(args: argparse.Namespace) -> None:
             args.output_dir,
             base_model=args.pretrained_model_name_or_path
             if not args.demo
-            else "tiny-sd3 (built offline by danceopd-diffusers)",
+            else "ShapesWorld base (shipped with danceopd-diffusers)",
             repo_id=repo_id,
             fields_table="\n".join(f"| `{n}` | {f.describe()} |" for n, f in fields.items()),
             routes_table="\n".join(
@@ -814,7 +841,13 @@ def main(args: argparse.Namespace) -> None:
         if args.push_to_hub:
             push_output_dir(args.output_dir, repo_id, token=args.hub_token)
         print(f"[danceopd] outputs written to {args.output_dir}", flush=True)
+        if args.demo and not args.skip_pipeline_export:
+            demo.report(args.output_dir, args.demo_eval_limit)
     accelerator.end_training()
+
+
+def _images_at_positions(buckets, rows: list[int], column: str, positions: list[int]) -> list:
+    return buckets.images([rows[i] for i in positions], column)
 
 
 def _absorbed_scale(config: FieldsConfig) -> float | None:
@@ -846,6 +879,7 @@ def _hyperparameters(args: argparse.Namespace, resolution: int) -> dict:
         "max_grad_norm",
         "mixed_precision",
         "seed",
+        "max_sequence_length",
     ]
     out = {k: getattr(args, k) for k in keys}
     out["resolution"] = resolution

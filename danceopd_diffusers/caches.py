@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from .families import Conditioning, FamilyAdapter
+
+#: images of a batch, or a callable giving those at the given batch positions: only uncached ones are opened
+Images = Sequence[Any] | Callable[[list[int]], Sequence[Any]]
+
+
+def _images_at(images: Images, positions: list[int]) -> list[Any]:
+    return list(images(positions)) if callable(images) else [images[i] for i in positions]
 
 
 class PromptCache:
@@ -30,7 +37,7 @@ class PromptCache:
         self,
         prompts: Sequence[str],
         source_keys: Sequence[Any] | None = None,
-        source_images: Sequence[Any] = (),
+        source_images: Images = (),
     ) -> Conditioning:
         with_source = source_keys is not None and self.family.prompt_uses_source
         keys = [(p, k) for p, k in zip(prompts, source_keys)] if with_source else list(prompts)
@@ -40,7 +47,7 @@ class PromptCache:
             texts = [prompts[i] for i in missing]
             if with_source:
                 cond = self.family.encode_prompts(
-                    self.pipe, texts, self.device, source_images=[source_images[i] for i in missing]
+                    self.pipe, texts, self.device, source_images=_images_at(source_images, missing)
                 )
             else:
                 cond = self.family.encode_prompts(self.pipe, texts, self.device)
@@ -52,7 +59,10 @@ class PromptCache:
         return Conditioning.cat([self._cache[key] for key in keys])
 
     def empty(
-        self, batch_size: int, source_keys: Sequence[Any] | None = None, source_images: Sequence[Any] = ()
+        self,
+        batch_size: int,
+        source_keys: Sequence[Any] | None = None,
+        source_images: Images = (),
     ):
         """The unconditional (empty-prompt) conditioning of CFG, repeated over the batch."""
         return self([""] * batch_size, source_keys, source_images)
@@ -60,6 +70,8 @@ class PromptCache:
 
 class SourceCache:
     """Source-image conditioning per data row and edit size: each sample's image is encoded once."""
+
+    encode = "encode_sources"
 
     def __init__(self, pipe: Any, family: FamilyAdapter, device: torch.device, max_entries: int = 4096):
         self.pipe = pipe
@@ -70,18 +82,48 @@ class SourceCache:
         self.encoded = 0
 
     @torch.no_grad()
-    def __call__(self, rows: Sequence[int], images: Sequence[Any], height: int, width: int) -> Conditioning:
+    def __call__(
+        self,
+        rows: Sequence[int],
+        images: Images,
+        height: int,
+        width: int,
+    ) -> Conditioning:
         from .data import images_to_tensor
 
-        missing = [(r, img) for r, img in zip(rows, images) if (r, height, width) not in self._cache]
-        missing = list({r: (r, img) for r, img in missing}.values())
+        first = {}  # row -> its first batch position, for the rows not cached yet
+        for i, r in enumerate(rows):
+            if (r, height, width) not in self._cache:
+                first.setdefault(r, i)
+        missing = list(zip(first, _images_at(images, list(first.values())))) if first else []
         if missing:
             pixels = images_to_tensor([img for _, img in missing], height, width).to(self.device)
             generator = torch.Generator().manual_seed(0)  # the encoding of a sample never changes
-            cond = self.family.encode_sources(self.pipe, pixels, generator)
+            cond = getattr(self.family, self.encode)(self.pipe, pixels, generator)
+            if isinstance(cond, torch.Tensor):
+                cond = Conditioning({"latents": cond})
             self.encoded += len(missing)
             if len(self._cache) + len(missing) > self.max_entries:
                 self._cache.clear()
             for i, (row, _) in enumerate(missing):
                 self._cache[(row, height, width)] = cond.select([i])
         return Conditioning.cat([self._cache[(r, height, width)] for r in rows])
+
+
+class TargetCache(SourceCache):
+    """``sft`` target latents per data row and size (``--cache_latents``): the VAE sees each image once.
+
+    One posterior sample is kept per row, as the cached-latent diffusers examples do; for a deterministic VAE
+    (ShapesWorld's) this is exact.
+    """
+
+    encode = "encode_images"
+
+    def __call__(
+        self,
+        rows: Sequence[int],
+        images: Images,
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        return super().__call__(rows, images, height, width).tensors["latents"]

@@ -101,6 +101,7 @@ class TaskBuckets:
             )
         if columns.target_image not in names and "image" in names:  # imagefolder
             columns.target_image = "image"
+        self._prompts = [str(p or "") for p in dataset[columns.prompt]]
         tasks = dataset[columns.task] if columns.task in names else ["t2i"] * len(dataset)
         self.buckets: dict[str, list[int]] = {}
         for i, task in enumerate(tasks):
@@ -167,7 +168,7 @@ class TaskBuckets:
         return [rows[i] for i in picks]
 
     def prompts(self, rows: Sequence[int]) -> list[str]:
-        return [str(p or "") for p in self.dataset.select(rows)[self.columns.prompt]]
+        return [self._prompts[r] for r in rows]
 
     def images(self, rows: Sequence[int], column: str) -> list[Image.Image | None]:
         if not self.has_column(column):

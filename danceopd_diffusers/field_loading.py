@@ -54,6 +54,23 @@ def load_transformer(
     return cls.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, **kwargs)
 
 
+def load_pipeline(family: FamilyAdapter, path: str, custom_pipeline: str | None = None, **kwargs: Any) -> Any:
+    """The family's stock pipeline, also from a folder this project exported (a DanceOPD student or a
+    ShapesWorld source), so that an exported model can be the base of further training.
+
+    An exported folder's index names its own ``pipeline_danceopd.py`` (checked by ``inspect_pipeline``); it is
+    loaded through that file, as ``from_pretrained(..., trust_remote_code=True)`` would, and rebuilt as the stock
+    class, whose ``__call__`` (with CFG) the rollout and the fields rely on.
+    """
+    cls = family.pipeline_class()
+    if custom_pipeline is None:
+        return cls.from_pretrained(path, **kwargs)
+    from diffusers import DiffusionPipeline
+
+    exported = DiffusionPipeline.from_pretrained(path, trust_remote_code=True, **kwargs)
+    return cls(**exported.components)
+
+
 def build_fields(
     config: FieldsConfig,
     family: FamilyAdapter,

@@ -15,6 +15,9 @@ from .config import ConfigError, FieldsConfig
 from .families import FamilyAdapter, family_for_pipeline_class
 from .lora_io import LoraHeader, inspect_lora, resolve_lora_file
 
+#: the module name (``pipelines/pipeline_danceopd.py``) that exported folders put in their model_index.json
+EXPORTED_PIPELINE_MODULE = "pipeline_danceopd"
+
 
 @dataclass
 class ModelInfo:
@@ -24,6 +27,7 @@ class ModelInfo:
     scheduler_class_name: str
     module_names: set[str]
     transformer_config: dict
+    custom_pipeline: str | None = None  # the module an exported DanceOPD folder names for its pipeline class
 
 
 def _load_json_config(path: str, subfolder: str | None = None, revision: str | None = None) -> dict:
@@ -48,8 +52,15 @@ def inspect_pipeline(path: str, revision: str | None = None) -> ModelInfo:
             "with --pretrained_model_name_or_path."
         ) from exc
     class_name = index.get("_class_name")
+    custom_pipeline = None
     if isinstance(class_name, (list, tuple)):
-        class_name = class_name[-1]
+        custom_pipeline, class_name = class_name[0], class_name[-1]
+        if custom_pipeline != EXPORTED_PIPELINE_MODULE:
+            raise ConfigError(
+                f"{path!r} uses custom pipeline code ({custom_pipeline}.{class_name}), which this script does "
+                f"not run. Pass the stock diffusers pipeline it was built on, or a folder exported by "
+                "train_danceopd.py."
+            )
     try:
         family_cls = family_for_pipeline_class(class_name)
     except ValueError as exc:
@@ -69,7 +80,9 @@ def inspect_pipeline(path: str, revision: str | None = None) -> ModelInfo:
     with init_empty_weights():
         model = family.transformer_class().from_config(transformer_config)
     module_names = {name for name, _ in model.named_modules()}
-    return ModelInfo(path, class_name, family_cls, scheduler_name, module_names, transformer_config)
+    return ModelInfo(
+        path, class_name, family_cls, scheduler_name, module_names, transformer_config, custom_pipeline
+    )
 
 
 def check_lora_targets(target_modules: Sequence[str], module_names: set[str], what: str) -> None:

@@ -505,6 +505,32 @@ def test_kontext_sft_on_t2i_and_edit_pairs(kontext_path, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
 
 
+def test_kontext_sft_cache_latents_opens_fewer_images(kontext_path, tmp_path, monkeypatch):
+    """With --cache_latents a target is read and encoded once, not at every step; training still learns."""
+    import danceopd_diffusers.data as data
+
+    opened = []
+    original = data.open_image
+    monkeypatch.setattr(data, "open_image", lambda *a, **k: opened.append(1) or original(*a, **k))
+    counts = {}
+    for flag in ([], ["--cache_latents"]):
+        opened.clear()
+        folder = tmp_path / ("cached" if flag else "plain")
+        folder.mkdir()
+        data_file = _write_data(folder, edits=True)
+        run_train(
+            ["--pretrained_model_name_or_path", kontext_path, "--dataset_name", str(data_file)]
+            + ["--output_dir", str(folder / "out"), "--method", "sft", "--max_train_steps", "16", *SHORT]
+            + flag
+        )
+        counts[bool(flag)] = len(opened)
+        lora = load_file(folder / "out" / "pytorch_lora_weights.safetensors")
+        assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    # uncached, each of the 2 samples of each of the 16 steps opens its target (32 reads); cached, only the
+    # first batches that meet a new row read theirs (4 rows)
+    assert counts[True] + 16 <= counts[False], counts
+
+
 def test_flux_full_finetune_student(flux_path, tmp_path):
     folder = tmp_path / "full"
     folder.mkdir()

@@ -50,3 +50,18 @@ def test_cli_writes_table_json_and_grid(tiny_path, tmp_path, capsys):
     assert data["n_t2i"] == 6 and set(data["t2i"]) == {"overall", "single_object"}
     assert (tmp_path / "eval.png").exists()
     assert ev.main(["--pipeline", str(tmp_path / "missing")]) == 2
+
+
+def test_prompt_length_follows_training_then_tokenizer(tmp_path):
+    """Sampling pads prompts to the length the model was trained with, not the family default of 512."""
+    from danceopd_diffusers.shapesworld.evaluate import prompt_length
+
+    (tmp_path / "tokenizer_2").mkdir()
+    (tmp_path / "tokenizer_2" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 32}))
+    assert prompt_length(str(tmp_path)) == 32
+    (tmp_path / "danceopd_config.json").write_text(json.dumps({"args": {"max_sequence_length": 16}}))
+    assert prompt_length(str(tmp_path)) == 16
+    assert prompt_length(str(tmp_path), 8) == 8
+    (tmp_path / "tokenizer_2" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512}))
+    (tmp_path / "danceopd_config.json").unlink()
+    assert prompt_length(str(tmp_path)) is None

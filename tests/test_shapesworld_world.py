@@ -306,3 +306,21 @@ def test_save_dataset_to_folder_writes_relative_pngs(tmp_path):
             assert rec["source_image"] is None
         else:
             assert (tmp_path / "sw" / rec["source_image"]).is_file()
+
+
+def test_prepare_buckets_are_readable_by_the_script_and_all_reuses_their_images(tmp_path):
+    from danceopd_diffusers.data import DataColumns, TaskBuckets, load_training_dataset
+    from danceopd_diffusers.shapesworld.prepare import write_buckets
+
+    counts = write_buckets(tmp_path, ["t2i", "local", "global", "all"], 2, workers=2)
+    assert counts == {"t2i": 12, "local": 8, "global": 4, "all": 24}
+    assert not (tmp_path / "data" / "all" / "images").exists()
+    ds, base = load_training_dataset(str(tmp_path / "data" / "all" / "metadata.jsonl"))
+    buckets = TaskBuckets(ds, DataColumns(), base)
+    assert {k: len(v) for k, v in buckets.buckets.items()} == {"t2i": 12, "local_edit": 8, "global_edit": 4}
+    assert buckets.images([buckets.buckets["t2i"][0]], "target_image")[0].size == (64, 64)
+    first_edit = buckets.buckets["local_edit"][0]
+    source = buckets.images([first_edit], "source_image")[0]
+    # the same row as the in-memory generator's, whatever the worker count
+    expected = build_dataset("train", tasks=("local_edit",), n_per_category=2)[0]["source_image"]
+    assert np.array_equal(np.asarray(source), np.asarray(expected.convert("RGB")))

@@ -363,6 +363,31 @@ def test_prompts_encoded_once_per_unique_prompt(tiny_pipe):
     assert torch.equal(a.tensors["encoder_hidden_states"][0], b.tensors["encoder_hidden_states"][1])
 
 
+def test_target_cache_encodes_each_row_once_and_opens_nothing_when_cached(tiny_pipe):
+    from PIL import Image
+
+    from danceopd_diffusers.caches import TargetCache
+    from danceopd_diffusers.data import images_to_tensor
+    from danceopd_diffusers.families import SD3Family
+
+    family = SD3Family(max_sequence_length=16)
+    cache = TargetCache(tiny_pipe, family, "cpu")
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    a = cache([3, 5, 3], [images[0], images[1], images[0]], 32, 32)
+    assert cache.encoded == 2 and a.shape[0] == 3 and torch.equal(a[0], a[2])
+
+    def never():
+        raise AssertionError("a cached batch opened its images")
+
+    b = cache([5, 3], never, 32, 32)
+    assert torch.equal(b[0], a[1]) and cache.encoded == 2
+    with torch.no_grad():  # one fixed posterior sample per row, the same the script would draw uncached
+        expected = family.encode_images(
+            tiny_pipe, images_to_tensor(images[:1], 32, 32), torch.Generator().manual_seed(0)
+        )
+    assert torch.allclose(a[0], expected[0], atol=1e-3)  # batched conv: float noise only
+
+
 def test_student_init_bf16_and_gradient_checkpointing(trained, tiny_path, tmp_path):
     """Warm start from a LoRA (continues its weights) or a checkpoint; bf16 autocast and checkpointing run."""
     common = [

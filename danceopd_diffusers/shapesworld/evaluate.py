@@ -30,8 +30,31 @@ from .scorer import score_edit, score_t2i, summarize_edit, summarize_t2i
 from .world import EDIT_CATEGORIES, T2I_CATEGORIES, build_edit_dataset, build_t2i_dataset
 
 
+def prompt_length(path: str, override: int | None = None) -> int | None:
+    """The text length the model was trained with: prompts are padded to it, and a transformer trained on
+    32 text tokens is out of distribution on 512. From ``--max_sequence_length``, else the exported folder's
+    ``danceopd_config.json``, else the T5 tokenizer's own ``model_max_length`` when it is below 512."""
+    if override is not None:
+        return override
+    config = Path(path, "danceopd_config.json")
+    if config.is_file():
+        length = json.loads(config.read_text()).get("args", {}).get("max_sequence_length")
+        if length:
+            return int(length)
+    tokenizer_config = Path(path, "tokenizer_2", "tokenizer_config.json")
+    if tokenizer_config.is_file():
+        length = json.loads(tokenizer_config.read_text()).get("model_max_length")
+        if isinstance(length, int) and length < 512:
+            return length
+    return None
+
+
 def load_pipeline(
-    path: str, lora: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32
+    path: str,
+    lora: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_sequence_length: int | None = None,
 ):
     """Any supported pipeline folder (stock or exported) and its family adapter; a LoRA is fused in if given."""
     from diffusers import DiffusionPipeline
@@ -39,7 +62,9 @@ def load_pipeline(
     index = DiffusionPipeline.load_config(path)
     class_name = index["_class_name"]
     class_name = class_name[-1] if isinstance(class_name, (list, tuple)) else class_name
-    family = family_for_pipeline_class(class_name)()
+    family_cls = family_for_pipeline_class(class_name)
+    length = prompt_length(path, max_sequence_length)
+    family = family_cls(max_sequence_length=length) if length else family_cls()
     pipe = DiffusionPipeline.from_pretrained(path, trust_remote_code=True, torch_dtype=dtype)
     if lora:
         pipe.load_lora_weights(lora)
@@ -199,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="CFG α (u + α(c-u)); 1 = no CFG")
     parser.add_argument("--num_inference_steps", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="text tokens per prompt (default: the value the pipeline folder was trained with)",
+    )
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--limit", type=int, default=None, help="score only the first N prompts / edits")
     parser.add_argument(
@@ -211,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --pipeline {args.pipeline} does not exist", file=sys.stderr)
         return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe, family = load_pipeline(args.pipeline, args.lora, device)
+    pipe, family = load_pipeline(
+        args.pipeline, args.lora, device, max_sequence_length=args.max_sequence_length
+    )
     result = evaluate(
         pipe, family, args.guidance_scale, args.num_inference_steps, args.seed, args.batch_size, args.limit
     )

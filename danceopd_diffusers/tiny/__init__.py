@@ -1,7 +1,7 @@
 """Tiny, deterministic pipelines built offline (tokenizers in memory, small configs, fixed seeds).
 
 One module per family; :func:`tiny_pipeline_path` builds a family's pipeline folder once and returns it, so
-tests and the embedded demo go through ``from_pretrained`` exactly like a Hub id.
+tests and the benchmarks go through ``from_pretrained`` exactly like a Hub id.
 """
 
 from __future__ import annotations

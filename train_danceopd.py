@@ -623,6 +623,9 @@ def main(args: argparse.Namespace) -> None:
 
     sft_scheduler = copy.deepcopy(pipe.scheduler) if args.method == "sft" else None
     loss_history: list[float] = []
+    route_history: dict[
+        str, list[float]
+    ] = {}  # per routed field: routes' losses differ by orders of magnitude
     rank = accelerator.process_index
     last_grid: dict[int, object] = {}  # step -> grid, so the final samples reuse the last validation
 
@@ -770,6 +773,8 @@ def main(args: argparse.Namespace) -> None:
         loss_history.append(step_loss)
         logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
         logs.update({f"loss/{name}": sum(v) / len(v) for name, v in route_losses.items()})
+        for name, v in route_losses.items():
+            route_history.setdefault(name, []).append(sum(v) / len(v))
         progress_bar.set_postfix(loss=f"{step_loss:.4g}", lr=f"{logs['lr']:.2g}")
         accelerator.log(logs, step=global_step)
         if global_step % args.checkpointing_steps == 0:
@@ -792,9 +797,10 @@ def main(args: argparse.Namespace) -> None:
         )
 
         if loss_history:
-            k = max(1, len(loss_history) // 10)
-            first, last = sum(loss_history[:k]) / k, sum(loss_history[-k:]) / k
-            print(f"[danceopd] loss: first {k} steps {first:.5f} -> last {k} steps {last:.5f}", flush=True)
+            print(f"[danceopd] loss: {_first_last(loss_history)}", flush=True)
+        if len(fields_config.routes) > 1:
+            for name, history in route_history.items():
+                print(f"[danceopd] loss of route {name} ({len(history)} steps): {_first_last(history)}")
         model = unwrap(transformer_ddp)
         samples_image = None
         if run_validation:
@@ -844,6 +850,12 @@ def main(args: argparse.Namespace) -> None:
         if args.demo and not args.skip_pipeline_export:
             demo.report(args.output_dir, args.demo_eval_limit)
     accelerator.end_training()
+
+
+def _first_last(history: list[float]) -> str:
+    k = max(1, len(history) // 10)
+    first, last = sum(history[:k]) / k, sum(history[-k:]) / k
+    return f"first {k} steps {first:.5f} -> last {k} steps {last:.5f}"
 
 
 def _images_at_positions(buckets, rows: list[int], column: str, positions: list[int]) -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,7 @@ def test_embedded_default_fuses_the_shipped_sources_and_scores_the_student(tmp_p
     routed = {r["task"]: r["field"] for r in config["fields_config"]["routes"]}
     assert routed == {"t2i": "t2i", "local_edit": "local_cfg", "global_edit": "global_cfg"}
     assert len((out / "logs" / "routes_rank0.jsonl").read_text().splitlines()) == 4  # one route per step
+    assert re.search(r"loss of route (t2i|local_cfg|global_cfg) \(\d steps\): first", text)
     # the table: the recorded sources and this run's student, scored on the limited set
     for name in demo.recorded_sources():
         assert f"| {name} (recorded) |" in text

@@ -253,6 +253,11 @@ def check_flags(args: argparse.Namespace) -> None:
     from_flags = [
         f for f in ("cfg_scale", "expert_lora", "expert_checkpoint") if getattr(args, f) is not None
     ]
+    if args.demo_eval_limit is not None and not args.demo:
+        raise ConfigError(
+            "--demo_eval_limit applies only to the embedded default (no --pretrained_model_name_or_path); to score "
+            "a model, run `python -m danceopd_diffusers.shapesworld.evaluate --pipeline OUTPUT_DIR --limit N`."
+        )
     if args.fields_config and from_flags:
         raise ConfigError(
             f"--fields_config and --{from_flags[0]} both given. Declare every field in the config file, or drop "
@@ -623,9 +628,8 @@ def main(args: argparse.Namespace) -> None:
 
     sft_scheduler = copy.deepcopy(pipe.scheduler) if args.method == "sft" else None
     loss_history: list[float] = []
-    route_history: dict[
-        str, list[float]
-    ] = {}  # per routed field: routes' losses differ by orders of magnitude
+    # per routed field, printed at the end: the routes' losses differ by an order of magnitude
+    route_history: dict[str, list[float]] = {}
     rank = accelerator.process_index
     last_grid: dict[int, object] = {}  # step -> grid, so the final samples reuse the last validation
 

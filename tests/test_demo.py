@@ -84,3 +84,11 @@ def test_user_fields_replace_the_demo_fusion(flag, tmp_path):
     value = "3" if flag == "--cfg_scale" else str(tmp_path / "f.yaml")
     args = train_danceopd.parse_args([flag, value])
     assert args.demo and "fields_config" not in args.demo_overrides
+
+
+def test_demo_eval_limit_without_the_demo_is_an_error():
+    import train_danceopd
+    from danceopd_diffusers.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--demo_eval_limit applies only to the embedded default"):
+        train_danceopd.parse_args(["--pretrained_model_name_or_path", "some/model", "--demo_eval_limit", "8"])

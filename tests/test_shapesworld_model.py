@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from danceopd_diffusers.shapesworld.pipeline import build_shapesworld_pipeline, world_vocabulary
@@ -30,3 +31,34 @@ def test_vae_training_reduces_loss_and_encodes_deterministically():
     assert torch.allclose(a, b, atol=1e-5)  # sampling the posterior is its mode
     z = (a - vae.config.shift_factor) * vae.config.scaling_factor
     assert 0.2 < z.std().item() < 5
+
+
+def test_ship_writes_fp16_sources_and_scores_what_it_wrote(tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from danceopd_diffusers.demo import SOURCES
+    from danceopd_diffusers.shapesworld.ship import LORA_FILE, TRANSFORMER_FILE, ship
+
+    root = tmp_path / "root"  # a train_sources.sh root, made from the shipped files
+    shutil.copytree(SOURCES / "base", root / "init")
+    (root / "base" / "transformer").mkdir(parents=True)
+    full = {k: v.float() for k, v in load_file(SOURCES / "base" / TRANSFORMER_FILE).items()}
+    from safetensors.torch import save_file
+
+    save_file(full, root / "base" / TRANSFORMER_FILE)
+    (root / "local").mkdir()
+    shutil.copy(SOURCES / "local_edit_lora.safetensors", root / "local" / LORA_FILE)
+    dest = tmp_path / "sources"
+    results = ship(root, dest, limit=2)
+    written = load_file(dest / "base" / TRANSFORMER_FILE)
+    assert all(t.dtype == torch.float16 for t in written.values()) and written.keys() == full.keys()
+    assert (dest / "local_edit_lora.safetensors").is_file() and not (
+        dest / "global_edit_lora.safetensors"
+    ).exists()
+    assert set(results) == {"T2I base", "local-edit expert"}
+    assert json.loads((dest / "results.json").read_text())["T2I base"]["n_t2i"] == 2
+    with pytest.raises(FileNotFoundError, match="train_sources.sh data and base"):
+        ship(tmp_path / "nothing", dest)

@@ -7,6 +7,7 @@
 #   bash danceopd_diffusers/shapesworld/train_sources.sh global ROOT   # global-edit expert: LoRA sft on the base
 #   bash danceopd_diffusers/shapesworld/train_sources.sh joint  ROOT   # data-mixing baseline: LoRA sft on data/all
 #   bash danceopd_diffusers/shapesworld/train_sources.sh eval   ROOT   # every source on every category
+#   bash danceopd_diffusers/shapesworld/train_sources.sh ship   ROOT   # fp16 copies into sources/ + results.json
 #   bash danceopd_diffusers/shapesworld/train_sources.sh student ROOT  # full-length DanceOPD fusion (fusion.yaml)
 #
 # The shipped sources (danceopd_diffusers/shapesworld/sources) are ROOT/base, ROOT/local, ROOT/global and ROOT/joint
@@ -53,6 +54,9 @@ case $STAGE in
   local) expert local "$R/local" ;;
   global) expert global "$R/global" ;;
   joint) expert all "$R/joint" ;;
+  ship)
+    $PY -m danceopd_diffusers.shapesworld.ship --root "$R" --guidance_scale "$EVAL_CFG"
+    ;;
   student)
     here=$(dirname "$0")
     $PY train_danceopd.py --pretrained_model_name_or_path "$here/sources/base" --fields_config "$here/fusion.yaml" \
@@ -74,7 +78,7 @@ case $STAGE in
     done
     ;;
   *)
-    echo "unknown stage $STAGE: use data, base, local, global, joint, eval or student" >&2
+    echo "unknown stage $STAGE: use data, base, local, global, joint, eval, ship or student" >&2
     exit 2
     ;;
 esac

@@ -21,6 +21,35 @@ def test_vocabulary_covers_every_prompt_word():
     assert tok.unk_token_id not in ids and len(ids) == 11  # one token per word (10) + </s>
 
 
+def _t5_outputs(pipe, prompt: str) -> tuple[list[str], torch.Tensor]:
+    ids = pipe.tokenizer_2(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.tokenizer_2.convert_ids_to_tokens(ids[0]), pipe.text_encoder_2(ids).last_hidden_state[0]
+
+
+def test_text_encoder_carries_word_order():
+    # Flux gives text tokens no positions: a bag-of-words T5 makes these prompt pairs identical to the transformer
+    pipe = build_shapesworld_pipeline()
+    tokens, red_first = _t5_outputs(pipe, "a photo of a red circle left of a blue square")
+    _, blue_first = _t5_outputs(pipe, "a photo of a blue circle left of a red square")
+    circle = tokens.index("\u2581circle")
+    assert torch.nn.functional.cosine_similarity(red_first[circle], blue_first[circle], dim=0) < 0.95
+    _, left = _t5_outputs(pipe, "a photo of a square left of a triangle")
+    _, swapped = _t5_outputs(pipe, "a photo of a triangle left of a square")
+    distance = torch.cdist(left, swapped).min(dim=1).values  # every token of one prompt vs its nearest in the other
+    assert distance.max() > 0.1 * left.norm(dim=1).mean()
+
+
+def test_shipped_text_encoder_is_the_one_the_builder_makes():
+    from safetensors.torch import load_file
+
+    from danceopd_diffusers.demo import SOURCES
+
+    shipped = load_file(SOURCES / "base" / "text_encoder_2" / "model.safetensors")
+    built = build_shapesworld_pipeline().text_encoder_2.state_dict()
+    assert all(torch.equal(shipped[k].float(), built[k]) for k in shipped)
+
+
 def test_vae_training_reduces_loss_and_encodes_deterministically():
     vae, history = train_vae(12, batch_size=8, log_every=0)
     assert sum(history[-3:]) / 3 < sum(history[:3]) / 3
@@ -44,6 +73,8 @@ def test_ship_writes_fp16_sources_and_scores_what_it_wrote(tmp_path):
 
     root = tmp_path / "root"  # a train_sources.sh root, made from the shipped files
     shutil.copytree(SOURCES / "base", root / "init")
+    vae_config = root / "init" / "vae" / "config.json"
+    vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "_name_or_path": "/tmp/x/vae"}))
     (root / "base" / "transformer").mkdir(parents=True)
     full = {k: v.float() for k, v in load_file(SOURCES / "base" / TRANSFORMER_FILE).items()}
     from safetensors.torch import save_file
@@ -59,6 +90,7 @@ def test_ship_writes_fp16_sources_and_scores_what_it_wrote(tmp_path):
         dest / "global_edit_lora.safetensors"
     ).exists()
     assert set(results) == {"T2I base", "local-edit expert"}
+    assert "_name_or_path" not in json.loads((dest / "base" / "vae" / "config.json").read_text())
     assert json.loads((dest / "results.json").read_text())["T2I base"]["n_t2i"] == 2
     with pytest.raises(FileNotFoundError, match="train_sources.sh data and base"):
         ship(tmp_path / "nothing", dest)

@@ -2,7 +2,10 @@
 
 Text goes through a word-level T5 tokenizer over the world's own vocabulary (every word of every prompt and
 instruction the world can produce) and the char-level CLIP of the tiny pipelines; both text encoders are small,
-seeded and frozen (training moves only the transformer). The VAE is trained on world renders by
+seeded and frozen (training moves only the transformer). Flux gives text tokens no positions (``txt_ids`` are
+zero), so word order reaches the transformer only through the T5: a randomly initialised one is a bag of words
+("red circle left of blue square" = "blue circle left of red square"), which caps position and colour attribution
+at chance. :func:`order_aware_t5` fixes the attention pattern instead (see there). The VAE is trained on world renders by
 :mod:`.train_vae` (4x down-sampling, 4 latent channels: 64x64 images are 16x16 latents, 64 packed tokens).
 """
 
@@ -65,6 +68,55 @@ def word_t5_tokenizer(words: list[str], max_length: int = 32):
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
+#: what each attention head of the ShapesWorld T5 reads: the word at a fixed offset, or every word up to and
+#: including this one ("before") or from it on ("after")
+T5_HEAD_READS = (-1, -2, -3, 1, 2, 3, "before", "after")
+
+
+def order_aware_t5(vocab_size: int, d_model: int = 128, d_ff: int = 256, layers: int = 2):
+    """A frozen T5 encoder whose attention is purely positional, so every token carries its neighbours in order.
+
+    Query weights are zero, so the scores are the relative-position bias alone; the bias gives head ``h`` a
+    +30 logit on the positions :data:`T5_HEAD_READS` names (the words before / after for the two "bag" heads,
+    -30 elsewhere). Values, outputs and feed-forwards stay random: "circle" then encodes the colour word before
+    it and the "left"/"right" around it, and stacked layers widen the window. Seeded by the caller.
+    """
+    from transformers import T5Config, T5EncoderModel
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    heads, buckets, max_distance = len(T5_HEAD_READS), 32, 64
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // heads,
+        d_ff=d_ff,
+        num_layers=layers,
+        num_heads=heads,
+        relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=max_distance,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    model = T5EncoderModel(config)
+    offsets = torch.arange(-max_distance + 1, max_distance)  # key position minus query position
+    bucket_of = T5Attention._relative_position_bucket(offsets, True, buckets, max_distance)
+    bias = torch.full((buckets, heads), -30.0)
+    for head, reads in enumerate(T5_HEAD_READS):
+        if reads == "before":
+            bias[bucket_of[offsets <= 0], head] = 0.0
+        elif reads == "after":
+            bias[bucket_of[offsets >= 0], head] = 0.0
+        else:
+            bias[bucket_of[offsets == reads], head] = 30.0
+    with torch.no_grad():
+        for block in model.encoder.block:
+            block.layer[0].SelfAttention.q.weight.zero_()
+        model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.copy_(bias)
+    return model
+
+
 def build_shapesworld_pipeline(vae=None, seed: int = 0):
     """The untrained ShapesWorld pipeline (pass the trained ``vae``; a random one otherwise)."""
     from diffusers import (
@@ -73,15 +125,15 @@ def build_shapesworld_pipeline(vae=None, seed: int = 0):
         FluxKontextPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import CLIPTextModel, T5EncoderModel
+    from transformers import CLIPTextModel
 
-    from ..tiny.sd3 import clip_config, clip_tokenizer, t5_config
+    from ..tiny.sd3 import clip_config, clip_tokenizer
 
     clip_tok = clip_tokenizer()
     t5_tok = word_t5_tokenizer(world_vocabulary())
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(clip_config(len(clip_tok), hidden=64))
-    text_encoder_2 = T5EncoderModel(t5_config(len(t5_tok), d_model=128, d_ff=256, buckets=16))
+    text_encoder_2 = order_aware_t5(len(t5_tok))
     transformer = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
     if vae is None:
         vae = AutoencoderKL(**VAE_CONFIG, shift_factor=0.0, scaling_factor=1.0)

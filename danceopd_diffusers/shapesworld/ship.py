@@ -54,6 +54,10 @@ def ship(
     if base.exists():
         shutil.rmtree(base)
     shutil.copytree(root / "init", base, ignore=shutil.ignore_patterns("training.json"))
+    for config in base.glob("*/config.json"):  # the training machine's paths mean nothing to a user
+        fields = json.loads(config.read_text())
+        if fields.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
     _to_fp16(root / "base" / TRANSFORMER_FILE, base / TRANSFORMER_FILE)
     shipped = {"T2I base": None}
     for name, (file, folder) in SOURCES.items():

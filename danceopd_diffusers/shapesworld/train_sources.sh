@@ -19,15 +19,16 @@ set -euo pipefail
 STAGE=$1
 R=$2
 PY=${PYTHON:-python}
-N_PER_CATEGORY=${N_PER_CATEGORY:-3000}
-BASE_STEPS=${BASE_STEPS:-8000}
+N_PER_CATEGORY=${N_PER_CATEGORY:-5000}
+BASE_STEPS=${BASE_STEPS:-14000}
 BASE_LR=${BASE_LR:-1e-3}
 BASE_BATCH=${BASE_BATCH:-512}
 BASE_INIT=${BASE_INIT:-$R/init}           # a base pipeline folder to continue from
-EXPERT_STEPS=${EXPERT_STEPS:-3000}
+EXPERT_STEPS=${EXPERT_STEPS:-2400}
 EXPERT_RANK=${EXPERT_RANK:-32}
 EXPERT_LR=${EXPERT_LR:-1e-3}
 EVAL_CFG=${EVAL_CFG:-3}
+STUDENT_INIT=${STUDENT_INIT:-}            # e.g. <sources>/joint_lora.safetensors: start the student there
 read -r -a extra <<< "${EXTRA_ARGS:-}"    # more train_danceopd.py flags, e.g. EXTRA_ARGS="--checkpointing_steps 500"
 
 common=(--method sft --resolution 64 --max_sequence_length 32 --gradient_accumulation_steps 1
@@ -61,7 +62,7 @@ case $STAGE in
     here=$(dirname "$0")
     $PY train_danceopd.py --pretrained_model_name_or_path "$here/sources/base" --fields_config "$here/fusion.yaml" \
       --dataset_name "$R/data/all/metadata.jsonl" --resolution 64 --max_sequence_length 32 --num_rollout_steps 16 \
-      --rank 32 --train_batch_size 64 --gradient_accumulation_steps 1 --learning_rate 5e-4 \
+      ${STUDENT_INIT:+--student_init "$STUDENT_INIT"} --rank 32 --train_batch_size 64 --gradient_accumulation_steps 1 --learning_rate 5e-4 \
       --max_train_steps "${STUDENT_STEPS:-1200}" --lr_scheduler constant_with_warmup --lr_warmup_steps 100 \
       --cache_latents --allow_tf32 --report_to none --seed 0 --checkpointing_steps 200 --validation_steps 1000000 \
       --output_dir "$R/student" "${extra[@]}"

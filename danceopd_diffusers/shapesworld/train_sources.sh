@@ -44,7 +44,7 @@ expert() {  # $1 = data bucket, $2 = output folder
 
 case $STAGE in
   data)
-    $PY -m danceopd_diffusers.shapesworld.prepare --root "$R" --vae_steps 2500 \
+    $PY -m danceopd_diffusers.shapesworld.prepare --root "$R" --vae_steps "${VAE_STEPS:-2000}" \
       --n_per_category "$N_PER_CATEGORY" ${VAE:+--vae "$VAE"}
     ;;
   base)

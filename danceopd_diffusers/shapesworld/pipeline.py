@@ -81,24 +81,14 @@ def order_aware_t5(vocab_size: int, d_model: int = 128, d_ff: int = 256, layers:
     -30 elsewhere). Values, outputs and feed-forwards stay random: "circle" then encodes the colour word before
     it and the "left"/"right" around it, and stacked layers widen the window. Seeded by the caller.
     """
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5EncoderModel
     from transformers.models.t5.modeling_t5 import T5Attention
 
+    from ..tiny.sd3 import t5_config
+
     heads, buckets, max_distance = len(T5_HEAD_READS), 32, 64
-    config = T5Config(
-        vocab_size=vocab_size,
-        d_model=d_model,
-        d_kv=d_model // heads,
-        d_ff=d_ff,
-        num_layers=layers,
-        num_heads=heads,
-        relative_attention_num_buckets=buckets,
-        relative_attention_max_distance=max_distance,
-        dropout_rate=0.0,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
+    config = t5_config(vocab_size, d_model, d_ff, layers, heads, buckets)
+    config.relative_attention_max_distance, config.dropout_rate = max_distance, 0.0
     model = T5EncoderModel(config)
     offsets = torch.arange(-max_distance + 1, max_distance)  # key position minus query position
     bucket_of = T5Attention._relative_position_bucket(offsets, True, buckets, max_distance)

@@ -60,6 +60,7 @@ from danceopd_diffusers.preflight import (
     check_lora_file,
     check_lora_targets,
     inspect_pipeline,
+    student_init_lora_config,
 )
 from danceopd_diffusers.rollout import QUERY_STRATEGIES
 from danceopd_diffusers.routing import Router, step_generator
@@ -348,6 +349,9 @@ def main(args: argparse.Namespace) -> None:
         if init_is_lora and not args.full_finetune:
             check_lora_file(init_header, info.module_names, "--student_init", expected_rank=args.rank)
             student_targets = init_header.target_modules or sorted(init_header.modules)
+            # the student continues the file's LoRA at the file's own scale (alpha and patterns)
+            init_lora_config = student_init_lora_config(init_header, args.rank, args.lora_alpha)
+            args.lora_alpha = init_lora_config["lora_alpha"]
     columns = DataColumns(args.caption_column, args.task_column, args.source_image_column, args.image_column)
     if args.demo and args.dataset_name is None and args.train_data_dir is None:
         args.dataset_name = demo.demo_data_file()
@@ -466,13 +470,13 @@ def main(args: argparse.Namespace) -> None:
     else:
         from danceopd_diffusers.student import AdapterScope, add_student_lora
 
-        add_student_lora(transformer, args.rank, args.lora_alpha or args.rank, student_targets)
         if init_is_lora:
-            from peft import set_peft_model_state_dict
+            from danceopd_diffusers.student import load_lora_into_adapter
 
             state, _ = load_lora_for_diffusers(init_file)
-            state = {k[len("transformer.") :]: v for k, v in state.items()}
-            set_peft_model_state_dict(transformer, state, adapter_name=STUDENT_ADAPTER)
+            load_lora_into_adapter(transformer, state, init_lora_config, adapter_name=STUDENT_ADAPTER)
+        else:
+            add_student_lora(transformer, args.rank, args.lora_alpha or args.rank, student_targets)
         scope = AdapterScope(transformer)
     from danceopd_diffusers.field_loading import build_fields
 

@@ -48,6 +48,16 @@ class LoraHeader:
     declared_rank: int | None
     declared_alpha: float | None
     target_modules: list[str] | None
+    #: the adapter config the file declares (diffusers' ``lora_adapter_metadata`` or a peft adapter_config.json)
+    config: dict | None = None
+
+    @property
+    def rank_pattern(self) -> dict:
+        return dict((self.config or {}).get("rank_pattern") or {})
+
+    @property
+    def alpha_pattern(self) -> dict:
+        return dict((self.config or {}).get("alpha_pattern") or {})
 
 
 def _normalize_key(key: str) -> str | None:
@@ -90,7 +100,8 @@ def inspect_lora(file: str) -> LoraHeader:
                 continue
             module = norm.split(".lora_A.")[0]
             modules[module] = f.get_slice(key).get_shape()[0]
-    meta = _adapter_metadata(file) or {}
+    declared = _adapter_metadata(file)
+    meta = declared or {}
     targets = meta.get("target_modules")
     if isinstance(targets, str):
         targets = [targets]
@@ -100,6 +111,7 @@ def inspect_lora(file: str) -> LoraHeader:
         declared_rank=meta.get("r"),
         declared_alpha=meta.get("lora_alpha"),
         target_modules=list(targets) if targets else None,
+        config=declared,
     )
 
 

@@ -7,6 +7,7 @@ that targets modules the model lacks, or whose rank contradicts its weights, fai
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -108,16 +109,58 @@ def check_lora_file(
             f"{missing[:3]}. It was trained for another model; use a LoRA of this base model."
         )
     ranks = sorted(set(header.modules.values()))
-    if header.declared_rank is not None and len(ranks) == 1 and ranks[0] != header.declared_rank:
+    if (
+        header.declared_rank is not None
+        and len(ranks) == 1
+        and ranks[0] != header.declared_rank
+        and not header.rank_pattern
+    ):
         raise ConfigError(
             f"{what}: {header.file} declares rank r={header.declared_rank} but its weights have rank {ranks[0]}. "
             "The file is inconsistent; re-save it with the right metadata."
         )
-    if expected_rank is not None and ranks != [expected_rank]:
+    if expected_rank is not None and lora_base_rank(header) != expected_rank:
         raise ConfigError(
-            f"{what}: the LoRA in {header.file} has rank {ranks if len(ranks) > 1 else ranks[0]}, but --rank is "
-            f"{expected_rank}. Pass --rank {ranks[0]} to continue training it."
+            f"{what}: the LoRA in {header.file} has rank {lora_base_rank(header)}, but --rank is "
+            f"{expected_rank}. Pass --rank {lora_base_rank(header)} to continue training it."
         )
+
+
+def lora_base_rank(header: LoraHeader) -> int:
+    """The file's ``r``: declared, else the most common rank of its weights (what diffusers infers)."""
+    if header.declared_rank is not None:
+        return int(header.declared_rank)
+    return Counter(header.modules.values()).most_common(1)[0][0]
+
+
+def student_init_lora_config(header: LoraHeader, rank: int, lora_alpha: float | None) -> dict:
+    """The adapter config of a student that continues the LoRA ``header`` describes (``--student_init``).
+
+    Its scale is the file's: alpha, ``rank_pattern``, ``alpha_pattern`` (and rsLoRA / DoRA flags) come from the
+    file's declared config, so step 0 is exactly base + that LoRA. An explicit ``--lora_alpha`` that contradicts
+    the file is refused. A file that declares no alpha is read as diffusers reads it (alpha = r) unless
+    ``--lora_alpha`` says otherwise.
+    """
+    declared = header.config
+    if declared is None or declared.get("lora_alpha") is None:
+        return {
+            "r": rank,
+            "lora_alpha": lora_alpha if lora_alpha is not None else rank,
+            "target_modules": sorted(header.modules),
+            "rank_pattern": {m: r for m, r in header.modules.items() if r != rank},
+        }
+    file_alpha = declared["lora_alpha"]
+    if lora_alpha is not None and (float(lora_alpha) != float(file_alpha) or header.alpha_pattern):
+        pattern = f" and alpha_pattern {header.alpha_pattern}" if header.alpha_pattern else ""
+        raise ConfigError(
+            f"--student_init: the LoRA in {header.file} was trained with lora_alpha={file_alpha}{pattern}, but "
+            f"--lora_alpha is {lora_alpha}. A different alpha would rescale the warm start. Drop --lora_alpha "
+            "(the file's alpha is used)"
+            + ("." if header.alpha_pattern else f" or pass --lora_alpha {file_alpha}.")
+        )
+    config = dict(declared)
+    config["lora_dropout"] = 0.0  # the student trains without dropout, as a fresh student LoRA does
+    return config
 
 
 def check_fields_against_model(config: FieldsConfig, info: ModelInfo) -> dict[str, LoraHeader]:

@@ -15,15 +15,17 @@ class SD3Family(FamilyAdapter):
     transformer_class_name = "SD3Transformer2DModel"
     custom_pipeline_class_name = "DanceOPDStableDiffusion3Pipeline"
     can_edit = False
+    # Suffixes, so that they also match the second self-attention (`attn2`) of SD3.5's dual-attention blocks,
+    # as the official toolkit's list does; diffusers' SD3 example names `attn.` only and misses those.
     default_lora_targets = (
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
     )
 
     def __init__(self, max_sequence_length: int = 256):

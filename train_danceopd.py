@@ -432,6 +432,9 @@ def main(args: argparse.Namespace) -> None:
         weight_dtype = torch.float16
     elif accelerator.mixed_precision == "bf16":
         weight_dtype = torch.bfloat16
+    # A full fine-tune keeps fp32 master weights and computes under autocast, as diffusers' full fine-tuning
+    # examples do: Adam's small updates vanish in half-precision weights. Frozen models stay in weight_dtype.
+    student_dtype = torch.float32 if args.full_finetune else weight_dtype
 
     # ---------------------------------------------------------------- models
     from danceopd_diffusers.field_loading import load_pipeline
@@ -442,7 +445,7 @@ def main(args: argparse.Namespace) -> None:
         info.custom_pipeline,
         revision=args.revision,
         variant=args.variant,
-        torch_dtype=weight_dtype,
+        torch_dtype={"transformer": student_dtype, "default": weight_dtype},
     )
     pipe.set_progress_bar_config(disable=True)
     for component in pipe.components.values():
@@ -453,7 +456,7 @@ def main(args: argparse.Namespace) -> None:
         from danceopd_diffusers.field_loading import load_transformer
 
         pipe.transformer = load_transformer(
-            family, args.student_init, None, weight_dtype, config_source=args.pretrained_model_name_or_path
+            family, args.student_init, None, student_dtype, config_source=args.pretrained_model_name_or_path
         )
         pipe.transformer.requires_grad_(False)
     pipe.to(accelerator.device)
@@ -822,7 +825,7 @@ def main(args: argparse.Namespace) -> None:
                 fused_student(model, STUDENT_ADAPTER, experts) if not args.skip_pipeline_export else None
             )
         else:
-            export_model = model
+            export_model = model.to(weight_dtype)  # the fp32 master weights, exported in the run's dtype
         absorbed = _absorbed_scale(fields_config)
         if args.skip_pipeline_export:
             if args.full_finetune:

@@ -159,3 +159,48 @@ def test_student_init_refuses_an_alpha_that_contradicts_the_file(tiny_path, tmp_
         "--lora_alpha is 4.0",
         "Drop --lora_alpha",
     )
+
+
+# ------------------------------------------------------------------------------------------- 4. full fine-tune
+def test_full_finetune_under_bf16_trains_fp32_master_weights(tiny_path, tmp_path):
+    """bf16 weights would swallow Adam's 1e-5 steps; the master copy is fp32, the export still bf16."""
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "o"
+    run_train(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--cfg_scale",
+            "3",
+            "--dataset_name",
+            _prompts(tmp_path),
+            "--output_dir",
+            str(out),
+            "--full_finetune",
+            "--mixed_precision",
+            "bf16",
+            "--learning_rate",
+            "1e-5",
+            "--max_train_steps",
+            "1",
+            *SHORT[:-2],
+            "--checkpointing_steps",
+            "1",
+        ]
+    )
+    from safetensors.torch import load_file
+
+    def weights(folder: Path) -> dict[str, torch.Tensor]:  # as saved: from_pretrained would upcast to fp32
+        return load_file(next(folder.glob("*.safetensors")))
+
+    original = weights(Path(tiny_path) / "transformer")
+    trained = weights(out / "checkpoint-1" / "transformer")
+    assert {v.dtype for v in trained.values()} == {torch.float32}  # the master weights, as checkpointed
+    moved = sum(int((trained[k] != original[k].to(trained[k].dtype)).sum()) for k in original)
+    total = sum(v.numel() for v in original.values())
+    assert moved / total > 0.5, moved / total  # bf16 weights: few move
+    assert {v.dtype for v in weights(out / "transformer").values()} == {torch.bfloat16}  # exported in bf16
+    DiffusionPipeline.from_pretrained(out, trust_remote_code=True)  # and loadable
+    card = (out / "README.md").read_text()
+    assert "base model (frozen copy)" in card  # the base teacher is a pristine copy, not the trained student

@@ -26,7 +26,7 @@ class FieldSpec:
     path: str | None = None  # lora / checkpoint: local path or Hub id
     weight_name: str | None = None  # lora: file inside a folder or repo
     subfolder: str | None = None  # checkpoint: e.g. "transformer" of a pipeline repo
-    of: str | None = None  # operator fields: the field they are built on
+    of: str | None = None  # operator fields: the field they are built on; lora: a checkpoint field under it
     scale: float | None = None  # cfg: guidance scale
     norm_rescale: bool = False  # cfg: rescale to the conditional's norm (Qwen-Image's true CFG)
     embedded_guidance: float | None = (
@@ -177,9 +177,12 @@ def check_fields_config(config: FieldsConfig) -> None:
                 raise ConfigError(
                     f"Field {spec.name!r} is built on unknown field {spec.of!r}; declared fields: {sorted(config.fields)}."
                 )
+        elif spec.of and spec.type == "lora":
+            _check_lora_on_checkpoint(spec, config)
         elif spec.of:
             raise ConfigError(
-                f"Field {spec.name!r} ({spec.type}) cannot have `of`; only cfg and guider fields do."
+                f"Field {spec.name!r} ({spec.type}) cannot have `of`; only operator fields ({', '.join(OPERATOR_TYPES)}) "
+                "and a lora on a checkpoint field do."
             )
         if spec.type == "cfg" and (spec.scale is None or spec.scale <= 0):
             raise ConfigError(f"Field {spec.name!r} (cfg) needs a positive `scale`, e.g. `scale: 3.5`.")
@@ -210,6 +213,26 @@ def check_fields_config(config: FieldsConfig) -> None:
             )
         if not route.weight > 0:
             raise ConfigError(f"Route to {route.field!r} has weight {route.weight}; weights must be > 0.")
+
+
+def _check_lora_on_checkpoint(spec: FieldSpec, config: FieldsConfig) -> None:
+    """``{type: lora, of: CKPT}``: the LoRA applied to a full-checkpoint field (a separate frozen model)."""
+    target = config.fields.get(spec.of)
+    if target is None:
+        raise ConfigError(
+            f"Field {spec.name!r} (lora) is put on unknown field {spec.of!r}; `of` of a lora field names a "
+            f"checkpoint field. Declared fields: {sorted(config.fields)}."
+        )
+    if target.type != "checkpoint":
+        hint = (
+            "drop `of`: a lora field without it is applied to the base model"
+            if target.type == "base"
+            else "declare the full model as a `checkpoint` field and name it"
+        )
+        raise ConfigError(
+            f"Field {spec.name!r} (lora) is put on {spec.of!r}, a {target.type} field, but `of` of a lora field must "
+            f"name a checkpoint field (the LoRA is applied to that full model); {hint}."
+        )
 
 
 def config_from_flags(

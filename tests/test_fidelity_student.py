@@ -204,3 +204,88 @@ def test_full_finetune_under_bf16_trains_fp32_master_weights(tiny_path, tmp_path
     DiffusionPipeline.from_pretrained(out, trust_remote_code=True)  # and loadable
     card = (out / "README.md").read_text()
     assert "base model (frozen copy)" in card  # the base teacher is a pristine copy, not the trained student
+
+
+# ------------------------------------------------------------------------------------------- 9. checkpoint + LoRA
+def test_lora_on_a_checkpoint_field_is_that_checkpoint_with_the_lora_applied(tiny_pipe, tiny_path, tmp_path):
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file
+
+    from danceopd_diffusers.config import parse_fields_config
+    from danceopd_diffusers.families import SD3Family
+    from danceopd_diffusers.field_loading import build_fields
+    from danceopd_diffusers.fields import FieldQuery
+    from danceopd_diffusers.student import AdapterScope, add_student_lora
+
+    family = SD3Family(max_sequence_length=16)
+    checkpoint = SD3Transformer2DModel.from_pretrained(tiny_path, subfolder="transformer")
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in checkpoint.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    checkpoint.save_pretrained(tmp_path / "ckpt")
+    lora = make_lora_file(tiny_path, tmp_path / "lora", rank=4)
+    _set_lora_alpha(lora, 2.0)
+    config = parse_fields_config(
+        {
+            "fields": {
+                "base": {"type": "base"},
+                "ckpt": {"type": "checkpoint", "path": str(tmp_path / "ckpt")},
+                "ckpt_lora": {"type": "lora", "path": str(lora), "of": "ckpt"},
+                "base_lora": {"type": "lora", "path": str(lora)},
+            },
+            "routes": [{"field": "ckpt_lora"}],
+        }
+    )
+    student = tiny_pipe.transformer
+    add_student_lora(student, 4, 4, family.default_lora_targets)
+    fields = build_fields(config, family, tiny_path, student, AdapterScope(student), torch.float32, "cpu")
+
+    by_hand = SD3Transformer2DModel.from_pretrained(tmp_path / "ckpt")  # W + (alpha / r) B A, alpha / r = 1/2
+    state = load_file(lora)
+    modules = dict(by_hand.named_modules())
+    with torch.no_grad():
+        for key, a in state.items():
+            if ".lora_A." in key:
+                name = key[len("transformer.") :].split(".lora_A.")[0]
+                b = state[key.replace(".lora_A.", ".lora_B.")]
+                modules[name].weight.add_(0.5 * b @ a)
+
+    cond = family.encode_prompts(tiny_pipe, ["a red circle"], "cpu")
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    query = FieldQuery(x, torch.full((1,), 0.6), cond)
+    field = fields["ckpt_lora"]
+    assert field.transformer is not fields["ckpt"].transformer and field.transformer is not student
+    assert not any(p.requires_grad for p in field.transformer.parameters())
+    with torch.no_grad():
+        target = field.velocity(query)
+        assert torch.allclose(target, family.velocity(by_hand, x, query.sigma, cond), atol=1e-5)
+        for other in ("ckpt", "base_lora"):
+            assert not torch.allclose(target, fields[other].velocity(query), atol=1e-3), other
+
+
+@pytest.mark.parametrize(
+    "fields, fragment",
+    [
+        ({"l": {"type": "lora", "path": "x", "of": "nowhere"}}, "unknown field 'nowhere'"),
+        ({"b": {"type": "base"}, "l": {"type": "lora", "path": "x", "of": "b"}}, "drop `of`"),
+        (
+            {
+                "b": {"type": "base"},
+                "c": {"type": "cfg", "of": "b", "scale": 2},
+                "l": {"type": "lora", "path": "x", "of": "c"},
+            },
+            "'c', a cfg field, but `of` of a lora field must name a checkpoint field",
+        ),
+        (
+            {"k": {"type": "checkpoint", "path": "x"}, "k2": {"type": "checkpoint", "path": "y", "of": "k"}},
+            "(checkpoint) cannot have `of`",
+        ),
+    ],
+)
+def test_lora_on_a_checkpoint_config_errors(fields, fragment):
+    from danceopd_diffusers.config import ConfigError, parse_fields_config
+
+    with pytest.raises(ConfigError) as info:
+        parse_fields_config({"fields": fields, "routes": [{"field": next(iter(fields))}]})
+    assert fragment in str(info.value)

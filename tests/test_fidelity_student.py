@@ -289,3 +289,52 @@ def test_lora_on_a_checkpoint_config_errors(fields, fragment):
     with pytest.raises(ConfigError) as info:
         parse_fields_config({"fields": fields, "routes": [{"field": next(iter(fields))}]})
     assert fragment in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------- 10a. query time
+def _rollout_and_stock_call(tiny_path: str, index: int, prepare=None):
+    """The on-policy state at ``index`` of a 4-step bf16 rollout, and what the stock pipeline gave its
+    transformer at that step (inputs and velocity) from the same noise."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from danceopd_diffusers.families import SD3Family
+    from danceopd_diffusers.fields import TransformerField
+    from danceopd_diffusers.objectives import RoutedTargets, on_policy_states
+
+    family = SD3Family(max_sequence_length=16)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_path, torch_dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    if prepare is not None:
+        prepare(pipe.transformer)
+    cond = family.encode_prompts(pipe, ["a red circle"], "cpu")
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    base = TransformerField("base", family, pipe.transformer)
+    targets = RoutedTargets([base], cond, None, 4)
+    states = on_policy_states(pipe, family, targets, cond, noise, 4, torch.tensor([[index]]), 32, 32)
+    calls = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append((kwargs, out[0])), with_kwargs=True
+    )
+    pipe(
+        **family.pipeline_condition_kwargs(cond),
+        **family.unguided_call_kwargs(),
+        latents=noise,
+        num_inference_steps=4,
+        height=32,
+        width=32,
+        output_type="latent",
+    )
+    hook.remove()
+    return family, pipe, cond, states, calls[index]
+
+
+def test_student_is_queried_at_the_rollouts_own_timestep_under_bf16(tiny_path):
+    """The stock SD3 loop passes a float32 timestep 1000·sigma; the training query must pass the same (not
+    bf16(1000·sigma), up to 0.0018 off in sigma on the 16-step grid)."""
+    index = 2  # sigma 0.75 on the shift-3, 4-step grid: 750 is not a bf16 number
+    family, pipe, cond, states, (inputs, velocity) = _rollout_and_stock_call(tiny_path, index)
+    assert inputs["timestep"].to(torch.bfloat16).float().item() != inputs["timestep"].item()
+    assert torch.equal(states.x, inputs["hidden_states"])  # the queried state is the pipeline's
+    with torch.no_grad():
+        student = family.velocity(pipe.transformer, states.x, states.sigma, cond)
+    assert torch.equal(student, velocity)

@@ -63,9 +63,10 @@ class SD3Family(FamilyAdapter):
     ) -> torch.Tensor:
         num_train_timesteps = 1000  # SD3 was trained with timestep = 1000 * sigma
         dtype = x.dtype
-        timestep = (
-            (sigma.reshape(-1) * num_train_timesteps).to(device=x.device, dtype=dtype).expand(x.shape[0])
-        )
+        # the pipeline passes the scheduler's float32 timestep (1000 * sigma) whatever the latents' dtype: the
+        # same value here, so the student and the fields are queried at exactly the rollout's time
+        sigma = sigma.reshape(-1).to(device=x.device, dtype=torch.float32)
+        timestep = (sigma * num_train_timesteps).expand(x.shape[0])
         return transformer(
             hidden_states=x,
             timestep=timestep,

@@ -96,6 +96,10 @@ class OnPolicyQueryCallback(PipelineCallback):
         if step_index == 0:
             self._record(pipeline, 0, self.initial_latents)
         state_index = step_index + 1  # the callback runs after scheduler.step
+        # accelerate's mixed precision returns the student's output in fp32, which would turn the latents fp32
+        # from here on; inference keeps them in the rollout's dtype (Flux and Qwen cast the timestep to it), so
+        # does the rollout
+        callback_kwargs["latents"] = callback_kwargs["latents"].to(self.initial_latents.dtype)
         if state_index <= self.last_index:
             self._record(pipeline, state_index, callback_kwargs["latents"])
         if state_index >= self.last_index:

@@ -292,49 +292,65 @@ def test_lora_on_a_checkpoint_config_errors(fields, fragment):
 
 
 # ------------------------------------------------------------------------------------------- 10a. query time
-def _rollout_and_stock_call(tiny_path: str, index: int, prepare=None):
-    """The on-policy state at ``index`` of a 4-step bf16 rollout, and what the stock pipeline gave its
-    transformer at that step (inputs and velocity) from the same noise."""
-    from diffusers import StableDiffusion3Pipeline
+@pytest.fixture(scope="module")
+def flux_path(tmp_path_factory) -> str:
+    from danceopd_diffusers.tiny import tiny_pipeline_path
 
-    from danceopd_diffusers.families import SD3Family
+    return tiny_pipeline_path("flux", tmp_path_factory.mktemp("flux-cache"))
+
+
+def _rollout_with_its_velocities(path: str, index: int, mixed_precision: bool = False):
+    """A 4-step bf16 on-policy rollout (the stock pipeline call) that queries ``index``: the queried state, and
+    what the pipeline gave its transformer at that step (inputs and velocity). ``mixed_precision``: the
+    transformer is prepared by accelerate (bf16 autocast, fp32 outputs), as the training script's student is."""
+    from conftest import _reset_accelerate
+    from diffusers import DiffusionPipeline
+
+    from danceopd_diffusers.families import family_for_pipeline_class
     from danceopd_diffusers.fields import TransformerField
     from danceopd_diffusers.objectives import RoutedTargets, on_policy_states
 
-    family = SD3Family(max_sequence_length=16)
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_path, torch_dtype=torch.bfloat16)
+    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
-    if prepare is not None:
-        prepare(pipe.transformer)
+    family = family_for_pipeline_class(type(pipe).__name__)(max_sequence_length=16)
+    if mixed_precision:
+        from accelerate import Accelerator
+
+        _reset_accelerate()
+        Accelerator(mixed_precision="bf16").prepare(pipe.transformer)
+        _reset_accelerate()
     cond = family.encode_prompts(pipe, ["a red circle"], "cpu")
-    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    base = TransformerField("base", family, pipe.transformer)
-    targets = RoutedTargets([base], cond, None, 4)
-    states = on_policy_states(pipe, family, targets, cond, noise, 4, torch.tensor([[index]]), 32, 32)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(family.latent_shape(pipe, 1, 32, 32), generator=gen).to(torch.bfloat16)
+    teacher = family.transformer_class().from_pretrained(
+        path, subfolder="transformer", torch_dtype=torch.bfloat16
+    )
+    targets = RoutedTargets([TransformerField("t", family, teacher)], cond, None, 4)
     calls = []
     hook = pipe.transformer.register_forward_hook(
         lambda module, args, kwargs, out: calls.append((kwargs, out[0])), with_kwargs=True
     )
-    pipe(
-        **family.pipeline_condition_kwargs(cond),
-        **family.unguided_call_kwargs(),
-        latents=noise,
-        num_inference_steps=4,
-        height=32,
-        width=32,
-        output_type="latent",
-    )
+    # the last state is queried too, so that the rollout runs the step of the state under test
+    states = on_policy_states(pipe, family, targets, cond, noise, 4, torch.tensor([[index, 3]]), 32, 32)
     hook.remove()
-    return family, pipe, cond, states, calls[index]
+    row = states.sigma.tolist().index(float(pipe.scheduler.sigmas[index]))
+    return family, pipe, cond, states.x[row : row + 1], states.sigma[row : row + 1], calls[index]
 
 
-def test_student_is_queried_at_the_rollouts_own_timestep_under_bf16(tiny_path):
-    """The stock SD3 loop passes a float32 timestep 1000·sigma; the training query must pass the same (not
-    bf16(1000·sigma), up to 0.0018 off in sigma on the 16-step grid)."""
-    index = 2  # sigma 0.75 on the shift-3, 4-step grid: 750 is not a bf16 number
-    family, pipe, cond, states, (inputs, velocity) = _rollout_and_stock_call(tiny_path, index)
-    assert inputs["timestep"].to(torch.bfloat16).float().item() != inputs["timestep"].item()
-    assert torch.equal(states.x, inputs["hidden_states"])  # the queried state is the pipeline's
+@pytest.mark.parametrize("family_name", ["sd3", "flux"])
+@pytest.mark.parametrize("mixed_precision", [False, True], ids=["bf16", "bf16-autocast"])
+def test_student_is_queried_where_the_rollout_was(tiny_path, flux_path, family_name, mixed_precision):
+    """At a queried state, the student's velocity (as the training step computes it) is the one the stock
+    pipeline computed at that step: same state, same timestep. SD3's loop passes a float32 1000·sigma (the query
+    passed bf16(1000·sigma), up to 0.0018 off in sigma on the 16-step grid); under accelerate's mixed precision
+    the rollout's latents must stay bf16 as at inference (Flux casts its timestep to the latents' dtype)."""
+    index = 2  # sigma 0.75 on SD3's shift-3, 4-step grid: 750 is not a bf16 number
+    path = tiny_path if family_name == "sd3" else flux_path
+    family, pipe, cond, x, sigma, (inputs, velocity) = _rollout_with_its_velocities(
+        path, index, mixed_precision
+    )
+    assert inputs["hidden_states"].dtype == torch.bfloat16  # as at inference
+    assert torch.equal(x, inputs["hidden_states"])  # the queried state is the one the pipeline stepped from
     with torch.no_grad():
-        student = family.velocity(pipe.transformer, states.x, states.sigma, cond)
+        student = family.velocity(pipe.transformer, x, sigma, cond)
     assert torch.equal(student, velocity)

@@ -195,7 +195,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adam_weight_decay", type=float, default=0.0)
     parser.add_argument("--adam_epsilon", type=float, default=1e-8)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
-    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Default: accelerate's setting (`accelerate launch --mixed_precision`, `accelerate config`), else "
+        "'no'. The paper trains in bf16: pass bf16 on GPUs. The value used is logged and recorded in the card.",
+    )
     parser.add_argument("--allow_tf32", action="store_true")
     parser.add_argument(
         "--disable_cudnn_attention",
@@ -401,6 +408,18 @@ def main(args: argparse.Namespace) -> None:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
     log = get_logger("danceopd")
+    precision_from = "--mixed_precision"
+    if not args.mixed_precision:
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        precision_from = (
+            "`accelerate launch` / accelerate config" if launched else "default: no accelerate setting"
+        )
+    args.mixed_precision = accelerator.mixed_precision  # what the card and danceopd_config.json record
+    accelerator.print(f"[danceopd] mixed precision: {args.mixed_precision} (from {precision_from})")
+    if args.mixed_precision == "no" and torch.cuda.is_available():
+        accelerator.print(
+            "[danceopd] training in fp32; the paper's recipe is bf16: pass --mixed_precision bf16"
+        )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if args.seed is None:
         args.seed = int(torch.randint(0, 2**31 - 1, (1,)).item())

@@ -354,3 +354,32 @@ def test_student_is_queried_where_the_rollout_was(tiny_path, flux_path, family_n
     with torch.no_grad():
         student = family.velocity(pipe.transformer, x, sigma, cond)
     assert torch.equal(student, velocity)
+
+
+# ------------------------------------------------------------------------------------------- 10b. precision
+def test_mixed_precision_taken_from_accelerate_is_logged_and_recorded(
+    tiny_path, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv(
+        "ACCELERATE_MIXED_PRECISION", "bf16"
+    )  # what `accelerate launch --mixed_precision` sets
+    out = tmp_path / "o"
+    run_train(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--cfg_scale",
+            "3",
+            "--dataset_name",
+            _prompts(tmp_path),
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "1",
+            "--skip_pipeline_export",
+            *SHORT,
+        ]
+    )
+    assert "mixed precision: bf16 (from `accelerate launch`" in capsys.readouterr().out
+    assert json.loads((out / "danceopd_config.json").read_text())["args"]["mixed_precision"] == "bf16"
+    assert "| `mixed_precision` | `bf16` |" in (out / "README.md").read_text()

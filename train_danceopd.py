@@ -163,7 +163,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     # student
     parser.add_argument("--rank", type=int, default=128)
-    parser.add_argument("--lora_alpha", type=float, default=None, help="Defaults to --rank.")
+    parser.add_argument(
+        "--lora_alpha", type=float, default=None, help="Defaults to --rank (with --student_init: the file's)."
+    )
     parser.add_argument(
         "--lora_layers",
         type=str,
@@ -177,7 +179,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--student_init",
         type=str,
         default=None,
-        help="Start from a LoRA (file/folder/Hub id) or a full transformer checkpoint.",
+        help="Start from a LoRA (file/folder/Hub id; continued at its own alpha, --rank must match it) or a full "
+        "transformer checkpoint.",
     )
     # optimisation
     parser.add_argument("--train_batch_size", type=int, default=1)

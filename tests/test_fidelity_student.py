@@ -10,31 +10,35 @@ import pytest
 import torch
 from conftest import make_lora_file, run_train
 from test_errors import _expect, no_weight_loading  # noqa: F401  (the fixture is used by name)
-
-SHORT = [
-    "--num_rollout_steps",
-    "4",
-    "--rank",
-    "4",
-    "--train_batch_size",
-    "1",
-    "--gradient_accumulation_steps",
-    "1",
-    "--max_sequence_length",
-    "16",
-    "--seed",
-    "7",
-    "--report_to",
-    "none",
-    "--checkpointing_steps",
-    "100",
-]
+from test_train import SHORT, _prompts
 
 
-def _prompts(tmp_path: Path) -> str:
-    path = tmp_path / "prompts.csv"
-    path.write_text("prompt,task\na red circle,t2i\ntwo blue squares,t2i\n")
-    return str(path)
+def _train(tiny_path: str, tmp_path: Path, *extra: str) -> Path:
+    """One short CFG-absorption step on the tiny pipeline; returns the output folder."""
+    out = tmp_path / "o"
+    run_train(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--cfg_scale",
+            "3",
+            "--dataset_name",
+            _prompts(tmp_path),
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "1",
+            "--report_to",
+            "none",
+            *SHORT,
+            "--train_batch_size",
+            "1",
+            "--gradient_accumulation_steps",
+            "1",
+            *extra,
+        ]
+    )
+    return out
 
 
 def _velocity(transformer, seed: int = 0) -> torch.Tensor:
@@ -97,26 +101,8 @@ def test_student_init_keeps_the_lora_files_alpha(tiny_path, tmp_path):
 
     init = make_lora_file(tiny_path, tmp_path / "init", rank=4)
     _set_lora_alpha(init, 2.0)
-    out = tmp_path / "o"
-    run_train(
-        [
-            "--pretrained_model_name_or_path",
-            tiny_path,
-            "--cfg_scale",
-            "3",
-            "--dataset_name",
-            _prompts(tmp_path),
-            "--output_dir",
-            str(out),
-            "--student_init",
-            str(init),
-            "--learning_rate",
-            "0",
-            "--max_train_steps",
-            "1",
-            "--skip_pipeline_export",
-            *SHORT,
-        ]
+    out = _train(
+        tiny_path, tmp_path, "--student_init", str(init), "--learning_rate", "0", "--skip_pipeline_export"
     )
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
         saved = json.loads(f.metadata()["lora_adapter_metadata"])
@@ -166,28 +152,16 @@ def test_full_finetune_under_bf16_trains_fp32_master_weights(tiny_path, tmp_path
     """bf16 weights would swallow Adam's 1e-5 steps; the master copy is fp32, the export still bf16."""
     from diffusers import DiffusionPipeline
 
-    out = tmp_path / "o"
-    run_train(
-        [
-            "--pretrained_model_name_or_path",
-            tiny_path,
-            "--cfg_scale",
-            "3",
-            "--dataset_name",
-            _prompts(tmp_path),
-            "--output_dir",
-            str(out),
-            "--full_finetune",
-            "--mixed_precision",
-            "bf16",
-            "--learning_rate",
-            "1e-5",
-            "--max_train_steps",
-            "1",
-            *SHORT[:-2],
-            "--checkpointing_steps",
-            "1",
-        ]
+    out = _train(
+        tiny_path,
+        tmp_path,
+        "--full_finetune",
+        "--mixed_precision",
+        "bf16",
+        "--learning_rate",
+        "1e-5",
+        "--checkpointing_steps",
+        "1",
     )
     from safetensors.torch import load_file
 
@@ -360,26 +334,9 @@ def test_student_is_queried_where_the_rollout_was(tiny_path, flux_path, family_n
 def test_mixed_precision_taken_from_accelerate_is_logged_and_recorded(
     tiny_path, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setenv(
-        "ACCELERATE_MIXED_PRECISION", "bf16"
-    )  # what `accelerate launch --mixed_precision` sets
-    out = tmp_path / "o"
-    run_train(
-        [
-            "--pretrained_model_name_or_path",
-            tiny_path,
-            "--cfg_scale",
-            "3",
-            "--dataset_name",
-            _prompts(tmp_path),
-            "--output_dir",
-            str(out),
-            "--max_train_steps",
-            "1",
-            "--skip_pipeline_export",
-            *SHORT,
-        ]
-    )
+    # what `accelerate launch --mixed_precision bf16` (or its config) sets
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    out = _train(tiny_path, tmp_path, "--skip_pipeline_export")
     assert "mixed precision: bf16 (from `accelerate launch`" in capsys.readouterr().out
     assert json.loads((out / "danceopd_config.json").read_text())["args"]["mixed_precision"] == "bf16"
     assert "| `mixed_precision` | `bf16` |" in (out / "README.md").read_text()

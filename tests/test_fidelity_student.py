@@ -57,15 +57,15 @@ def _velocity(transformer, seed: int = 0) -> torch.Tensor:
         )[0].float()
 
 
-def _set_lora_alpha(file: Path, alpha: float) -> None:
-    """Rewrite the alpha a diffusers-format LoRA file declares (its weights unchanged)."""
+def _set_metadata(file: Path, **entries) -> None:
+    """Rewrite entries (lora_alpha, alpha_pattern...) of the config a diffusers-format LoRA file declares."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     with safe_open(str(file), "pt") as f:
         meta = dict(f.metadata())
     packed = json.loads(meta["lora_adapter_metadata"])
-    packed["transformer.lora_alpha"] = alpha
+    packed.update({f"transformer.{k}": v for k, v in entries.items()})
     meta["lora_adapter_metadata"] = json.dumps(packed)
     save_file(load_file(file), file, metadata=meta)
 
@@ -94,38 +94,44 @@ def test_sd3_default_targets_cover_every_attention_projection_of_dual_attention_
 
 
 # ------------------------------------------------------------------------------------------- 2. warm start
-def test_student_init_keeps_the_lora_files_alpha(tiny_path, tmp_path):
-    """A LoRA saved with alpha = r / 2 warm-starts a student equal to base + that LoRA at its own scale."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+@pytest.mark.parametrize(
+    "declared",
+    [{"lora_alpha": 2.0}, {"lora_alpha": 4, "alpha_pattern": {"transformer_blocks.0.attn.to_q": 1.0}}],
+    ids=["alpha=r/2", "alpha_pattern"],
+)
+def test_student_init_keeps_the_lora_files_scale(tiny_path, tmp_path, declared):
+    """A LoRA saved with alpha != r (or an alpha pattern) warm-starts a student equal to base + that LoRA at its
+    own scale, not at alpha = --rank."""
+    from diffusers import StableDiffusion3Pipeline
     from safetensors import safe_open
 
     init = make_lora_file(tiny_path, tmp_path / "init", rank=4)
-    _set_lora_alpha(init, 2.0)
+    _set_metadata(init, **declared)
     out = _train(
         tiny_path, tmp_path, "--student_init", str(init), "--learning_rate", "0", "--skip_pipeline_export"
     )
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
         saved = json.loads(f.metadata()["lora_adapter_metadata"])
-    assert saved["transformer.lora_alpha"] == 2.0
+    assert all(saved[f"transformer.{k}"] == v for k, v in declared.items())
 
     def with_lora(file: Path) -> torch.Tensor:
         pipe = StableDiffusion3Pipeline.from_pretrained(tiny_path)
         pipe.load_lora_weights(str(file))
         return _velocity(pipe.transformer)
 
-    expected = with_lora(init)  # the stock loader honours the file's alpha
-    base = _velocity(SD3Transformer2DModel.from_pretrained(tiny_path, subfolder="transformer"))
-    # alpha = r / 2: the LoRA's delta is half of what alpha = r would give
-    doubled = base + 2 * (expected - base)
+    expected = with_lora(init)  # the stock loader honours the file's scale
     student = with_lora(out / "pytorch_lora_weights.safetensors")
     assert torch.allclose(student, expected, atol=1e-5)
-    assert not torch.allclose(student, doubled, atol=1e-3)  # what the old code (alpha = --rank) trained
+    _set_metadata(
+        init, lora_alpha=4, alpha_pattern={}
+    )  # what the old code trained: alpha = --rank everywhere
+    assert not torch.allclose(student, with_lora(init), atol=1e-4)
 
 
 @pytest.mark.usefixtures("no_weight_loading")
 def test_student_init_refuses_an_alpha_that_contradicts_the_file(tiny_path, tmp_path):
     init = make_lora_file(tiny_path, tmp_path / "init", rank=4)
-    _set_lora_alpha(init, 2.0)
+    _set_metadata(init, lora_alpha=2.0)
     _expect(
         [
             "--pretrained_model_name_or_path",
@@ -199,7 +205,7 @@ def test_lora_on_a_checkpoint_field_is_that_checkpoint_with_the_lora_applied(tin
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     checkpoint.save_pretrained(tmp_path / "ckpt")
     lora = make_lora_file(tiny_path, tmp_path / "lora", rank=4)
-    _set_lora_alpha(lora, 2.0)
+    _set_metadata(lora, lora_alpha=2.0)
     config = parse_fields_config(
         {
             "fields": {

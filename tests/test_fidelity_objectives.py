@@ -213,3 +213,61 @@ def test_sft_loss_weighting(scheme):
     unweighted = velocity_mse(pred, plain.target, plain.weight, num_samples=3)
     assert unweighted.item() == pytest.approx(per_row.mean().item(), rel=1e-5)
     assert abs(loss.item() - unweighted.item()) > 1e-3 * unweighted.item()
+
+
+# ------------------------------------------------------------------------------------------ the script's flags
+@pytest.mark.parametrize(
+    "method,flags,spied,check",
+    [
+        ("dense", ["--dense_weighting", "step"], "on_policy_states", "dense_weighting"),
+        ("sft", ["--weighting_scheme", "sigma_sqrt"], "sft_states", "weighting"),
+        ("danceopd", ["--query_k", "9"], "sample_query_indices", "every_state"),
+    ],
+)
+def test_script_passes_the_choices_to_the_library(
+    tiny_path, tmp_path, monkeypatch, method, flags, spied, check
+):
+    from conftest import run_train
+    from test_train import SHORT, _image_data, _prompts
+
+    import train_danceopd
+
+    real = getattr(train_danceopd, spied)
+    seen = []
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append((args, kwargs, out))
+        return out
+
+    monkeypatch.setattr(train_danceopd, spied, spy)
+    data = ["--dataset_name", _image_data(tmp_path)]
+    if method != "sft":
+        data = ["--dataset_name", _prompts(tmp_path), "--cfg_scale", "3"]
+    run_train(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--method",
+            method,
+            *data,
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--max_train_steps",
+            "1",
+            "--report_to",
+            "none",
+            "--skip_pipeline_export",
+            *flags,
+            *SHORT,
+        ]
+    )
+    assert seen
+    args, kwargs, out = seen[0]
+    if check == "dense_weighting":  # SHORT: N = 4 on the tiny pipeline's shifted grid
+        assert kwargs["dense_weighting"] == "step"
+        assert not torch.allclose(out.weight, torch.full_like(out.weight, 0.5 / 16))
+    elif check == "weighting":
+        assert torch.allclose(out.weight, out.sigma.float() ** -2)
+    else:  # K = 9 > N = 4: every state once
+        assert torch.equal(out, torch.arange(4).repeat(len(out), 1))

@@ -10,10 +10,12 @@ import math
 
 import pytest
 import torch
+from conftest import run_train
 from diffusers import FlowMatchEulerDiscreteScheduler
+from test_fields import FAMILY, _inputs
+from test_train import SHORT, _image_data, _prompts
 
 from danceopd_diffusers.config import parse_fields_config
-from danceopd_diffusers.families import Conditioning, SD3Family
 from danceopd_diffusers.field_loading import build_fields
 from danceopd_diffusers.fields import Field, FieldQuery
 from danceopd_diffusers.objectives import (
@@ -26,21 +28,11 @@ from danceopd_diffusers.objectives import (
 )
 from danceopd_diffusers.rollout import QUERY_STRATEGIES, query_index_probabilities, sample_query_indices
 
-FAMILY = SD3Family(max_sequence_length=16)
-
 
 def _sd35_medium_grid(num_steps: int = 16) -> torch.Tensor:
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3.5-Medium's scheduler config
     scheduler.set_timesteps(num_steps)
     return scheduler.sigmas
-
-
-def _inputs(pipe, prompts=("a red circle", "two blue squares")):
-    cond = FAMILY.encode_prompts(pipe, list(prompts), "cpu")
-    empty = FAMILY.encode_prompts(pipe, [""], "cpu")
-    uncond = Conditioning({k: v.expand(len(prompts), *v.shape[1:]) for k, v in empty.tensors.items()})
-    x = torch.randn(len(prompts), 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    return cond, uncond, x
 
 
 def _guider_fields(pipe, tiny_path, **guiders):
@@ -227,9 +219,6 @@ def test_sft_loss_weighting(scheme):
 def test_script_passes_the_choices_to_the_library(
     tiny_path, tmp_path, monkeypatch, method, flags, spied, check
 ):
-    from conftest import run_train
-    from test_train import SHORT, _image_data, _prompts
-
     import train_danceopd
 
     real = getattr(train_danceopd, spied)
@@ -244,24 +233,9 @@ def test_script_passes_the_choices_to_the_library(
     data = ["--dataset_name", _image_data(tmp_path)]
     if method != "sft":
         data = ["--dataset_name", _prompts(tmp_path), "--cfg_scale", "3"]
-    run_train(
-        [
-            "--pretrained_model_name_or_path",
-            tiny_path,
-            "--method",
-            method,
-            *data,
-            "--output_dir",
-            str(tmp_path / "o"),
-            "--max_train_steps",
-            "1",
-            "--report_to",
-            "none",
-            "--skip_pipeline_export",
-            *flags,
-            *SHORT,
-        ]
-    )
+    one_step = f"--method {method} --max_train_steps 1 --report_to none --skip_pipeline_export".split()
+    model = ["--pretrained_model_name_or_path", tiny_path, "--output_dir", str(tmp_path / "o")]
+    run_train([*model, *one_step, *data, *flags, *SHORT])
     assert seen
     args, kwargs, out = seen[0]
     if check == "dense_weighting":  # SHORT: N = 4 on the tiny pipeline's shifted grid

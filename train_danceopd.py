@@ -914,6 +914,9 @@ def _hyperparameters(args: argparse.Namespace, resolution: int) -> dict:
     ]
     out = {k: getattr(args, k) for k in keys}
     out["resolution"] = resolution
+    method_option = {"dense": "dense_weighting", "sft": "weighting_scheme"}.get(args.method)
+    if method_option:
+        out[method_option] = getattr(args, method_option)
     if out["lora_alpha"] is None and not args.full_finetune:
         out["lora_alpha"] = args.rank
     return out

@@ -6,6 +6,7 @@ sft loss weighting of diffusers' SD3/Flux examples.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -238,6 +239,8 @@ def test_script_passes_the_choices_to_the_library(
     run_train([*model, *one_step, *data, *flags, *SHORT])
     assert seen
     args, kwargs, out = seen[0]
+    recorded = json.loads((tmp_path / "o" / "danceopd_config.json").read_text())["args"]
+    assert {"dense": "dense_weighting", "sft": "weighting_scheme"}.get(method, "query_k") in recorded
     if check == "dense_weighting":  # SHORT: N = 4 on the tiny pipeline's shifted grid
         assert kwargs["dense_weighting"] == "step"
         assert not torch.allclose(out.weight, torch.full_like(out.weight, 0.5 / 16))

@@ -7,6 +7,7 @@ A field answers ``velocity(query)`` in the library convention (v = noise - x0, s
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -166,6 +167,10 @@ class GuiderField(Field):
     The guider sees the two branches as it does in a modular pipeline: ``prepare_inputs`` splits the
     conditioning into one batch per branch, each branch's prediction is the inner field's velocity, and the
     guider combines them. Model hooks (layer-skip guiders) go on the inner field's transformer.
+
+    A field is a function of the queried state: every query runs on a fresh copy of ``guider`` set to the
+    query's step, so a path-dependent guider (APG's momentum) carries nothing from one query (or sample) to the
+    next; with momentum it is APG without its running average. ``guider`` itself is never stepped.
     """
 
     def __init__(self, name: str, inner: Field, guider: Any):
@@ -184,19 +189,18 @@ class GuiderField(Field):
             )
         keys = list(query.cond.tensors)
         timestep = query.sigma.reshape(-1)[0] * 1000
-        self.guider.set_state(step=query.step_index, num_inference_steps=query.num_steps, timestep=timestep)
-        batches = self.guider.prepare_inputs(
-            {k: (query.cond.tensors[k], query.uncond.tensors[k]) for k in keys}
-        )
+        guider = copy.deepcopy(self.guider)  # fresh state for this query
+        guider.set_state(step=query.step_index, num_inference_steps=query.num_steps, timestep=timestep)
+        batches = guider.prepare_inputs({k: (query.cond.tensors[k], query.uncond.tensors[k]) for k in keys})
         denoiser = self.inner.transformer
         for batch in batches:
             if denoiser is not None:
-                self.guider.prepare_models(denoiser)
+                guider.prepare_models(denoiser)
             cond = Conditioning({k: getattr(batch, k) for k in keys})
             batch.noise_pred = self.inner.velocity(replace(query, cond=cond))
             if denoiser is not None:
-                self.guider.cleanup_models(denoiser)
-        return self.guider(batches).pred
+                guider.cleanup_models(denoiser)
+        return guider(batches).pred
 
     def describe(self) -> str:
         config = dict(self.guider.config)

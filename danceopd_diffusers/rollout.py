@@ -8,6 +8,7 @@ Candidate states are the N states *before* each step: index 0 is the pure noise,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,17 +29,47 @@ def _beta_integer(a: int, b: int, shape: tuple[int, ...], generator: torch.Gener
     return u.sort(dim=-1).values[..., a - 1]
 
 
-def sample_query_indices(
-    num_steps: int, batch_size: int, k: int, strategy: str, generator: torch.Generator
-) -> torch.Tensor:
-    """[B, K] indices into the N pre-step states; ``low`` (Beta(5,2)) is the paper's low-noise default."""
+def query_index_probabilities(num_steps: int, strategy: str) -> torch.Tensor:
+    """P(index = i) of one draw of ``strategy`` over the N states: the Beta law binned as idx = min(int(u N), N - 1).
+
+    For integer a, b the Beta CDF is a binomial tail, I_x(a, b) = P(Binomial(a + b - 1, x) >= a), so the bins
+    are exact (float64).
+    """
     if strategy not in QUERY_STRATEGIES:
         raise ValueError(f"Unknown query strategy {strategy!r}; use one of {QUERY_STRATEGIES}.")
     if strategy == "uniform":
-        return torch.randint(0, num_steps, (batch_size, k), generator=generator)
+        return torch.full((num_steps,), 1.0 / num_steps, dtype=torch.float64)
     a, b = _BETA[strategy]
-    u = _beta_integer(a, b, (batch_size, k), generator)
-    return (u * num_steps).long().clamp(max=num_steps - 1)
+    n = a + b - 1
+    x = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64)
+    cdf = sum(math.comb(n, j) * x**j * (1 - x) ** (n - j) for j in range(a, n + 1))
+    return cdf[1:] - cdf[:-1]
+
+
+def sample_query_indices(
+    num_steps: int, batch_size: int, k: int, strategy: str, generator: torch.Generator
+) -> torch.Tensor:
+    """[B, K] distinct indices per row into the N pre-step states; ``low`` (Beta(5,2)) is the paper's default.
+
+    The first index of a row is one draw of the strategy (for K = 1 this is all there is); the other K - 1 are
+    drawn without replacement from the same binned law with the indices already drawn removed, which is the
+    official sampler's rejection of repeats. K >= N queries every state once: [B, N].
+    """
+    if strategy not in QUERY_STRATEGIES:
+        raise ValueError(f"Unknown query strategy {strategy!r}; use one of {QUERY_STRATEGIES}.")
+    if k >= num_steps:
+        return torch.arange(num_steps).repeat(batch_size, 1)
+    if strategy == "uniform":
+        first = torch.randint(0, num_steps, (batch_size, 1), generator=generator)
+    else:
+        a, b = _BETA[strategy]
+        u = _beta_integer(a, b, (batch_size, 1), generator)
+        first = (u * num_steps).long().clamp(max=num_steps - 1)
+    if k == 1:
+        return first
+    probs = query_index_probabilities(num_steps, strategy).repeat(batch_size, 1).scatter_(1, first, 0.0)
+    rest = torch.multinomial(probs, k - 1, replacement=False, generator=generator)
+    return torch.cat([first, rest], dim=1).sort(dim=1).values
 
 
 @dataclass
@@ -59,8 +90,8 @@ class OnPolicyQueryCallback(PipelineCallback):
     """Record chosen states of the student's rollout, query the routed field there, stop early.
 
     ``evaluate(samples, x, sigma, state_index)`` returns the target velocity for those samples; it runs inside the
-    pipeline's ``torch.no_grad``. A sample may ask for the same index several times (K > 1 draws); it is queried
-    once and the record repeated.
+    pipeline's ``torch.no_grad``. A sample that lists the same index several times is queried once and the record
+    repeated (:func:`sample_query_indices` itself draws distinct indices).
     """
 
     tensor_inputs = ["latents"]

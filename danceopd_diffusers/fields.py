@@ -29,6 +29,9 @@ class FieldQuery:
 
 class Field:
     name: str
+    #: whether the velocity depends on ``FieldQuery.step_index`` beyond the state and sigma (then rows of
+    #: different steps are never batched into one query)
+    step_dependent: bool = False
 
     def velocity(self, query: FieldQuery) -> torch.Tensor:
         raise NotImplementedError
@@ -111,6 +114,10 @@ class CFGField(Field):
     def transformer(self) -> torch.nn.Module | None:
         return self.inner.transformer
 
+    @property
+    def step_dependent(self) -> bool:
+        return self.inner.step_dependent
+
     def velocity(self, query: FieldQuery) -> torch.Tensor:
         if query.uncond is None:
             raise ValueError(f"Field {self.name!r} (CFG) needs the unconditional conditioning of the query.")
@@ -149,6 +156,10 @@ class ImageGuidanceField(Field):
     def transformer(self) -> torch.nn.Module | None:
         return self.inner.transformer
 
+    @property
+    def step_dependent(self) -> bool:
+        return self.inner.step_dependent
+
     def velocity(self, query: FieldQuery) -> torch.Tensor:
         if query.uncond is None or not query.cond.has_source:
             raise ValueError(f"Field {self.name!r} (image guidance) needs edit samples with a source image.")
@@ -172,6 +183,8 @@ class GuiderField(Field):
     query's step, so a path-dependent guider (APG's momentum) carries nothing from one query (or sample) to the
     next; with momentum it is APG without its running average. ``guider`` itself is never stepped.
     """
+
+    step_dependent = True  # start/stop windows, zero-init steps; it also reads one timestep for the batch
 
     def __init__(self, name: str, inner: Field, guider: Any):
         self.name = name

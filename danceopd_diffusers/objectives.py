@@ -57,10 +57,12 @@ def velocity_mse(
 
 
 class RoutedTargets:
-    """Evaluates, for each sample of a batch, the field it was routed to (grouping rows per field and state).
+    """Evaluates, for each sample of a batch, the field it was routed to (grouping rows per field).
 
     ``state_index`` is the index of the queried state in the N-step rollout, one for all rows or one per row
-    ([rows]); a field sees it as ``FieldQuery.step_index`` (guiders with start/stop windows depend on it).
+    ([rows]); a field sees it as ``FieldQuery.step_index``. Rows of different states go to a field in one call
+    unless the field depends on the step (:attr:`Field.step_dependent`: guiders with start/stop windows).
+    ``max_rows`` caps the rows of one call (the rollout's own batch size keeps the rollout's memory peak).
     """
 
     def __init__(
@@ -82,26 +84,31 @@ class RoutedTargets:
         x: torch.Tensor,
         sigma: float | torch.Tensor,
         state_index: int | torch.Tensor = 0,
+        max_rows: int | None = None,
     ):
         out = torch.empty_like(x)
         sigma_t = sigma if torch.is_tensor(sigma) else torch.full((len(samples),), float(sigma))
         steps = state_index.tolist() if torch.is_tensor(state_index) else [state_index] * len(samples)
         groups: dict[tuple[int, int], list[int]] = {}
         for row, (s, step) in enumerate(zip(samples.tolist(), steps)):
-            groups.setdefault((id(self.fields[s]), int(step)), []).append(row)
-        for (_, step), rows in groups.items():
-            field = self.fields[int(samples[rows[0]])]
-            rows_t = torch.tensor(rows)
-            sel = samples[rows_t]
-            query = FieldQuery(
-                x=x[rows_t.to(x.device)],
-                sigma=sigma_t[rows_t].to(x.device),
-                cond=self.cond.select(sel),
-                uncond=self.uncond.select(sel) if self.uncond is not None else None,
-                step_index=step,
-                num_steps=self.num_steps,
-            )
-            out[rows_t.to(x.device)] = field.velocity(query).to(out.dtype)
+            field = self.fields[s]
+            groups.setdefault((id(field), int(step) if field.step_dependent else -1), []).append(row)
+        for (_, step), group in groups.items():
+            field = self.fields[int(samples[group[0]])]
+            chunk = max_rows or len(group)
+            for start in range(0, len(group), chunk):
+                rows = group[start : start + chunk]
+                rows_t = torch.tensor(rows)
+                sel = samples[rows_t]
+                query = FieldQuery(
+                    x=x[rows_t.to(x.device)],
+                    sigma=sigma_t[rows_t].to(x.device),
+                    cond=self.cond.select(sel),
+                    uncond=self.uncond.select(sel) if self.uncond is not None else None,
+                    step_index=step if step >= 0 else int(steps[rows[0]]),
+                    num_steps=self.num_steps,
+                )
+                out[rows_t.to(x.device)] = field.velocity(query).to(out.dtype)
         return out
 
 
@@ -138,7 +145,7 @@ def on_policy_states(
 
     ``dense`` weights each state by :func:`dense_weights` of ``dense_weighting`` (DiffusionOPD).
     """
-    callback = OnPolicyQueryCallback(query_indices, initial_latents, targets)
+    callback = OnPolicyQueryCallback(query_indices, initial_latents)
     pipe(
         **family.pipeline_condition_kwargs(cond),
         **family.unguided_call_kwargs(),
@@ -150,12 +157,11 @@ def on_policy_states(
         callback_on_step_end=callback,
         callback_on_step_end_tensor_inputs=callback.tensor_inputs,
     )
-    samples, x, sigma, target = gather_records(callback.records)
+    samples, x, sigma, index = gather_records(callback.records)
+    target = targets(samples, x, sigma, index, max_rows=initial_latents.shape[0])
     weight = None
     if dense:
-        per_state = dense_weights(pipe.scheduler.sigmas.float().cpu(), dense_weighting)
-        index = torch.cat([torch.full((len(r.samples),), r.state_index) for r in callback.records])
-        weight = per_state[index]
+        weight = dense_weights(pipe.scheduler.sigmas.float().cpu(), dense_weighting)[index]
     return TrainingStates(samples, x, sigma, target, weight, steps_run=callback.steps_run)
 
 

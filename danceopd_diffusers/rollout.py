@@ -1,8 +1,9 @@
 """On-policy rollout through the real pipeline, with the fields queried from a pipeline callback.
 
 The student's trajectory is the pipeline ``__call__`` itself (same scheduler, shift, steps and resolution as
-inference). :class:`OnPolicyQueryCallback` sees each state as the pipeline produces it, evaluates the routed
-field at the states chosen for querying, and interrupts the pipeline once the last needed state is reached.
+inference). :class:`OnPolicyQueryCallback` sees each state as the pipeline produces it, keeps the states chosen
+for querying, and interrupts the pipeline once the last needed state is reached; the routed fields are then
+queried on all of them at once.
 Candidate states are the N states *before* each step: index 0 is the pure noise, N - 1 the least noisy.
 """
 
@@ -74,33 +75,28 @@ def sample_query_indices(
 
 @dataclass
 class QueryRecord:
-    """The field's answer at states of one index (detached), for the samples that asked for it."""
+    """Detached states of one index, for the samples that asked for it."""
 
     samples: torch.Tensor  # [M] sample indices into the rollout batch
     state_index: int
     sigma: float
     x: torch.Tensor  # [M, ...] detached states
-    target: torch.Tensor  # [M, ...] the field's velocity there, no grad
-
-
-Evaluate = Callable[[torch.Tensor, torch.Tensor, float, int], torch.Tensor]
 
 
 class OnPolicyQueryCallback(PipelineCallback):
-    """Record chosen states of the student's rollout, query the routed field there, stop early.
+    """Record chosen states of the student's rollout and stop it once the last one is reached.
 
-    ``evaluate(samples, x, sigma, state_index)`` returns the target velocity for those samples; it runs inside the
-    pipeline's ``torch.no_grad``. A sample that lists the same index several times is queried once and the record
-    repeated (:func:`sample_query_indices` itself draws distinct indices).
+    The fields are queried after the rollout, on every recorded state at once (:func:`gather_records`): one call
+    per field instead of one per state index, with the same states. A sample that lists the same index several
+    times is recorded once per listing (:func:`sample_query_indices` itself draws distinct indices).
     """
 
     tensor_inputs = ["latents"]
 
-    def __init__(self, query_indices: torch.Tensor, initial_latents: torch.Tensor, evaluate: Evaluate):
+    def __init__(self, query_indices: torch.Tensor, initial_latents: torch.Tensor):
         super().__init__(cutoff_step_ratio=1.0)
         self.query_indices = query_indices.cpu()
         self.initial_latents = initial_latents
-        self.evaluate = evaluate
         self.last_index = int(self.query_indices.max())
         self.records: list[QueryRecord] = []
         self.steps_run = 0
@@ -111,16 +107,10 @@ class OnPolicyQueryCallback(PipelineCallback):
             return
         samples = hits[:, 0]
         sigma = float(pipeline.scheduler.sigmas[state_index])
-        unique = samples.unique()
         # accelerate's mixed precision returns the student's output in fp32, which drifts the pipeline's latents
         # to fp32 after the first step: keep states in the rollout's own dtype
-        x = latents[unique.to(latents.device)].detach().to(self.initial_latents.dtype, copy=True)
-        target = self.evaluate(unique, x, sigma, state_index).detach()
-        # repeat for samples that drew this index more than once
-        order = torch.searchsorted(unique, samples)
-        self.records.append(
-            QueryRecord(samples, state_index, sigma, x[order.to(x.device)], target[order.to(x.device)])
-        )
+        x = latents[samples.to(latents.device)].detach().to(self.initial_latents.dtype, copy=True)
+        self.records.append(QueryRecord(samples, state_index, sigma, x))
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
         self.steps_run = step_index + 1
@@ -137,12 +127,12 @@ class OnPolicyQueryCallback(PipelineCallback):
 def gather_records(
     records: list[QueryRecord],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flatten records into (sample index, x, sigma, target) batches for one student forward."""
+    """Flatten records into (sample index, x, sigma, state index) rows for the fields and one student forward."""
     samples = torch.cat([r.samples for r in records])
     x = torch.cat([r.x for r in records])
     sigma = torch.cat([torch.full((len(r.samples),), r.sigma) for r in records])
-    target = torch.cat([r.target for r in records])
-    return samples, x, sigma, target
+    index = torch.cat([torch.full((len(r.samples),), r.state_index) for r in records])
+    return samples, x, sigma, index
 
 
 def field_rollout(

@@ -153,6 +153,31 @@ def test_student_init_refuses_an_alpha_that_contradicts_the_file(tiny_path, tmp_
     )
 
 
+def test_student_init_config_of_files_with_and_without_metadata():
+    from danceopd_diffusers.lora_io import LoraHeader
+    from danceopd_diffusers.preflight import student_init_lora_config
+
+    bare = LoraHeader("f", {"a.to_q": 4, "a.to_v": 8, "b.to_q": 4}, None, None, None, None)
+    # no metadata: read as diffusers reads it (alpha = r, per-module ranks as a pattern), or at --lora_alpha
+    assert student_init_lora_config(bare, 4, None) == {
+        "r": 4,
+        "lora_alpha": 4,
+        "target_modules": ["a.to_q", "a.to_v", "b.to_q"],
+        "rank_pattern": {"a.to_v": 8},
+    }
+    assert student_init_lora_config(bare, 4, 2.0)["lora_alpha"] == 2.0
+    declared = {"r": 4, "lora_alpha": 2, "alpha_pattern": {"a.to_q": 1}, "lora_dropout": 0.1}
+    header = LoraHeader("f", {"a.to_q": 4}, 4, 2, None, declared)
+    config = student_init_lora_config(header, 4, None)
+    assert (
+        config["lora_alpha"] == 2 and config["alpha_pattern"] == {"a.to_q": 1} and config["lora_dropout"] == 0
+    )
+    from danceopd_diffusers.config import ConfigError
+
+    with pytest.raises(ConfigError, match="alpha_pattern"):  # an explicit alpha cannot express a pattern
+        student_init_lora_config(header, 4, 2.0)
+
+
 # ------------------------------------------------------------------------------------------- 4. full fine-tune
 def test_full_finetune_under_bf16_trains_fp32_master_weights(tiny_path, tmp_path):
     """bf16 weights would swallow Adam's 1e-5 steps; the master copy is fp32, the export still bf16."""

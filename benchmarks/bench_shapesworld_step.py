@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = REPO / "danceopd_diffusers" / "shapesworld"
@@ -58,7 +59,7 @@ def main() -> None:
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
 
-    torch.optim.Optimizer.register_optimizer_step_post_hook(stamp)
+    register_optimizer_step_post_hook(stamp)
     with tempfile.TemporaryDirectory() as out:
         train_danceopd.main(
             train_danceopd.parse_args(student_args(args.data, args.steps, out, args.batch_size))

@@ -190,17 +190,11 @@ def test_resaved_exported_pipeline_keeps_the_trained_call(tmp_path):
 def test_trained_card_and_config_name_no_local_paths(tiny_path, tmp_path):
     """A real run: no path of the training machine in README.md or danceopd_config.json; the base recorded."""
     lora = make_lora_file(tiny_path, tmp_path / "my-expert")
-    config = tmp_path / "fields.yaml"
-    config.write_text(
-        "fields:\n  base: {type: base}\n  expert: {type: lora, path: " + str(lora.parent) + "}\n"
-        "  base_cfg: {type: cfg, of: base, scale: 3.0}\n"
-        "routes:\n  - {field: base_cfg, task: t2i}\n  - {field: expert, task: t2i}\n"
-    )
     data = tmp_path / "prompts.csv"
     data.write_text("prompt\na red circle\ntwo blue squares\n")
     out = tmp_path / "out"
     run_train(
-        ["--pretrained_model_name_or_path", tiny_path, "--fields_config", str(config)]
+        ["--pretrained_model_name_or_path", tiny_path, "--expert_lora", str(lora.parent), "--cfg_scale", "3"]
         + ["--dataset_name", str(data), "--output_dir", str(out), "--max_train_steps", "1", "--rank", "4"]
         + ["--num_rollout_steps", str(STEPS), "--max_sequence_length", str(MAX_LEN), "--report_to", "none"]
         + ["--train_batch_size", "1", "--resolution", str(RES)]

@@ -283,6 +283,9 @@ def render_model_card(
         max_sequence_length=call_kwargs.get("max_sequence_length"),
         can_edit=family.can_edit and edits,
         embedded_guidance=family.has_embedded_guidance,
+        edit_kwargs=", ".join(
+            f"`{k}={v!r}`" for k, v in family.unguided_call_kwargs().items() if k[0] == "_"
+        ),
         absorbed_guidance_scale=absorbed_guidance_scale,
         has_lora=has_lora,
         has_pipeline=has_pipeline,

@@ -842,6 +842,8 @@ def main(args: argparse.Namespace) -> None:
             render_model_card,
             save_pipeline_folder,
             save_student_lora,
+            trained_call_kwargs,
+            write_run_config,
         )
 
         if loss_history:
@@ -864,17 +866,25 @@ def main(args: argparse.Namespace) -> None:
         else:
             export_model = model.to(weight_dtype)  # the fp32 master weights, exported in the run's dtype
         absorbed = _absorbed_scale(fields_config)
+        call = trained_call_kwargs(
+            family,
+            method=args.method,
+            num_steps=args.num_rollout_steps,
+            max_sequence_length=args.max_sequence_length,
+        )
         if args.skip_pipeline_export:
             if args.full_finetune:
                 model.save_pretrained(os.path.join(args.output_dir, "transformer"))
         else:
-            save_pipeline_folder(pipe, family, export_model, args.output_dir, absorbed)
+            save_pipeline_folder(pipe, family, export_model, args.output_dir, absorbed, call)
         render_model_card(
             args.output_dir,
-            base_model=args.pretrained_model_name_or_path
-            if not args.demo
-            else "ShapesWorld base (shipped with danceopd-diffusers)",
+            base_model=args.pretrained_model_name_or_path,
             repo_id=repo_id,
+            family=family,
+            fields_config=fields_config,
+            call_kwargs=call,
+            prompt=(args.validation_prompt or [None])[0],
             fields_table="\n".join(f"| `{n}` | {f.describe()} |" for n, f in fields.items()),
             routes_table="\n".join(
                 f"| `{r.field}` | `{r.task}` | {r.weight} |" for r in fields_config.routes
@@ -886,11 +896,12 @@ def main(args: argparse.Namespace) -> None:
             has_pipeline=not args.skip_pipeline_export,
             samples_image=samples_image,
         )
-        (Path(args.output_dir) / "danceopd_config.json").write_text(
-            json.dumps(
-                {"fields_config": fields_config.to_dict(), "args": _hyperparameters(args, resolution)},
-                indent=2,
-            )
+        write_run_config(
+            args.output_dir,
+            base_model=args.pretrained_model_name_or_path,
+            fields_config=fields_config,
+            hyperparameters=_hyperparameters(args, resolution),
+            call_kwargs=call,
         )
         if args.push_to_hub:
             push_output_dir(args.output_dir, repo_id, token=args.hub_token)

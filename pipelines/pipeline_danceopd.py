@@ -97,6 +97,8 @@ ZImagePipeline = _optional("ZImagePipeline")
 ZImageOmniPipeline = _optional("ZImageOmniPipeline")
 QwenImagePipeline = _optional("QwenImagePipeline")
 QwenImageEditPipeline = _optional("QwenImageEditPipeline")
+Flux2Pipeline = _optional("Flux2Pipeline")
+Flux2KleinPipeline = _optional("Flux2KleinPipeline")
 
 
 if FluxPipeline is not None:
@@ -317,3 +319,58 @@ if QwenImageEditPipeline is not None:
                 text_to_image.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
                 return text_to_image(prompt, *args, true_cfg_scale=true_cfg_scale, **kwargs)
             return super().__call__(image, prompt, *args, true_cfg_scale=true_cfg_scale, **kwargs)
+
+
+if Flux2Pipeline is not None:
+
+    class DanceOPDFlux2Pipeline(_CustomPipelineSaveMixin, Flux2Pipeline):
+        """Flux2Pipeline (FLUX.2 [dev]; edits with ``image=``). It has no CFG: ``guidance_scale`` is the embedded
+        guidance input of the guidance-distilled model, not CFG: keep the value the student was trained with."""
+
+        def __init__(
+            self,
+            scheduler,
+            vae,
+            text_encoder,
+            tokenizer,
+            transformer,
+            absorbed_guidance_scale: float | None = None,
+        ):
+            super().__init__(
+                scheduler=scheduler,
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                transformer=transformer,
+            )
+            self.register_to_config(absorbed_guidance_scale=absorbed_guidance_scale)
+
+
+if Flux2KleinPipeline is not None:
+
+    class DanceOPDFlux2KleinPipeline(_CustomPipelineSaveMixin, Flux2KleinPipeline):
+        """Flux2KleinPipeline (FLUX.2 [klein]; edits with ``image=``) with ``guidance_scale=1`` by default (Klein's
+        CFG runs only when it is > 1): one transformer call per step."""
+
+        def __init__(
+            self,
+            scheduler,
+            vae,
+            text_encoder,
+            tokenizer,
+            transformer,
+            is_distilled: bool = False,
+            absorbed_guidance_scale: float | None = None,
+        ):
+            super().__init__(
+                scheduler=scheduler,
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                transformer=transformer,
+                is_distilled=is_distilled,
+            )
+            self.register_to_config(absorbed_guidance_scale=absorbed_guidance_scale)
+
+        def __call__(self, image=None, prompt=None, *args, guidance_scale: float = 1.0, **kwargs):
+            return super().__call__(image, prompt, *args, guidance_scale=guidance_scale, **kwargs)

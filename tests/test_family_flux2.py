@@ -221,27 +221,23 @@ def test_per_sample_references(klein_path):
     pipe = _load(family, klein_path)
     cond, _ = _prompt_conds(family, pipe)
     with torch.no_grad():
-        sources = family.encode_sources(pipe, _source_pixels(), None)
+        cond = cond.merge(family.encode_sources(pipe, _source_pixels(), None))  # two different references
     x = _noise(family, pipe, 3)
-    kw = dict(height=HEIGHT, width=WIDTH, num_inference_steps=3, output_type="latent", latents=x)
+    kw = dict(height=HEIGHT, width=WIDTH, num_inference_steps=3, output_type="latent", guidance_scale=1.0)
     with torch.no_grad():
-        both = pipe(**family.pipeline_condition_kwargs(cond.merge(sources)), guidance_scale=1.0, **kw).images
-        first = pipe(
-            **family.pipeline_condition_kwargs(cond.merge(sources).select([0])),
-            guidance_scale=1.0,
-            **{**kw, "latents": x[:1]},
-        ).images
+        both = pipe(**family.pipeline_condition_kwargs(cond), latents=x, **kw).images
+        alone = [
+            pipe(**family.pipeline_condition_kwargs(cond.select([i])), latents=x[i : i + 1], **kw).images
+            for i in range(2)
+        ]
         with pytest.raises(ValueError, match="not both"):
-            pipe(
-                image=Image.new("RGB", (64, 64)),
-                **family.pipeline_condition_kwargs(cond.merge(sources)),
-                **kw,
-            )
-    _close(both[:1], first)
-    swapped = Conditioning({SOURCE_LATENTS: sources.tensors[SOURCE_LATENTS].flip(0)})
-    with torch.no_grad():
-        other = pipe(**family.pipeline_condition_kwargs(cond.merge(swapped)), guidance_scale=1.0, **kw).images
-    assert not torch.allclose(other[0], both[0], atol=1e-4)
+            pipe(image=Image.new("RGB", (64, 64)), **family.pipeline_condition_kwargs(cond), latents=x, **kw)
+        one_source = Conditioning({**cond.tensors, SOURCE_LATENTS: cond.tensors[SOURCE_LATENTS][:1]})
+        with pytest.raises(ValueError, match="1 samples but the call generates 2"):
+            pipe(**family.pipeline_condition_kwargs(one_source), latents=x, **kw)
+    _close(both[:1], alone[0])
+    _close(both[1:], alone[1])
+    assert not torch.allclose(alone[0], alone[1], atol=1e-4)
 
 
 def test_klein_image_guidance_drops_the_reference_in_its_image_free_branch(klein_path):

@@ -408,3 +408,22 @@ def test_dev_training_smoke(dev_path, tmp_path):
     assert type(pipe).__name__ == "DanceOPDFlux2Pipeline"
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+
+
+def test_is_distilled_survives_export_and_reload(tmp_path):
+    """A step-distilled Klein base exports (and reloads as a training base) still marked ``is_distilled``."""
+    from diffusers import DiffusionPipeline
+
+    from danceopd_diffusers.export import save_pipeline_folder
+    from danceopd_diffusers.field_loading import load_pipeline
+    from danceopd_diffusers.tiny.flux2 import build_tiny_flux2_klein_pipeline
+
+    build_tiny_flux2_klein_pipeline(is_distilled=True).save_pretrained(tmp_path / "base")
+    family = Flux2KleinFamily(max_sequence_length=KLEIN_LEN)
+    pipe = load_pipeline(family, str(tmp_path / "base"))
+    assert pipe.config.is_distilled
+    save_pipeline_folder(pipe, family, pipe.transformer, tmp_path / "out", absorbed_guidance_scale=None)
+    exported = DiffusionPipeline.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert type(exported).__name__ == "DanceOPDFlux2KleinPipeline" and exported.config.is_distilled
+    again = load_pipeline(family, str(tmp_path / "out"), custom_pipeline="pipeline_danceopd")
+    assert type(again) is family.pipeline_class() and again.config.is_distilled

@@ -30,32 +30,16 @@ from typing import Any
 import torch
 
 from .base import EMBEDDED_GUIDANCE, SOURCE_PREFIX, Conditioning, FamilyAdapter
+from .flux import FLUX_LORA_TARGETS, _unwrap
 
 #: key of the reference-image latents in a Conditioning: patchified and normalised ``[B, 4C, h, w]``
 SOURCE_LATENTS = SOURCE_PREFIX + "latents"
 #: time coordinate of the first reference image's position ids (``Flux2Pipeline._prepare_image_ids``)
 REFERENCE_TIME = 10
 
-#: attention projections of the double-stream blocks and the fused QKV/MLP input of the single-stream blocks
-#: (diffusers' train_dreambooth_lora_flux2*.py target to_q/k/v/out.0 and, for Klein, to_qkv_mlp_proj as well)
-FLUX2_LORA_TARGETS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "attn.to_qkv_mlp_proj",
-)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under a DistributedDataParallel / torch.compile wrapper (for its config)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
+#: attention projections of the double-stream blocks (named as in Flux.1's) and the fused QKV/MLP input of the
+#: single-stream blocks (diffusers' train_dreambooth_lora_flux2*.py target to_q/k/v/out.0, Klein's to_qkv_mlp_proj too)
+FLUX2_LORA_TARGETS = tuple(t for t in FLUX_LORA_TARGETS if t.startswith("attn.")) + ("attn.to_qkv_mlp_proj",)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:

@@ -48,10 +48,9 @@ def _tokenizer(chat_template: str, extra_tokens: tuple[str, ...] = ()) -> Any:
     return tokenizer
 
 
-def _qwen3(vocab_size: int, pad_id: int, layers: int = 28) -> Any:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(
+def _text_config(vocab_size: int, pad_id: int, layers: int) -> dict:
+    """A decoder of width 16 (the transformer's text input is three stacked layers: 48 wide)."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=TEXT_HIDDEN,
         intermediate_size=2 * TEXT_HIDDEN,
@@ -63,8 +62,13 @@ def _qwen3(vocab_size: int, pad_id: int, layers: int = 28) -> Any:
         pad_token_id=pad_id,
         eos_token_id=pad_id,
         bos_token_id=None,
-        tie_word_embeddings=True,
     )
+
+
+def _qwen3(vocab_size: int, pad_id: int, layers: int = 28) -> Any:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(**_text_config(vocab_size, pad_id, layers), tie_word_embeddings=True)
     return Qwen3ForCausalLM(config)
 
 
@@ -73,19 +77,7 @@ def _mistral3(vocab_size: int, pad_id: int, layers: int = 31) -> Any:
 
     config = Mistral3Config(
         text_config=dict(
-            model_type="mistral",
-            vocab_size=vocab_size,
-            hidden_size=TEXT_HIDDEN,
-            intermediate_size=2 * TEXT_HIDDEN,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            max_position_embeddings=1024,
-            pad_token_id=pad_id,
-            eos_token_id=pad_id,
-            bos_token_id=None,
-            sliding_window=None,
+            model_type="mistral", sliding_window=None, **_text_config(vocab_size, pad_id, layers)
         ),
         vision_config=dict(
             model_type="pixtral",

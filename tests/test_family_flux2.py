@@ -235,6 +235,11 @@ def test_per_sample_references(klein_path):
         one_source = Conditioning({**cond.tensors, SOURCE_LATENTS: cond.tensors[SOURCE_LATENTS][:1]})
         with pytest.raises(ValueError, match="1 samples but the call generates 2"):
             pipe(**family.pipeline_condition_kwargs(one_source), latents=x, **kw)
+        no_size = {k: v for k, v in kw.items() if k not in ("height", "width")}
+        at_source_size = pipe(**family.pipeline_condition_kwargs(cond), **no_size).images
+        with pytest.raises(TypeError, match="keyword"):
+            pipe(None, **family.pipeline_condition_kwargs(cond), latents=x, **kw)
+    assert at_source_size.shape[-2:] == (SRC_H // 4, SRC_W // 4)  # VAE latents at the reference's size
     _close(both[:1], alone[0])
     _close(both[1:], alone[1])
     assert not torch.allclose(alone[0], alone[1], atol=1e-4)

@@ -79,13 +79,19 @@ def _source_pipeline_class(base: type) -> type:
 
         def __call__(self, *args, source_latents: torch.Tensor | None = None, **kwargs):
             if source_latents is not None:
-                if args or kwargs.get("image") is not None:
+                if args:
+                    raise TypeError("With `source_latents`, pass every other argument by keyword.")
+                if kwargs.get("image") is not None:
                     raise ValueError("Pass either `image` or pre-encoded `source_latents`, not both.")
                 # the stock __call__ encodes references only when it is given some: a blank image stands in for
-                # them (never encoded: prepare_image_latents returns source_latents), sized to pass its checks
+                # them (never encoded: prepare_image_latents returns source_latents), sized to pass its checks;
+                # as with a real reference, the output defaults to the reference's size
                 from PIL import Image
 
                 kwargs["image"] = [Image.new("RGB", (64, 64))]
+                multiple = self.vae_scale_factor * 2
+                kwargs["height"] = kwargs.get("height") or source_latents.shape[-2] * multiple
+                kwargs["width"] = kwargs.get("width") or source_latents.shape[-1] * multiple
             self._danceopd_sources = source_latents
             try:
                 return super().__call__(*args, **kwargs)

@@ -397,20 +397,34 @@ def test_klein_one_student_for_t2i_and_edits(trained_klein, klein_path, tmp_path
 
 
 def test_dev_training_smoke(dev_path, tmp_path):
-    """[dev]: a LoRA student with the embedded guidance passed to the rollout and the fields; export reloads."""
+    """[dev]: a LoRA student for T2I (true CFG absorbed) and edits, at the embedded guidance the run sets; the
+    export reloads, edits with ``image=`` in one call per step and keeps ``guidance_scale`` as the embedded input."""
     from diffusers import DiffusionPipeline
 
     folder = tmp_path / "dev"
     folder.mkdir()
-    data = _write_data(folder)
+    config = folder / "fields.yaml"
+    config.write_text(
+        "fields:\n  base: {type: base}\n  t2i_cfg: {type: cfg, of: base, scale: 2.0}\n"
+        "routes:\n  - {field: t2i_cfg, task: t2i}\n  - {field: base, task: edit}\n"
+    )
     out = folder / "out"
     short = [a if a != str(KLEIN_LEN) else str(DEV_LEN) for a in SHORT]
     run_train(
-        ["--pretrained_model_name_or_path", dev_path, "--dataset_name", str(data), "--output_dir", str(out)]
-        + ["--cfg_scale", "2.0", "--embedded_guidance", "3.0", "--max_train_steps", "2", *short]
+        ["--pretrained_model_name_or_path", dev_path, "--dataset_name", str(_write_data(folder))]
+        + ["--output_dir", str(out), "--fields_config", str(config), "--embedded_guidance", "3.0"]
+        + ["--max_train_steps", "4", *short]
     )
+    routes = {json.loads(r)["route"] for r in (out / "logs" / "routes_rank0.jsonl").read_text().splitlines()}
+    assert routes == {"t2i_cfg", "base"}
     pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     assert type(pipe).__name__ == "DanceOPDFlux2Pipeline"
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
+    kw = dict(height=64, width=96, num_inference_steps=2, output_type="latent", max_sequence_length=DEV_LEN)
+    edited = pipe(image=Image.new("RGB", (96, 64)), prompt="make it green", guidance_scale=3.0, **kw).images
+    assert len(calls) == 2 and edited.shape == (1, 8 * 12, 16)
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
 

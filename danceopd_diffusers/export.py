@@ -64,6 +64,15 @@ def save_student_lora(
     return os.path.join(output_dir, "pytorch_lora_weights.safetensors")
 
 
+def pipeline_settings(pipe: Any, cls: type) -> dict[str, Any]:
+    """The init arguments ``pipe`` registered besides its components that ``cls`` takes (Flux2-Klein's
+    ``is_distilled``): ``pipe.components`` alone would reset them to their defaults."""
+    import inspect
+
+    accepted = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in pipe.config.items() if k in accepted and k not in pipe.components}
+
+
 def save_pipeline_folder(
     pipe: Any,
     family: Any,
@@ -79,7 +88,8 @@ def save_pipeline_folder(
     """
     components = {k: v for k, v in pipe.components.items()}
     components["transformer"] = transformer
-    stock = family.pipeline_class()(**components)
+    cls = family.pipeline_class()
+    stock = cls(**components, **pipeline_settings(pipe, cls))
     stock.save_pretrained(output_dir)
     module_file = CUSTOM_PIPELINE_MODULE + ".py"
     shutil.copyfile(package_file(module_file), Path(output_dir) / module_file)

@@ -68,8 +68,10 @@ def load_pipeline(family: FamilyAdapter, path: str, custom_pipeline: str | None 
         return cls.from_pretrained(path, **kwargs)
     from diffusers import DiffusionPipeline
 
+    from .export import pipeline_settings
+
     exported = DiffusionPipeline.from_pretrained(path, trust_remote_code=True, **kwargs)
-    return cls(**exported.components)
+    return cls(**exported.components, **pipeline_settings(exported, cls))
 
 
 def build_fields(

@@ -31,7 +31,8 @@ CLASS_PREFIX = "DanceOPD"
 #: stock pipeline class -> the ``__call__`` arguments that turn its guidance off (one model call per step).
 #: SD3 guides only when guidance_scale > 1; Flux, Kontext and Qwen-Image only with true_cfg_scale > 1 (Flux's
 #: guidance_scale is the embedded input of guidance-distilled checkpoints, recorded per export); Z-Image as
-#: pos + g (pos - neg), only when g > 0.
+#: pos + g (pos - neg), only when g > 0; Flux.2 [klein] only when guidance_scale > 1, while Flux.2 [dev] has no
+#: CFG at all (its guidance_scale is the embedded input, recorded per export).
 UNGUIDED_DEFAULTS: dict[str, dict[str, float]] = {
     "StableDiffusion3Pipeline": {"guidance_scale": 1.0},
     "FluxPipeline": {"true_cfg_scale": 1.0},
@@ -40,6 +41,8 @@ UNGUIDED_DEFAULTS: dict[str, dict[str, float]] = {
     "ZImageOmniPipeline": {"guidance_scale": 0.0},
     "QwenImagePipeline": {"true_cfg_scale": 1.0},
     "QwenImageEditPipeline": {"true_cfg_scale": 1.0},
+    "Flux2Pipeline": {},
+    "Flux2KleinPipeline": {"guidance_scale": 1.0},
 }
 
 
@@ -156,3 +159,5 @@ DanceOPDZImagePipeline = _danceopd_pipeline("ZImagePipeline")
 DanceOPDZImageOmniPipeline = _danceopd_pipeline("ZImageOmniPipeline", _OmniSources)
 DanceOPDQwenImagePipeline = _danceopd_pipeline("QwenImagePipeline")
 DanceOPDQwenImageEditPipeline = _danceopd_pipeline("QwenImageEditPipeline", _QwenEditTextToImage)
+DanceOPDFlux2Pipeline = _danceopd_pipeline("Flux2Pipeline")
+DanceOPDFlux2KleinPipeline = _danceopd_pipeline("Flux2KleinPipeline")

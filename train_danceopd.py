@@ -366,11 +366,31 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"--lr_scheduler {args.lr_scheduler!r} is not a scheduler of diffusers; use one of {schedulers}."
         )
+    check_trackers(args.report_to)
     if args.push_to_hub and hub_offline():
         raise ConfigError(
             "--push_to_hub needs the network, but huggingface_hub is offline (HF_HUB_OFFLINE is set): set "
             "HF_HUB_OFFLINE=0, or drop --push_to_hub and upload the output folder later."
         )
+
+
+def check_trackers(report_to: str) -> None:
+    """A tracker named in --report_to must be one accelerate knows and be installed (the default tensorboard
+    falls back to console logging instead)."""
+    import accelerate.utils
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for name in report_to.split(","):
+        if name in ("none", "", "all", "tensorboard"):
+            continue
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(
+                f"--report_to {name!r} is not a tracker accelerate knows; use one of {sorted(LOGGER_TYPE_TO_CLASS)} or none."
+            )
+        if not getattr(accelerate.utils, f"is_{name}_available")():
+            raise ConfigError(
+                f"--report_to {name} but {name} is not installed: pip install {name}, or pass --report_to none."
+            )
 
 
 def build_family(family_cls: type, args: argparse.Namespace):

@@ -101,8 +101,14 @@ def _first_lines(path: Path, n: int) -> list[str]:
 
 def _load(flag: str, name: str, *args: Any, **kwargs: Any):
     """``datasets.load_dataset`` whose failures (malformed files, offline Hub ids) are one clear line."""
+    import logging
+
     from datasets import load_dataset
 
+    # the file readers log their parse errors with a traceback; the error below says the same in one line
+    readers = logging.getLogger("datasets.packaged_modules")
+    level = readers.level
+    readers.setLevel(logging.CRITICAL)
     try:
         return load_dataset(*args, **kwargs)
     except Exception as exc:
@@ -114,6 +120,8 @@ def _load(flag: str, name: str, *args: Any, **kwargs: Any):
             f"{flag} {name} cannot be read ({type(cause).__name__}: {detail[:300]}). Fix the file (one row per "
             f"prompt, valid {'/'.join(sorted(LOCAL_BUILDERS))}) or pass another one."
         ) from exc
+    finally:
+        readers.setLevel(level)
 
 
 def open_image(value: Any, base_dir: Path | None) -> Image.Image:

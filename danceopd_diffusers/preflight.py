@@ -75,6 +75,8 @@ def check_component_weights(path: str, index: dict, flag: str) -> None:
                 "e.g. diffusion_pytorch_model.safetensors or model.safetensors). The folder is incomplete; "
                 "download or export it again."
             )
+        for file in sorted(folder.glob("*.safetensors")):  # headers only: a truncated download fails here
+            check_safetensors(str(file), f"{flag} {path}, component {name!r}")
 
 
 def _meta_transformer(family_cls: type[FamilyAdapter], config: dict) -> Any:

@@ -341,11 +341,12 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.full_finetune and args.lora_layers:
         raise ConfigError("--lora_layers has no effect with --full_finetune; drop one of them.")
     demo_set = getattr(args, "demo_overrides", {})
-    for flag in ("rank", "lora_alpha"):
-        if args.full_finetune and getattr(args, flag) is not None and flag not in demo_set:
-            raise ConfigError(
-                f"--{flag} has no effect with --full_finetune (no LoRA is trained); drop one of them."
-            )
+    ignored = [f for f in ("rank", "lora_alpha") if getattr(args, f) is not None and f not in demo_set]
+    if args.full_finetune and ignored:  # kept a warning: scripts that switch --full_finetune on keep working
+        print(
+            f"warning: --{ignored[0]} has no effect with --full_finetune (no LoRA is trained); drop it.",
+            file=sys.stderr,
+        )
     check_numbers(args)
     if args.per_sample_routing and args.method == "sft":
         raise ConfigError(

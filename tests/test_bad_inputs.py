@@ -730,6 +730,16 @@ X = [
         ("--pretrained_model_name_or_path", "wrong_text_encoder", "failed", "check or replace them"),
         "load",
     ),
+    Case(
+        "X4",
+        lambda fx: {"--expert_lora": "someone/no-such-lora"},
+        ("Field 'expert'", "someone/no-such-lora", "offline", "HF_HUB_OFFLINE=0"),
+    ),
+    Case(
+        "X5",
+        lambda fx: {"--expert_checkpoint": "someone/no-such-model"},
+        ("Field 'expert'", "someone/no-such-model", "offline", "HF_HUB_OFFLINE=0"),
+    ),
 ]
 CASES = M + Y + L + S + D + N + O + X
 

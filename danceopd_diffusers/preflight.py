@@ -153,6 +153,18 @@ def inspect_pipeline(path: str, revision: str | None = None) -> ModelInfo:
     check_component_weights(path, index, flag)
     model = _meta_transformer(family_cls, transformer_config)
     module_names = {name for name, _ in model.named_modules()}
+    param_shapes = _param_shapes(model)
+    weights = Path(path, "transformer")
+    for file in sorted(weights.glob("*.safetensors")) if weights.is_dir() else []:
+        _compare_shapes(
+            _safetensors_shapes(str(file)),
+            param_shapes,
+            lambda key, got, want, file=file: (
+                f"{flag} {path}: {file.name} in transformer/ holds {key} of shape {got}, but "
+                f"transformer/config.json makes it {want}: the weights and the config are of different models. "
+                "Download or export the folder again."
+            ),
+        )
     return ModelInfo(
         path,
         class_name,
@@ -161,8 +173,24 @@ def inspect_pipeline(path: str, revision: str | None = None) -> ModelInfo:
         module_names,
         transformer_config,
         custom_pipeline,
-        _param_shapes(model),
+        param_shapes,
     )
+
+
+def _safetensors_shapes(file: str) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+
+
+def _compare_shapes(shapes: dict, expected: dict, message: Any) -> None:
+    """The first tensor both name whose shapes differ is an error (``message(key, got, want)``)."""
+    for key in sorted(
+        set(shapes) & set(expected)
+    ):  # a file in an original (non-diffusers) layout shares none
+        if shapes[key] != expected[key]:
+            raise ConfigError(message(key, list(shapes[key]), list(expected[key])))
 
 
 def check_lora_targets(target_modules: Sequence[str], module_names: set[str], what: str) -> None:
@@ -241,8 +269,6 @@ def check_fields_against_model(config: FieldsConfig, info: ModelInfo) -> dict[st
 def check_transformer_checkpoint(path: str, subfolder: str | None, info: ModelInfo, what: str) -> None:
     """A full transformer checkpoint (a diffusers folder, Hub id or single .safetensors file) exists, is in a
     format this project reads and has the base transformer's shapes, all from its config or file header."""
-    from safetensors import safe_open
-
     from .field_loading import transformer_subfolder
 
     local = Path(path)
@@ -254,9 +280,7 @@ def check_transformer_checkpoint(path: str, subfolder: str | None, info: ModelIn
             )
     if local.is_file():
         check_safetensors(str(local), what)
-        with safe_open(str(local), framework="pt") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-        expected = info.param_shapes
+        shapes = _safetensors_shapes(str(local))
     else:
         subfolder = transformer_subfolder(path, subfolder)
         try:
@@ -278,13 +302,14 @@ def check_transformer_checkpoint(path: str, subfolder: str | None, info: ModelIn
             raise ConfigError(
                 f"{what}: checkpoint {path} is not a {info.family_cls.name} transformer ({_first_line(exc)})."
             ) from exc
-        expected = info.param_shapes
-    for key in sorted(set(shapes) & set(expected)):  # single files in an original layout share no keys
-        if shapes[key] != expected[key]:
-            raise ConfigError(
-                f"{what}: checkpoint {path} is a transformer of another shape: {key} is {list(shapes[key])} there "
-                f"but {list(expected[key])} in --pretrained_model_name_or_path. Use a checkpoint of this base model."
-            )
+    _compare_shapes(
+        shapes,
+        info.param_shapes,
+        lambda key, got, want: (
+            f"{what}: checkpoint {path} is a transformer of another shape: {key} is {got} there "
+            f"but {want} in --pretrained_model_name_or_path. Use a checkpoint of this base model."
+        ),
+    )
 
 
 def check_something_to_distill(config: FieldsConfig, warm_start: bool) -> None:

@@ -110,6 +110,12 @@ class Fx:
             "wrong_text_encoder/text_encoder/model.safetensors",
             lambda k, v: (k, v.repeat(2, *[1] * (v.dim() - 1)) if v.dim() else v),
         )
+        shutil.copytree(tiny, root / "wide_transformer_weights")
+        self.resave(
+            Path(self.wide_single),
+            "wide_transformer_weights/transformer/diffusion_pytorch_model.safetensors",
+            lambda k, v: (k, v),
+        )
         self.transformer_trunc = self.copy(
             Path(tiny) / "transformer/diffusion_pytorch_model.safetensors",
             "trunc_transformer.safetensors",
@@ -740,6 +746,11 @@ X = [
         lambda fx: {"--expert_checkpoint": "someone/no-such-model"},
         ("Field 'expert'", "someone/no-such-model", "offline", "HF_HUB_OFFLINE=0"),
     ),
+    Case(
+        "X6",
+        lambda fx: {"--pretrained_model_name_or_path": str(fx.root / "wide_transformer_weights")},
+        ("wide_transformer_weights", "norm_out.linear.bias", "different models", "export the folder again"),
+    ),
 ]
 CASES = M + Y + L + S + D + N + O + X
 
@@ -865,6 +876,31 @@ def test_bad_input(case: Case, fx: Fx, tmp_path, monkeypatch, capsys, weights_fo
             assert fragment in line[0], line[0]
     assert _snapshot(precious) == before
     assert not fx.marker.exists(), "a pickle was unpickled"
+
+
+@pytest.mark.parametrize(
+    "flags,says",
+    [
+        ({"--fields_config": "nope.yaml", "--cfg_scale": None}, "--fields_config"),
+        ({"--dataset_name": "nope.jsonl"}, "--dataset_name"),
+        ({"--dataset_name": "someone/no-such-dataset"}, "--dataset_name"),
+    ],
+)
+def test_files_are_checked_before_the_model(
+    flags, says, fx, tmp_path, monkeypatch, capsys, weights_forbidden
+):
+    """A missing fields config or data file is reported before the model (here an uncached Hub id) is looked
+    up: the model's configs are never read."""
+    import train_danceopd
+
+    def looked_up(*args, **kwargs):
+        raise AssertionError("the model was looked up before the files were checked")
+
+    monkeypatch.setattr(train_danceopd, "inspect_pipeline", looked_up)
+    flags = {k: str(tmp_path / v) if v and v.startswith("nope") else v for k, v in flags.items()}
+    flags["--pretrained_model_name_or_path"] = "stabilityai/sd3-does-not-exist"
+    assert train_danceopd.cli(_argv(fx, str(tmp_path / "out"), flags)) == 2
+    assert says in capsys.readouterr().err
 
 
 #: a few rows end to end: the script as a user runs it prints one error line and no traceback

@@ -116,7 +116,7 @@ def inspect_pipeline(path: str, revision: str | None = None) -> ModelInfo:
         if not Path(path).exists() and hub_offline():
             raise offline_error(flag, path) from exc
         raise ConfigError(
-            f"Cannot read model_index.json of {path!r} ({exc}). Pass a diffusers pipeline folder or Hub id "
+            f"Cannot read model_index.json of {path!r} ({_first_line(exc)}). Pass a diffusers pipeline folder or Hub id "
             "with --pretrained_model_name_or_path."
         ) from exc
     class_name = index.get("_class_name")
@@ -259,7 +259,7 @@ def check_fields_against_model(config: FieldsConfig, info: ModelInfo) -> dict[st
         except ConfigError as exc:
             raise ConfigError(f"{what}: {exc}") from exc
         except Exception as exc:
-            raise ConfigError(f"{what}: cannot find its LoRA ({exc}).") from exc
+            raise ConfigError(f"{what}: cannot find its LoRA ({_first_line(exc)}).") from exc
         header = inspect_lora(file, f"{what} (LoRA)")
         check_lora_file(header, info.module_names, what, linear_features=info.linear_features)
         headers[spec.name] = header

@@ -19,6 +19,7 @@ import copy
 import functools
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ from danceopd_diffusers.config import (
     FieldSpec,
     RouteSpec,
     config_from_flags,
+    hub_offline,
     parse_fields_config,
 )
 from danceopd_diffusers.data import (
@@ -60,7 +62,12 @@ from danceopd_diffusers.preflight import (
     check_fields_against_model,
     check_lora_file,
     check_lora_targets,
+    check_output_dir,
+    check_something_to_distill,
+    check_transformer_checkpoint,
     inspect_pipeline,
+    load_errors,
+    lora_base_rank,
     student_init_lora_config,
 )
 from danceopd_diffusers.rollout import QUERY_STRATEGIES
@@ -68,6 +75,7 @@ from danceopd_diffusers.routing import Router, step_generator
 from danceopd_diffusers.student import STUDENT_ADAPTER
 
 logger = logging.getLogger("danceopd")
+DEFAULT_RANK = 128
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -176,7 +184,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "student's rollout and every field (default: the family's, 3.5). Not CFG.",
     )
     # student
-    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help=f"LoRA rank (default {DEFAULT_RANK}; with --student_init: the file's).",
+    )
     parser.add_argument(
         "--lora_alpha", type=float, default=None, help="Defaults to --rank (with --student_init: the file's)."
     )
@@ -270,7 +283,71 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                 setattr(args, key, value)
                 args.demo_overrides[key] = value
     check_flags(args)
+    if args.rank is None and not args.full_finetune and not args.student_init:
+        args.rank = DEFAULT_RANK  # with --student_init, a LoRA's own rank (main)
     return args
+
+
+#: lowest (and highest) value of each numeric flag; None bounds are open. Checked in check_flags.
+NUMERIC_RANGES: dict[str, tuple[float | None, float | None, str]] = {
+    "max_train_steps": (1, None, ""),
+    "train_batch_size": (1, None, ""),
+    "gradient_accumulation_steps": (1, None, ""),
+    "checkpointing_steps": (1, None, "; pass a large number to save rarely"),
+    "checkpoints_total_limit": (1, None, "; omit it to keep every checkpoint"),
+    "validation_steps": (1, None, "; omit --validation_prompt to skip validation"),
+    "num_rollout_steps": (2, None, ""),
+    "query_k": (1, None, ""),
+    "max_sequence_length": (1, None, ""),
+    "rank": (1, None, ""),
+    "lr_warmup_steps": (0, None, ""),
+    "lr_num_cycles": (1, None, ""),
+    "demo_eval_limit": (1, None, ""),
+    "seed": (0, 2**32 - 1, ""),
+    "resolution": (16, None, "; omit it for the model's default"),
+    "max_grad_norm": (0, None, "; 0 turns clipping off"),
+    "adam_weight_decay": (0, None, ""),
+}
+#: float flags that must be strictly positive
+POSITIVE_FLAGS = {
+    "learning_rate": "; 0 would train nothing",
+    "lora_alpha": "",
+    "adam_epsilon": "",
+    "lr_power": "",
+    "cfg_scale": "",
+    "embedded_guidance": "",
+}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Zero, negative, NaN and out-of-range numbers, refused before anything loads."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"--{name} is {v}; pass a finite number.")
+    for name, (low, high, hint) in NUMERIC_RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise ConfigError(f"--{name} is {value}; it must be {bounds}{hint}.")
+    for name, hint in POSITIVE_FLAGS.items():
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise ConfigError(f"--{name} is {value}; it must be greater than 0{hint}.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ConfigError(f"--{name} is {getattr(args, name)}; it must be in [0, 1).")
+    for seed in args.validation_seeds or []:
+        if not 0 <= seed < 2**32:
+            raise ConfigError(f"--validation_seeds {seed}: seeds must be between 0 and {2**32 - 1}.")
+    if args.query_k > args.num_rollout_steps:
+        raise ConfigError(
+            f"--query_k {args.query_k} is more than --num_rollout_steps {args.num_rollout_steps}: a rollout has only "
+            f"that many states. Pass --query_k {args.num_rollout_steps} to query every state."
+        )
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -294,10 +371,14 @@ def check_flags(args: argparse.Namespace) -> None:
         )
     if args.full_finetune and args.lora_layers:
         raise ConfigError("--lora_layers has no effect with --full_finetune; drop one of them.")
-    if args.num_rollout_steps < 2:
-        raise ConfigError("--num_rollout_steps must be at least 2.")
-    if args.query_k < 1:
-        raise ConfigError("--query_k must be at least 1.")
+    demo_set = getattr(args, "demo_overrides", {})
+    ignored = [f for f in ("rank", "lora_alpha") if getattr(args, f) is not None and f not in demo_set]
+    if args.full_finetune and ignored:  # kept a warning: scripts that switch --full_finetune on keep working
+        print(
+            f"warning: --{ignored[0]} has no effect with --full_finetune (no LoRA is trained); drop it.",
+            file=sys.stderr,
+        )
+    check_numbers(args)
     if args.per_sample_routing and args.method == "sft":
         raise ConfigError(
             "--per_sample_routing has no meaning for --method sft (buckets are drawn per step)."
@@ -310,6 +391,38 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--resolution {args.resolution} must be a multiple of 16.")
     if not 0.0 <= args.caption_dropout_prob < 1.0:
         raise ConfigError("--caption_dropout_prob must be in [0, 1).")
+    from diffusers.optimization import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    if args.lr_scheduler not in schedulers:
+        raise ConfigError(
+            f"--lr_scheduler {args.lr_scheduler!r} is not a scheduler of diffusers; use one of {schedulers}."
+        )
+    check_trackers(args.report_to)
+    if args.push_to_hub and hub_offline():
+        raise ConfigError(
+            "--push_to_hub needs the network, but huggingface_hub is offline (HF_HUB_OFFLINE is set): set "
+            "HF_HUB_OFFLINE=0, or drop --push_to_hub and upload the output folder later."
+        )
+
+
+def check_trackers(report_to: str) -> None:
+    """A tracker named in --report_to must be one accelerate knows and be installed (the default tensorboard
+    falls back to console logging instead)."""
+    import accelerate.utils
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for name in report_to.split(","):
+        if name in ("none", "", "all", "tensorboard"):
+            continue
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(
+                f"--report_to {name!r} is not a tracker accelerate knows; use one of {sorted(LOGGER_TYPE_TO_CLASS)} or none."
+            )
+        if not getattr(accelerate.utils, f"is_{name}_available")():
+            raise ConfigError(
+                f"--report_to {name} but {name} is not installed: pip install {name}, or pass --report_to none."
+            )
 
 
 def build_family(family_cls: type, args: argparse.Namespace):
@@ -342,12 +455,23 @@ def main(args: argparse.Namespace) -> None:
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     # ---------------------------------------------------------------- checks that load no weights
+    # the files the user named first (output folder, fields config, data), then the model's configs
+    check_output_dir(args.output_dir)
+    fields_config = resolve_fields(args)
+    columns = DataColumns(args.caption_column, args.task_column, args.source_image_column, args.image_column)
+    if args.demo and args.dataset_name is None and args.train_data_dir is None:
+        args.dataset_name = demo.demo_data_file()
+    dataset, data_dir = load_training_dataset(
+        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir
+    )
+    buckets = TaskBuckets(dataset, columns, data_dir)
     if args.demo:
         args.pretrained_model_name_or_path = demo.base_path()
     info = inspect_pipeline(args.pretrained_model_name_or_path, revision=args.revision)
     family = build_family(info.family_cls, args)
-    fields_config = resolve_fields(args)
     check_fields_against_model(fields_config, info)
+    if args.method != "sft":
+        check_something_to_distill(fields_config, warm_start=bool(args.student_init))
     student_targets = (
         [t.strip() for t in args.lora_layers.split(",")]
         if args.lora_layers
@@ -366,23 +490,27 @@ def main(args: argparse.Namespace) -> None:
             )
         try:
             init_file = resolve_lora_file(args.student_init)
-            init_header = inspect_lora(init_file)
+            init_header = inspect_lora(init_file, "--student_init")
             init_is_lora = bool(init_header.modules)
         except FileNotFoundError:
             init_is_lora = False
+        if args.rank is None and not args.full_finetune:
+            args.rank = lora_base_rank(init_header) if init_is_lora else DEFAULT_RANK
+        if init_is_lora:
+            check_lora_file(
+                init_header,
+                info.module_names,
+                "--student_init",
+                expected_rank=None if args.full_finetune else args.rank,
+                linear_features=info.linear_features,
+            )
         if init_is_lora and not args.full_finetune:
-            check_lora_file(init_header, info.module_names, "--student_init", expected_rank=args.rank)
             student_targets = init_header.target_modules or sorted(init_header.modules)
             # the student continues the file's LoRA at the file's own scale (alpha and patterns)
             init_lora_config = student_init_lora_config(init_header, args.rank, args.lora_alpha)
             args.lora_alpha = init_lora_config["lora_alpha"]
-    columns = DataColumns(args.caption_column, args.task_column, args.source_image_column, args.image_column)
-    if args.demo and args.dataset_name is None and args.train_data_dir is None:
-        args.dataset_name = demo.demo_data_file()
-    dataset, data_dir = load_training_dataset(
-        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir
-    )
-    buckets = TaskBuckets(dataset, columns, data_dir)
+        if not init_is_lora:
+            check_transformer_checkpoint(args.student_init, None, info, "--student_init")
     if args.method == "sft" and not fields_config.routes:
         fields_config.routes = [RouteSpec(field="base", task=t) for t in sorted(buckets.buckets)]
     if args.per_sample_routing and len({buckets.is_edit_bucket(r.task) for r in fields_config.routes}) > 1:
@@ -475,14 +603,15 @@ def main(args: argparse.Namespace) -> None:
     # ---------------------------------------------------------------- models
     from danceopd_diffusers.field_loading import load_pipeline
 
-    pipe = load_pipeline(
-        family,
-        args.pretrained_model_name_or_path,
-        info.custom_pipeline,
-        revision=args.revision,
-        variant=args.variant,
-        torch_dtype={"transformer": student_dtype, "default": weight_dtype},
-    )
+    with load_errors("--pretrained_model_name_or_path", args.pretrained_model_name_or_path):
+        pipe = load_pipeline(
+            family,
+            args.pretrained_model_name_or_path,
+            info.custom_pipeline,
+            revision=args.revision,
+            variant=args.variant,
+            torch_dtype={"transformer": student_dtype, "default": weight_dtype},
+        )
     pipe.set_progress_bar_config(disable=True)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
@@ -491,9 +620,14 @@ def main(args: argparse.Namespace) -> None:
     if init_is_checkpoint:
         from danceopd_diffusers.field_loading import load_transformer
 
-        pipe.transformer = load_transformer(
-            family, args.student_init, None, student_dtype, config_source=args.pretrained_model_name_or_path
-        )
+        with load_errors("--student_init", args.student_init):
+            pipe.transformer = load_transformer(
+                family,
+                args.student_init,
+                None,
+                student_dtype,
+                config_source=args.pretrained_model_name_or_path,
+            )
         pipe.transformer.requires_grad_(False)
     pipe.to(accelerator.device)
     transformer = pipe.transformer
@@ -520,16 +654,17 @@ def main(args: argparse.Namespace) -> None:
     from danceopd_diffusers.field_loading import build_fields
 
     shares_base = scope is not None and not init_is_checkpoint
-    fields = build_fields(
-        fields_config,
-        family,
-        args.pretrained_model_name_or_path,
-        transformer,
-        scope if shares_base else None,
-        weight_dtype,
-        accelerator.device,
-        args.revision,
-    )
+    with load_errors("--fields_config / --expert_*", "the fields' weights"):
+        fields = build_fields(
+            fields_config,
+            family,
+            args.pretrained_model_name_or_path,
+            transformer,
+            scope if shares_base else None,
+            weight_dtype,
+            accelerator.device,
+            args.revision,
+        )
     if scope is not None:
         scope.refresh()
     if args.gradient_checkpointing:
@@ -962,9 +1097,15 @@ def _hyperparameters(args: argparse.Namespace, resolution: int) -> dict:
     return out
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: bad input is one ``error:`` line on stderr and exit status 2, never a traceback."""
     try:
-        main(parse_args())
+        main(parse_args(argv))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -27,6 +27,22 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def transformer_subfolder(path: str, subfolder: str | None = None) -> str | None:
+    """Where a transformer checkpoint's ``config.json`` is: ``subfolder``, else ``transformer/`` of a pipeline
+    folder or Hub repo, else the folder itself."""
+    p = Path(path)
+    if (
+        subfolder is None
+        and p.is_dir()
+        and not (p / "config.json").is_file()
+        and (p / "transformer").is_dir()
+    ):
+        return "transformer"
+    if subfolder is None and not p.exists():
+        return "transformer"  # a pipeline repo on the Hub
+    return subfolder
+
+
 def load_transformer(
     family: FamilyAdapter,
     path: str,
@@ -43,15 +59,7 @@ def load_transformer(
             return cls.from_single_file(str(p), config=base, subfolder="transformer", torch_dtype=dtype)
         return cls.from_single_file(str(p), torch_dtype=dtype)
     kwargs.pop("config_source", None)
-    if (
-        subfolder is None
-        and p.is_dir()
-        and not (p / "config.json").is_file()
-        and (p / "transformer").is_dir()
-    ):
-        subfolder = "transformer"
-    if subfolder is None and not p.exists():
-        subfolder = "transformer"  # a pipeline repo on the Hub
+    subfolder = transformer_subfolder(path, subfolder)
     return cls.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, **kwargs)
 
 

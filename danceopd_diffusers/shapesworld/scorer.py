@@ -71,6 +71,9 @@ from .world import (
     styled_colour,
 )
 
+#: bumped whenever a change moves scores; results from different versions are not comparable
+SCORER_VERSION: int = 2
+
 # Max RGB distance for a pixel to count as a palette colour (palette pairs are >= 107 apart).
 LABEL_DISTANCE: float = 60.0
 # Object regions grow through pixels whose nearest colour is theirs up to this distance (hysteresis).

@@ -41,7 +41,7 @@ def test_perfect_generator_scores_one_and_random_model_scores_low(tiny_path, tmp
     table = ev.format_table({"truth": perfect, "tiny": real})
     one = "1.000 [1.00, 1.00]"
     assert f"| truth | {one} | {one} | {one} | {one} | {one} | {one} | {one} | 16 |" in table
-    assert "n/a" in table and "set: quick, seed 0" in table
+    assert "n/a" in table and "set: quick, seed 0, scorer version 2" in table
     assert perfect["samples"]["t2i"]["counting"] == [1.0] * 16  # each sample's verdict is kept
 
 

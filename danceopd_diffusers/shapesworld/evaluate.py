@@ -39,7 +39,7 @@ from ..families import FamilyAdapter, family_for_pipeline_class
 from ..fields import CFGField, Field, FieldQuery, TransformerField
 from ..rollout import field_rollout
 from ..validation import image_grid
-from .scorer import SCORER_VERSION, score_edit, score_t2i, summarize_edit, summarize_t2i
+from .scorer import SCORER_VERSION, score_job, summarize_edit, summarize_t2i
 from .stats import bootstrap_ci, paired_bootstrap
 from .world import (
     EDIT_CATEGORIES,
@@ -150,14 +150,6 @@ def sample(
     return family.decode_latents(pipe, x0, height, width)
 
 
-def _score(task: str, spec: str, image: np.ndarray, source: np.ndarray | None) -> dict[str, Any]:
-    return score_t2i(image, spec) if task == "t2i" else score_edit(source, image, spec)
-
-
-def _score_star(job: tuple) -> dict[str, Any]:
-    return _score(*job)
-
-
 def _scoring_pool(workers: int):
     """A process pool for the scorer (numpy only, so forking a process that holds a GPU context is safe)."""
     if workers <= 0:
@@ -234,13 +226,13 @@ def evaluate(
                     )
                     examples.setdefault(row["category"], shown)
                 if pool is not None:
-                    pending.append(pool.map_async(_score_star, batch_jobs))
+                    pending.append(pool.map_async(score_job, batch_jobs))
                 jobs += batch_jobs
                 bar.update(len(batch))
         if pool is not None:
             results = [r for p in pending for r in p.get()]
         else:
-            results = [_score_star(job) for job in jobs]
+            results = [score_job(job) for job in jobs]
     finally:
         if pool is not None:
             pool.close()

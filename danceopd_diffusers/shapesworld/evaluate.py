@@ -281,6 +281,13 @@ def _cell(r: dict[str, Any], task: str, name: str, digits: int) -> str:
     return text + (f" [{ci[0]:.{digits - 1}f}, {ci[1]:.{digits - 1}f}]" if ci else "")
 
 
+def _set_line(r: dict[str, Any]) -> str:
+    if "set" not in r:
+        return "set: quick, seed 0 (scorer version 1, before sets were named; no intervals)"
+    first = f", first {r['limit']} prompts / edits only" if r.get("limit") else ""
+    return f"set: {r['set']}{first}, seed {r['seed']}, scorer version {r.get('scorer_version')}"
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     """Paper-style table; ``results`` maps a model name to :func:`evaluate`'s output. A result that carries
     bootstrap intervals (``ci``) shows each headline's 95 % interval in brackets after it."""
@@ -305,11 +312,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             lines.append(f"| {name} | " + " | ".join(["n/a"] * len(edit_cols)) + " |")
             continue
         lines.append(f"| {name} | " + " | ".join(_cell(r, "edit", c, 2) for c in edit_cols) + " |")
-    sets = {
-        (r.get("set", "quick (recorded before sets were named)"), r.get("seed", 0)) for r in results.values()
-    }
     lines.append("")
-    lines += [f"set: {name}, seed {seed}" for name, seed in sorted(sets, key=str)]
+    lines += sorted({_set_line(r) for r in results.values()})
     if any("ci" in r for r in results.values()):
         lines.append("[lo, hi]: 95 % stratified bootstrap interval")
     return "\n".join(lines)

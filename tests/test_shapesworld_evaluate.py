@@ -13,6 +13,20 @@ from danceopd_diffusers.shapesworld import evaluate as ev
 from danceopd_diffusers.shapesworld.stats import bootstrap_ci, paired_bootstrap
 
 
+def _record_prompts(monkeypatch) -> list[list[str]]:
+    """Each batch's (non-empty) prompts, in the order the prompt cache encodes them."""
+    batches = []
+    original = ev.PromptCache.__call__
+
+    def spy(self, prompts, *args, **kwargs):
+        if prompts and prompts[0] != "":
+            batches.append(list(prompts))
+        return original(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(ev.PromptCache, "__call__", spy)
+    return batches
+
+
 def test_perfect_generator_scores_one_and_random_model_scores_low(tiny_path, tmp_path, monkeypatch):
     pipe, family = ev.load_pipeline(tiny_path)
     real = ev.evaluate(pipe, family, guidance_scale=3.0, num_steps=4, limit=8, progress=False)
@@ -21,19 +35,12 @@ def test_perfect_generator_scores_one_and_random_model_scores_low(tiny_path, tmp
 
     truth = {row["prompt"]: row["target_image"] for row in build_t2i_dataset("eval")}
 
+    batch_prompts = _record_prompts(monkeypatch)
+
     def ground_truth(pipe, family, field, cond, uncond, height, width, seeds, num_steps):
         # the prompts of this batch, recovered from the prompt cache's order of encoding
         return [truth[p] for p in batch_prompts.pop(0)]
 
-    batch_prompts = []
-    original = ev.PromptCache.__call__
-
-    def spy(self, prompts, *args, **kwargs):
-        if prompts and prompts[0] != "":
-            batch_prompts.append(list(prompts))
-        return original(self, prompts, *args, **kwargs)
-
-    monkeypatch.setattr(ev.PromptCache, "__call__", spy)
     monkeypatch.setattr(ev, "sample", ground_truth)
     perfect = ev.evaluate(pipe, family, progress=False)
     assert perfect["n_t2i"] == 96 and perfect["t2i"]["overall"] == 1.0
@@ -134,13 +141,7 @@ def test_set_size_batches_and_prefix(tiny_path, monkeypatch):
 def test_scoring_pool_gives_the_in_process_scores(tiny_path, monkeypatch):
     pipe, family = ev.load_pipeline(tiny_path)
     truth = {row["prompt"]: row["target_image"] for row in t2i_rows("eval", 2)}
-    batches = []
-    original = ev.PromptCache.__call__
-
-    def spy(self, prompts, *args, **kwargs):
-        if prompts and prompts[0] != "":
-            batches.append(list(prompts))
-        return original(self, prompts, *args, **kwargs)
+    batches = _record_prompts(monkeypatch)
 
     def half_truth(pipe, family, field, cond, uncond, height, width, seeds, num_steps):
         from PIL import Image
@@ -148,7 +149,6 @@ def test_scoring_pool_gives_the_in_process_scores(tiny_path, monkeypatch):
         prompts = batches.pop(0)
         return [truth[p] if i % 2 else Image.new("RGB", (width, height)) for i, p in enumerate(prompts)]
 
-    monkeypatch.setattr(ev.PromptCache, "__call__", spy)
     monkeypatch.setattr(ev, "sample", half_truth)
     inline = ev.evaluate(pipe, family, per_category=(2, 1), batch_size=4, progress=False)
     pooled = ev.evaluate(pipe, family, per_category=(2, 1), batch_size=4, progress=False, score_workers=2)

@@ -103,11 +103,13 @@ def rescore(
     force: bool = False,
     limit: int | None = None,
     log: Any = print,
+    results_file: str | Path | None = None,
 ) -> dict[str, dict]:
     """Score every source shipped in ``dest`` again and merge each row into ``dest/results.json`` as it finishes.
 
     A row keeps the guidance scale and step count it was recorded with (CFG 3, 16 steps by default). Rows already
-    scored on this set, seed and scorer version are skipped unless ``force``.
+    scored on this set, seed and scorer version are skipped unless ``force``. ``results_file`` writes elsewhere
+    (default ``dest/results.json``, the file the embedded default prints).
     """
     from .evaluate import PRESETS, evaluate, load_pipeline
     from .scorer import SCORER_VERSION
@@ -123,8 +125,10 @@ def rescore(
     on_cpu = torch.device(device).type == "cpu"
     batch_size = batch_size or (8 if on_cpu else 512)
     workers = score_workers if score_workers is not None else (0 if on_cpu else os.cpu_count() or 1)
-    path = dest / "results.json"
+    path = Path(results_file) if results_file else dest / "results.json"
+    recorded = dest / "results.json"
     results: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
+    settings = json.loads(recorded.read_text()) if recorded.is_file() else {}
     wanted = {"t2i": per_category[0], "edit": per_category[1]}
     for name, (file, _) in SOURCES.items():
         lora = None if file is None else dest / file
@@ -132,6 +136,7 @@ def rescore(
             continue
         old = results.get(name, {})
         done = (old.get("per_category"), old.get("seed"), old.get("scorer_version"), old.get("limit"))
+        recorded_row = settings.get(name, old)
         if not force and done == (wanted, seed, SCORER_VERSION, limit):
             log(f"{name}: already scored on this set, seed and scorer (--force redoes it)")
             continue
@@ -139,8 +144,8 @@ def rescore(
         result = evaluate(
             pipe,
             family,
-            guidance_scale=float(old.get("guidance_scale", 3.0)),
-            num_steps=int(old.get("num_steps", 16)),
+            guidance_scale=float(recorded_row.get("guidance_scale", 3.0)),
+            num_steps=int(recorded_row.get("num_steps", 16)),
             seed=seed,
             batch_size=batch_size,
             limit=limit,
@@ -172,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=None, help="images per device batch")
     parser.add_argument("--force", action="store_true", help="with --rescore: redo rows already scored")
+    parser.add_argument(
+        "--results", default=None, help="with --rescore: write here instead of DEST/results.json"
+    )
     args = parser.parse_args(argv)
     from .evaluate import PRESETS, format_table
 
@@ -181,7 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
             parser.error(f"--device {args.device} but torch sees no CUDA device; pass --device cpu")
         results = rescore(
-            args.dest, PRESETS[args.preset], args.device, args.seed, args.batch_size, force=args.force
+            args.dest,
+            PRESETS[args.preset],
+            args.device,
+            args.seed,
+            args.batch_size,
+            force=args.force,
+            results_file=args.results,
         )
     else:
         results = ship(args.root, args.dest, args.guidance_scale)

@@ -150,6 +150,15 @@ def sample(
     return family.decode_latents(pipe, x0, height, width)
 
 
+def device_defaults(device: str, batch_size: int | None, score_workers: int | None) -> tuple[int, int]:
+    """Batch size and scorer processes: on a CPU, small batches scored in-process (the cores generate); on an
+    accelerator, batches of 512 and a scorer process per CPU core, so scoring hides behind generation."""
+    on_cpu = torch.device(device).type == "cpu"
+    batch_size = batch_size or (8 if on_cpu else 512)
+    workers = score_workers if score_workers is not None else (0 if on_cpu else os.cpu_count() or 1)
+    return batch_size, workers
+
+
 def _scoring_pool(workers: int):
     """A process pool for the scorer (numpy only, so forking a process that holds a GPU context is safe)."""
     if workers <= 0:
@@ -455,10 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device {device} but torch sees no CUDA device; pass --device cpu", file=sys.stderr)
         return 2
-    on_cpu = torch.device(device).type == "cpu"
     per_category = (args.per_category,) * 2 if args.per_category else PRESETS[args.preset or "quick"]
-    batch_size = args.batch_size or (8 if on_cpu else 512)
-    workers = args.score_workers if args.score_workers is not None else (0 if on_cpu else os.cpu_count() or 1)
+    batch_size, workers = device_defaults(device, args.batch_size, args.score_workers)
     pipe, family = load_pipeline(
         args.pipeline, args.lora, device, max_sequence_length=args.max_sequence_length
     )

@@ -75,14 +75,22 @@ def ship(
         raise ValueError(f"{dest} holds {size / 2**20:.1f} MB; the shipped sources must stay within 40 MB.")
     results: dict[str, dict] = {}
     if evaluate_sources:
-        from .evaluate import evaluate, load_pipeline
+        from .evaluate import device_defaults, evaluate, load_pipeline
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        batch_size, workers = device_defaults(device, 48, None)
         for name, lora in shipped.items():
             pipe, family = load_pipeline(str(base), str(lora) if lora else None, device)
-            result = evaluate(pipe, family, guidance_scale=guidance_scale, batch_size=48, limit=limit)
+            result = evaluate(
+                pipe,
+                family,
+                guidance_scale=guidance_scale,
+                batch_size=batch_size,
+                limit=limit,
+                score_workers=workers,
+            )
             results[name] = {k: v for k, v in result.items() if not k.startswith("_")}
-        (dest / "results.json").write_text(json.dumps(results, indent=1))
+        _write_json(dest / "results.json", results)
     return results
 
 
@@ -111,7 +119,7 @@ def rescore(
     scored on this set, seed and scorer version are skipped unless ``force``. ``results_file`` writes elsewhere
     (default ``dest/results.json``, the file the embedded default prints).
     """
-    from .evaluate import PRESETS, evaluate, load_pipeline
+    from .evaluate import PRESETS, device_defaults, evaluate, load_pipeline
     from .scorer import SCORER_VERSION
 
     dest = Path(dest)
@@ -122,9 +130,7 @@ def rescore(
         )
     per_category = per_category or PRESETS["quick"]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    on_cpu = torch.device(device).type == "cpu"
-    batch_size = batch_size or (8 if on_cpu else 512)
-    workers = score_workers if score_workers is not None else (0 if on_cpu else os.cpu_count() or 1)
+    batch_size, workers = device_defaults(device, batch_size, score_workers)
     path = Path(results_file) if results_file else dest / "results.json"
     recorded = dest / "results.json"
     results: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}

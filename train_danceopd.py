@@ -44,6 +44,7 @@ from danceopd_diffusers.data import (
     load_training_dataset,
 )
 from danceopd_diffusers.families import edit_size, editing_families
+from danceopd_diffusers.hub import HUB_STRATEGIES
 from danceopd_diffusers.lora_io import inspect_lora, load_lora_for_diffusers
 from danceopd_diffusers.objectives import (
     METHODS,
@@ -211,7 +212,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpointing_steps", type=int, default=500)
     parser.add_argument("--checkpoints_total_limit", type=int, default=None)
     parser.add_argument(
-        "--resume_from_checkpoint", type=str, default=None, help="`latest` or a checkpoint name."
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="`latest` or a checkpoint name in --output_dir, or a checkpoint on the Hub: "
+        "`<repo_id>:checkpoint-<step>` or `<repo_id>:latest` (downloaded into --output_dir first).",
     )
     parser.add_argument("--validation_prompt", type=str, nargs="+", default=None)
     parser.add_argument("--validation_seeds", type=int, nargs="+", default=[0])
@@ -221,9 +226,29 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Write only the LoRA / transformer and model card, not the full pipeline folder.",
     )
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", type=str, default=None)
-    parser.add_argument("--hub_token", type=str, default=None)
+    parser.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Push the outputs to the Hub (checked before training: token, repo, network).",
+    )
+    parser.add_argument(
+        "--hub_strategy",
+        type=str,
+        default="end",
+        choices=HUB_STRATEGIES,
+        help="With --push_to_hub, as transformers' Trainer: end = the final outputs only; every_save = also the "
+        "student's weights at every checkpoint; checkpoint = also the newest checkpoint-<step>/ folder, so "
+        "`--resume_from_checkpoint <repo_id>:latest` continues the run anywhere. Uploads run in the background.",
+    )
+    parser.add_argument(
+        "--hub_model_id",
+        type=str,
+        default=None,
+        help="Hub repo to push to (default: the output folder's name).",
+    )
+    parser.add_argument(
+        "--hub_token", type=str, default=None, help="Hub token (default: the one `hf auth login` stored)."
+    )
     parser.add_argument("--local_rank", type=int, default=-1)
     parser.add_argument(
         "--demo_eval_limit",
@@ -281,6 +306,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(
             "--report_to wandb with --hub_token would expose the token; log in with `hf auth login` instead."
         )
+    if args.hub_strategy != "end" and not args.push_to_hub:
+        raise ConfigError(f"--hub_strategy {args.hub_strategy} pushes to the Hub: add --push_to_hub.")
     if args.resolution is not None and args.resolution % 16:
         raise ConfigError(f"--resolution {args.resolution} must be a multiple of 16.")
     if not 0.0 <= args.caption_dropout_prob < 1.0:
@@ -376,6 +403,16 @@ def main(args: argparse.Namespace) -> None:
         editing_families=editing_families(),
     )
 
+    # ---------------------------------------------------------------- the Hub: token, repo, Hub resume
+    from danceopd_diffusers import hub
+
+    repo_id = None
+    if args.push_to_hub:
+        repo_id = hub.prepare_push(args.hub_model_id or Path(args.output_dir).name, token=args.hub_token)
+    hub_resume = None
+    if hub.parse_hub_resume(args.resume_from_checkpoint):
+        hub_resume = hub.resolve_hub_checkpoint(args.resume_from_checkpoint, args.output_dir, args.hub_token)
+
     # ---------------------------------------------------------------- accelerator
     logging_dir = Path(args.output_dir, args.logging_dir)
     from accelerate.utils import is_tensorboard_available
@@ -413,11 +450,15 @@ def main(args: argparse.Namespace) -> None:
                 f"from the shipped sources at {demo.SOURCES}; settings {args.demo_overrides}",
                 flush=True,
             )
-    repo_id = None
-    if args.push_to_hub and accelerator.is_main_process:
-        from danceopd_diffusers.export import create_hub_repo
-
-        repo_id = create_hub_repo(args.hub_model_id or Path(args.output_dir).name, token=args.hub_token)
+    hub_pusher = None
+    if repo_id and accelerator.is_main_process:
+        hub_pusher = hub.HubPusher(repo_id, args.output_dir, args.hub_strategy, token=args.hub_token)
+    if hub_resume is not None:
+        if accelerator.is_main_process:
+            path = hub.download_hub_checkpoint(hub_resume, args.output_dir, token=args.hub_token)
+            print(f"[danceopd] downloaded {hub_resume.repo_id}:{hub_resume.name} to {path}", flush=True)
+        accelerator.wait_for_everyone()
+        args.resume_from_checkpoint = hub_resume.name
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.disable_cudnn_attention:
@@ -784,6 +825,8 @@ def main(args: argparse.Namespace) -> None:
         if global_step % args.checkpointing_steps == 0:
             path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             log.info(f"Saved state to {path}")
+            if hub_pusher is not None:
+                hub_pusher.on_save(path, global_step)
         if run_validation and accelerator.is_main_process and global_step % args.validation_steps == 0:
             validate(global_step)
     routes_log.close()
@@ -793,8 +836,8 @@ def main(args: argparse.Namespace) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         from danceopd_diffusers.export import (
+            files_to_upload,
             fused_student,
-            push_output_dir,
             render_model_card,
             save_pipeline_folder,
             save_student_lora,
@@ -848,11 +891,17 @@ def main(args: argparse.Namespace) -> None:
                 indent=2,
             )
         )
-        if args.push_to_hub:
-            push_output_dir(args.output_dir, repo_id, token=args.hub_token)
+        if hub_pusher is not None:
+            from danceopd_diffusers.checkpointing import list_checkpoints
+
+            checkpoints = list_checkpoints(args.output_dir)
+            hub_pusher.push_final(files_to_upload(args.output_dir), checkpoints[-1] if checkpoints else None)
         print(f"[danceopd] outputs written to {args.output_dir}", flush=True)
         if args.demo and not args.skip_pipeline_export:
             demo.report(args.output_dir, args.demo_eval_limit)
+        if hub_pusher is not None:
+            hub_pusher.wait()
+            print(f"[danceopd] pushed to https://huggingface.co/{repo_id}", flush=True)
     accelerator.end_training()
 
 

@@ -39,8 +39,8 @@ def load_transformer(
     if p.is_file() and p.suffix == ".safetensors":
         base = kwargs.pop("config_source", None)
         if base is not None:
-            return cls.from_single_file(str(p), config=base, subfolder="transformer", torch_dtype=dtype)
-        return cls.from_single_file(str(p), torch_dtype=dtype)
+            return cls.from_single_file(str(p), config=base, subfolder="transformer", dtype=dtype)
+        return cls.from_single_file(str(p), dtype=dtype)
     kwargs.pop("config_source", None)
     if (
         subfolder is None
@@ -51,7 +51,7 @@ def load_transformer(
         subfolder = "transformer"
     if subfolder is None and not p.exists():
         subfolder = "transformer"  # a pipeline repo on the Hub
-    return cls.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, **kwargs)
+    return cls.from_pretrained(path, subfolder=subfolder, dtype=dtype, **kwargs)
 
 
 def load_pipeline(family: FamilyAdapter, path: str, custom_pipeline: str | None = None, **kwargs: Any) -> Any:

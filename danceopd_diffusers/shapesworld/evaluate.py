@@ -12,6 +12,7 @@ CFG, else 1).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Sequence
@@ -65,7 +66,7 @@ def load_pipeline(
     family_cls = family_for_pipeline_class(class_name)
     length = prompt_length(path, max_sequence_length)
     family = family_cls(max_sequence_length=length) if length else family_cls()
-    pipe = DiffusionPipeline.from_pretrained(path, trust_remote_code=True, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(path, trust_remote_code=True, dtype=dtype)
     if lora:
         pipe.load_lora_weights(lora)
         pipe.fuse_lora()
@@ -101,6 +102,19 @@ def sample(
     return family.decode_latents(pipe, x0, height, width)
 
 
+def spread_over_categories(dataset: Any, limit: int | None) -> Any:
+    """At most ``limit`` rows, taken from each category in turn (its first rows first), so a limited evaluation
+    covers every category instead of the first one only; everything when ``limit`` is None."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    by_category: dict[str, list[int]] = {}
+    for i, category in enumerate(dataset["category"]):
+        by_category.setdefault(category, []).append(i)
+    turns = itertools.zip_longest(*by_category.values())
+    order = [i for turn in turns for i in turn if i is not None]
+    return dataset.select(sorted(order[:limit]))
+
+
 def evaluate(
     pipe: Any,
     family: FamilyAdapter,
@@ -118,12 +132,12 @@ def evaluate(
     field: Field = CFGField("model_cfg", base, guidance_scale) if guidance_scale != 1.0 else base
     device = pipe.transformer.device
     prompts, sources = PromptCache(pipe, family, device), SourceCache(pipe, family, device)
-    t2i = build_t2i_dataset("eval")
-    edits = build_edit_dataset("eval") if family.can_edit else None
-    n_t2i = len(t2i) if limit is None else min(limit, len(t2i))
-    n_edit = 0 if edits is None else (len(edits) if limit is None else min(limit, len(edits)))
+    t2i = spread_over_categories(build_t2i_dataset("eval"), limit)
+    edits = spread_over_categories(build_edit_dataset("eval"), limit) if family.can_edit else None
+    n_t2i = len(t2i)
+    n_edit = 0 if edits is None else len(edits)
     bar = tqdm(total=n_t2i + n_edit, desc="ShapesWorld eval", disable=not progress)
-    t2i_results, edit_results, examples = [], [], {}
+    t2i_results, edit_results, examples, example_prompts = [], [], {}, {}
     for start in range(0, n_t2i, batch_size):
         rows = t2i.select(range(start, min(start + batch_size, n_t2i)))
         size = rows[0]["target_image"].width
@@ -144,6 +158,7 @@ def evaluate(
             result = score_t2i(image, row["spec"])
             t2i_results.append(result)
             examples.setdefault(row["category"], [image, row["target_image"]])
+            example_prompts.setdefault(row["category"], row["prompt"])
         bar.update(len(rows))
     for start in range(0, n_edit, batch_size):
         rows = edits.select(range(start, min(start + batch_size, n_edit)))
@@ -168,6 +183,7 @@ def evaluate(
             result = score_edit(src, image, row["spec"])
             edit_results.append(result)
             examples.setdefault(row["category"], [src, image, row["target_image"]])
+            example_prompts.setdefault(row["category"], row["prompt"])
         bar.update(len(rows))
     bar.close()
     return {
@@ -180,6 +196,7 @@ def evaluate(
         "n_edit": len(edit_results),
         "can_edit": family.can_edit,
         "_examples": examples,
+        "_example_prompts": example_prompts,
     }
 
 
@@ -193,7 +210,9 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         "|---" * (len(t2i_cols) + 2) + "|",
     ]
     for name, r in results.items():
-        vals = [f"{r['t2i'][c]:.3f}" if c in r["t2i"] else "-" for c in t2i_cols]
+        # a headline averaged over the categories present would pass a one-category subset off as the whole
+        full = all(c in r["t2i"] for c in T2I_CATEGORIES)
+        vals = [f"{r['t2i'][c]:.3f}" if c in r["t2i"] and (c != "overall" or full) else "-" for c in t2i_cols]
         lines.append(f"| {name} | " + " | ".join(vals) + f" | {r['nfe_per_image']} |")
     lines += [
         "",
@@ -205,14 +224,20 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         if not r["edit"]:
             lines.append(f"| {name} | " + " | ".join(["n/a"] * len(edit_cols)) + " |")
             continue
-        lines.append(
-            f"| {name} | " + " | ".join(f"{r['edit'].get(c, float('nan')):.2f}" for c in edit_cols) + " |"
-        )
+        full = all(c in r["edit"] for c in EDIT_CATEGORIES)
+        vals = [
+            f"{r['edit'][c]:.2f}" if c in r["edit"] and (c != "average" or full) else "-" for c in edit_cols
+        ]
+        lines.append(f"| {name} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
 
 def examples_grid(result: dict[str, Any]) -> Image.Image:
-    return image_grid(list(result["_examples"].values()))
+    """One row per category: its first prompt, the model's image and the world's target (edits: source first)."""
+    examples, prompts = result["_examples"], result.get("_example_prompts", {})
+    titles = [f"{category}: {prompts.get(category, '')!r}" for category in examples]
+    labels = [(["source"] if len(row) == 3 else []) + ["model", "target"] for row in examples.values()]
+    return image_grid(list(examples.values()), titles=titles, labels=labels)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,7 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         help="text tokens per prompt (default: the value the pipeline folder was trained with)",
     )
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N prompts / edits")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="score only N prompts / edits, the first of each category in turn",
+    )
     parser.add_argument(
         "--grid", default=None, help="where to write the picture grid (default: next to --json)"
     )

@@ -399,8 +399,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--demo_eval_limit",
         type=int,
         default=None,
-        help="Embedded default only: score the student on the first N prompts / edits of ShapesWorld's "
-        "evaluation set instead of all of it.",
+        help="Embedded default only: score the student on N prompts and N edits of ShapesWorld's evaluation set "
+        "(the first of each category in turn) instead of all of it.",
     )
 
     args = parser.parse_args(input_args)

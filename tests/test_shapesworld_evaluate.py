@@ -6,6 +6,7 @@ import json
 
 from danceopd_diffusers.shapesworld import build_t2i_dataset
 from danceopd_diffusers.shapesworld import evaluate as ev
+from danceopd_diffusers.shapesworld.world import T2I_CATEGORIES
 
 
 def test_perfect_generator_scores_one_and_random_model_scores_low(tiny_path, tmp_path, monkeypatch):
@@ -47,7 +48,8 @@ def test_cli_writes_table_json_and_grid(tiny_path, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "single_object" in printed and "cannot edit" in printed
     data = json.loads(out.read_text())
-    assert data["n_t2i"] == 6 and set(data["t2i"]) == {"overall", "single_object"}
+    # --limit takes the first prompt of each category in turn: 6 prompts cover the 6 categories
+    assert data["n_t2i"] == 6 and set(data["t2i"]) == {"overall", *T2I_CATEGORIES}
     assert (tmp_path / "eval.png").exists()
     assert ev.main(["--pipeline", str(tmp_path / "missing")]) == 2
 

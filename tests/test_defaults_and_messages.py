@@ -10,20 +10,10 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import run_train
+from conftest import run_train, short_run
 from PIL import Image
 
-SHORT = [
-    "--num_rollout_steps",
-    "4",
-    "--rank",
-    "4",
-    "--train_batch_size",
-    "1",
-    "--gradient_accumulation_steps",
-    "1",
-]
-SHORT += ["--seed", "7", "--report_to", "none", "--max_train_steps", "1", "--checkpointing_steps", "100"]
+SHORT = short_run(max_sequence_length=None, max_train_steps=1, checkpointing_steps=100)
 
 
 def _prompts(tmp_path: Path) -> str:

@@ -11,32 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_train
+from conftest import run_train, short_run
 from safetensors.torch import load_file
 
 from danceopd_diffusers import hub
 from danceopd_diffusers.config import ConfigError
 
-SHORT = [
-    "--num_rollout_steps",
-    "4",
-    "--rank",
-    "4",
-    "--train_batch_size",
-    "2",
-    "--gradient_accumulation_steps",
-    "1",
-    "--max_sequence_length",
-    "16",
-    "--learning_rate",
-    "1e-3",
-    "--seed",
-    "7",
-    "--report_to",
-    "none",
-    "--cfg_scale",
-    "3.0",
-]
+SHORT = [*short_run(train_batch_size=2), "--cfg_scale", "3.0"]
 
 
 class FakeHub:

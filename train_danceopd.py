@@ -90,6 +90,25 @@ folder's danceopd_config.json, else the model's configs); the run prints what it
 """
 
 
+def _demo_epilog() -> str:
+    """The defaults the embedded default changes, as flags (printed by --help, so they cannot drift)."""
+    shown = []
+    for key, value in demo.DEMO_DEFAULTS.items():
+        if key == "validation_prompt":
+            continue
+        if value is True:
+            shown.append(f"--{key}")
+        else:
+            shown.append(f"--{key} {Path(value).name if key == 'fields_config' else value}")
+    import textwrap
+
+    text = (
+        "With no --pretrained_model_name_or_path (the embedded default), options left at their default take these "
+        "values instead: " + " ".join(shown)
+    )
+    return "\n" + textwrap.fill(text, width=110, break_on_hyphens=False) + "\n"
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown after each option's help (not the empty ones: None, off switches; the help says what
     happens then); the epilog's examples keep their line breaks."""
@@ -102,7 +121,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=EPILOG, formatter_class=HelpFormatter
+        description=__doc__.split("\n\n")[0], epilog=EPILOG + _demo_epilog(), formatter_class=HelpFormatter
     )
     # model
     parser.add_argument(

@@ -169,6 +169,7 @@ def test_help_documents_every_option_with_defaults_and_examples():
     assert "(default: 0.0002)" in text and "(default: danceopd)" in text and "(default: end)" in text
     assert "examples:" in text and "--resume_from_checkpoint you/my-student:latest" in text
     assert "(default: None)" not in text
+    assert "the embedded default" in text and "--max_train_steps 100" in text and "--seed 0" in text
 
 
 def test_grid_is_enlarged_and_labelled():

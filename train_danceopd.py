@@ -47,6 +47,7 @@ from danceopd_diffusers.families import edit_size, editing_families
 from danceopd_diffusers.hub import HUB_STRATEGIES
 from danceopd_diffusers.lora_io import inspect_lora, load_lora_for_diffusers
 from danceopd_diffusers.objectives import (
+    DENSE_WEIGHTINGS,
     METHODS,
     RoutedTargets,
     off_policy_states,
@@ -171,7 +172,20 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         choices=QUERY_STRATEGIES,
         help="low = Beta(5,2) (paper), mid = Beta(5,5), high = Beta(2,5), uniform.",
     )
-    parser.add_argument("--query_k", type=int, default=1, help="K: states queried per rollout.")
+    parser.add_argument(
+        "--query_k",
+        type=int,
+        default=1,
+        help="K: distinct states queried per rollout; K >= --num_rollout_steps queries every state once.",
+    )
+    parser.add_argument(
+        "--dense_weighting",
+        type=str,
+        default="uniform",
+        choices=DENSE_WEIGHTINGS,
+        help="dense only: uniform = 0.5/N^2 per state (the official DiffusionOPD code), "
+        "step = (sigma_i - sigma_i+1)^2/2 of the shifted grid.",
+    )
     parser.add_argument(
         "--per_sample_routing",
         action="store_true",
@@ -182,7 +196,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default="logit_normal",
         choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
-        help="sft only.",
+        help="sft only: how sigma is drawn; sigma_sqrt and cosmap also weight the loss, as diffusers' SD3 example.",
     )
     parser.add_argument(
         "--caption_dropout_prob",
@@ -932,7 +946,7 @@ def main(args: argparse.Namespace) -> None:
                             pixels = images_to_tensor(targets, height, width)
                             x0 = family.encode_images(pipe, pixels, gen).to(weight_dtype)
                     sigma = sample_sft_sigmas(sft_scheduler, len(rows), gen, args.weighting_scheme)
-                    states = sft_states(x0, sigma, gen)
+                    states = sft_states(x0, sigma, gen, args.weighting_scheme)
                 else:
                     cond, uncond, height, width = encode_batch(rows, prompts, edit)
                     targets = RoutedTargets(
@@ -962,6 +976,7 @@ def main(args: argparse.Namespace) -> None:
                             height,
                             width,
                             dense=args.method == "dense",
+                            dense_weighting=args.dense_weighting,
                         )
                         transformer.train()
                 cond_rows = cond.select(states.samples)
@@ -1130,6 +1145,9 @@ def _hyperparameters(args: argparse.Namespace, resolution: int) -> dict:
     ]
     out = {k: getattr(args, k) for k in keys}
     out["resolution"] = resolution
+    method_option = {"dense": "dense_weighting", "sft": "weighting_scheme"}.get(args.method)
+    if method_option:
+        out[method_option] = getattr(args, method_option)
     if out["lora_alpha"] is None and not args.full_finetune:
         out["lora_alpha"] = args.rank
     return out

@@ -2,7 +2,7 @@
 
     python -m danceopd_diffusers.shapesworld.ship --root ROOT [--dest danceopd_diffusers/shapesworld/sources]
 
-``ROOT`` is a ``train_sources.sh`` root (``init``, ``base``, ``local``, ``global``, ``joint``). The evaluation runs
+``ROOT`` is a ``train_sources.sh`` root (``init``, ``base``, ``local``, ``global``, ``joint``, ``edit``). The evaluation runs
 on the written fp16 files, so ``results.json`` describes exactly what ships (the embedded default prints it).
 """
 
@@ -23,6 +23,7 @@ SOURCES = {
     "local-edit expert": ("local_edit_lora.safetensors", "local"),
     "global-edit expert": ("global_edit_lora.safetensors", "global"),
     "joint training (data mixing)": ("joint_lora.safetensors", "joint"),
+    "edit source (local + global edits)": ("edit_lora.safetensors", "edit"),
 }
 LORA_FILE = "pytorch_lora_weights.safetensors"
 TRANSFORMER_FILE = Path("transformer", "diffusion_pytorch_model.safetensors")

@@ -827,6 +827,8 @@ def main(args: argparse.Namespace) -> None:
         rollout = f"N = {args.num_rollout_steps}"
         if args.method != "dense":
             rollout += f", K = {args.query_k}, query = {args.query_strategy}"
+        else:
+            rollout += f", every state, weighting = {args.dense_weighting}"
     log.info(
         f"  total batch = {total_batch}, steps = {args.max_train_steps}, {rollout}, resolution = {resolution}, "
         f"text tokens = {args.max_sequence_length}"

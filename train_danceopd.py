@@ -35,7 +35,6 @@ from danceopd_diffusers.config import (
     FieldSpec,
     RouteSpec,
     config_from_flags,
-    hub_offline,
     parse_fields_config,
 )
 from danceopd_diffusers.data import (
@@ -584,11 +583,6 @@ def check_flags(args: argparse.Namespace) -> None:
             f"--lr_scheduler {args.lr_scheduler!r} is not a scheduler of diffusers; use one of {schedulers}."
         )
     check_trackers(args.report_to)
-    if args.push_to_hub and hub_offline():
-        raise ConfigError(
-            "--push_to_hub needs the network, but huggingface_hub is offline (HF_HUB_OFFLINE is set): set "
-            "HF_HUB_OFFLINE=0, or drop --push_to_hub and upload the output folder later."
-        )
 
 
 def check_trackers(report_to: str) -> None:

@@ -61,7 +61,7 @@ def hub_error(exc: Exception, flag: str, repo_id: str | None) -> ConfigError:
     repo = f"{repo_id!r}" if repo_id else "the repo"
     if isinstance(exc, OfflineModeIsEnabled):
         return ConfigError(
-            f"{flag}: the Hub cannot be reached in offline mode (HF_HUB_OFFLINE is set). Unset HF_HUB_OFFLINE, or "
+            f"{flag}: the Hub cannot be reached in offline mode (HF_HUB_OFFLINE is set). Set HF_HUB_OFFLINE=0, or "
             "run without the Hub (drop --push_to_hub; resume from a local checkpoint)."
         )
     if isinstance(exc, LocalTokenNotFoundError):

@@ -85,9 +85,9 @@ class LoraHeader:
     declared_rank: int | None
     declared_alpha: float | None
     target_modules: list[str] | None
-    features: dict[str, tuple[int, int]] = field(default_factory=dict)  # module -> (in, out) of its weights
     #: the adapter config the file declares (diffusers' ``lora_adapter_metadata`` or a peft adapter_config.json)
     config: dict | None = None
+    features: dict[str, tuple[int, int]] = field(default_factory=dict)  # module -> (in, out) of its weights
 
     @property
     def rank_pattern(self) -> dict:

@@ -131,6 +131,10 @@ def _danceopd_pipeline(stock_name: str, *mixins: type) -> type | None:
     )
 
     def __init__(self, *args, absorbed_guidance_scale=None, trained_call_kwargs=None, **components):
+        positional = list(stock_signature.parameters)[1 : len(args) + 1]
+        for name in cls._optional_components:  # the loader leaves out optional components saved as None
+            if name in stock_signature.parameters and name not in positional:
+                components.setdefault(name, None)
         stock.__init__(self, *args, **components)
         self.register_to_config(
             absorbed_guidance_scale=absorbed_guidance_scale, trained_call_kwargs=trained_call_kwargs

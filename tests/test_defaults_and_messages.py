@@ -190,10 +190,10 @@ def test_grid_is_enlarged_and_labelled():
 def test_limited_evaluation_covers_every_category_and_tables_show_no_partial_average():
     from danceopd_diffusers.demo import summary_cells
     from danceopd_diffusers.shapesworld.evaluate import format_table, spread_over_categories
-    from danceopd_diffusers.shapesworld.world import T2I_CATEGORIES, build_t2i_dataset
+    from danceopd_diffusers.shapesworld.world import T2I_CATEGORIES, t2i_rows
 
-    subset = spread_over_categories(build_t2i_dataset("eval"), 8)
-    assert len(subset) == 8 and set(subset["category"]) == set(T2I_CATEGORIES)
+    subset = spread_over_categories(t2i_rows("eval", 16), 8)
+    assert len(subset) == 8 and {r["category"] for r in subset} == set(T2I_CATEGORIES)
     partial = {
         "t2i": {"single_object": 1.0, "overall": 1.0},
         "edit": {"subject_add": 2.0, "local": 2.0, "average": 2.0},

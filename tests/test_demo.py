@@ -89,6 +89,7 @@ def test_shipped_sources_fit_the_budget_and_load_in_the_stock_pipeline():
         "local-edit expert",
         "global-edit expert",
         "joint training (data mixing)",
+        "edit source (local + global edits)",
     }
     assert all({"t2i", "edit", "nfe_per_image"} <= set(r) for r in recorded.values())
 

@@ -108,7 +108,7 @@ def test_student_init_keeps_the_lora_files_scale(tiny_path, tmp_path, declared):
     init = make_lora_file(tiny_path, tmp_path / "init", rank=4)
     _set_metadata(init, **declared)
     out = _train(
-        tiny_path, tmp_path, "--student_init", str(init), "--learning_rate", "0", "--skip_pipeline_export"
+        tiny_path, tmp_path, "--student_init", str(init), "--learning_rate", "1e-30", "--skip_pipeline_export"
     )
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
         saved = json.loads(f.metadata()["lora_adapter_metadata"])

@@ -361,6 +361,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "torch 2.11: `mha_graph.execute(...).is_good()`).",
     )
     parser.add_argument(
+        "--cuda_graphs",
+        action="store_true",
+        help="Replay the transformer's no-grad calls (rollout steps, field targets) as CUDA graphs, one per "
+        "distinct call: removes the host overhead that bounds small batches. Needs CUDA; costs one graph memory "
+        "pool per distinct call.",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         default=None,
@@ -534,6 +541,8 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Conflicting or impossible flags, before anything loads."""
+    if args.cuda_graphs and not torch.cuda.is_available():
+        raise ConfigError("--cuda_graphs needs a CUDA device, and none is available here: drop the flag.")
     from_flags = [
         f for f in ("cfg_scale", "expert_lora", "expert_checkpoint") if getattr(args, f) is not None
     ]
@@ -940,6 +949,11 @@ def main(args: argparse.Namespace) -> None:
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
     transformer_ddp, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    graphed = None
+    if args.cuda_graphs:  # after prepare: accelerate's autocast wrapper of the forward is captured too
+        from danceopd_diffusers.cuda_graphs import GraphedNoGradForward
+
+        graphed = GraphedNoGradForward(transformer)
 
     # ---------------------------------------------------------------- state before the loop
     from danceopd_diffusers.caches import PromptCache, SourceCache, TargetCache
@@ -1182,6 +1196,8 @@ def main(args: argparse.Namespace) -> None:
             validate(global_step)
     routes_log.close()
     progress_bar.close()
+    if graphed is not None:  # before the export fuses and unloads the adapters
+        graphed.remove()
 
     # ---------------------------------------------------------------- outputs
     accelerator.wait_for_everyone()

@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--code_dir", default=str(REPO), help="the checkout whose train_danceopd.py runs")
     parser.add_argument("--label", default="this checkout")
+    parser.add_argument("--cuda_graphs", action="store_true", help="pass --cuda_graphs to the script")
     args = parser.parse_args()
     sys.path.insert(0, args.code_dir)
     import train_danceopd
@@ -61,12 +62,11 @@ def main() -> None:
 
     register_optimizer_step_post_hook(stamp)
     with tempfile.TemporaryDirectory() as out:
-        train_danceopd.main(
-            train_danceopd.parse_args(student_args(args.data, args.steps, out, args.batch_size))
-        )
+        flags = student_args(args.data, args.steps, out, args.batch_size)
+        train_danceopd.main(train_danceopd.parse_args(flags + ["--cuda_graphs"] * args.cuda_graphs))
     times = [b - a for a, b in zip(stamps[args.warmup :], stamps[args.warmup + 1 :])]
     result = {
-        "label": args.label,
+        "label": args.label + (" + --cuda_graphs" if args.cuda_graphs else ""),
         "code_dir": args.code_dir,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "batch_size": args.batch_size,

@@ -104,3 +104,39 @@ def test_one_query_per_rollout_equals_one_query_per_state(tiny_pipe, tiny_path, 
     )
     for a, b in zip(grads(states.target), grads(per_state)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_cuda_graph_wrapper_runs_eagerly_off_cuda_and_with_gradients(tiny_pipe):
+    """The graph path itself needs a GPU (benchmarks/bench_shapesworld_step.py --cuda_graphs checks it there);
+    on a CPU the wrapper must be invisible, and it must come off cleanly."""
+    from danceopd_diffusers.cuda_graphs import GraphedNoGradForward
+
+    transformer = tiny_pipe.transformer
+    add_student_lora(transformer, 4, 4, FAMILY.default_lora_targets)
+    _perturb_student(transformer)
+    with torch.no_grad():
+        cond, _, x = _inputs(tiny_pipe)
+    sigma = torch.full((2,), 0.4)
+    with torch.no_grad():
+        plain = FAMILY.velocity(transformer, x, sigma, cond)
+    graphed = GraphedNoGradForward(transformer)
+    with torch.no_grad():
+        assert torch.equal(FAMILY.velocity(transformer, x, sigma, cond), plain)
+    pred = FAMILY.velocity(transformer, x, sigma, cond)  # with gradients: eager, and they flow
+    pred.square().mean().backward()
+    assert any(p.grad is not None for p in transformer.parameters() if p.requires_grad)
+    assert not graphed.graphs
+    graphed.remove()
+    assert "forward" not in vars(transformer)
+
+
+def test_cuda_graphs_flag_needs_cuda(tmp_path):
+    import pytest
+
+    import train_danceopd
+    from danceopd_diffusers.config import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="--cuda_graphs needs a CUDA device"):
+        train_danceopd.parse_args(["--cuda_graphs", "--output_dir", str(tmp_path / "o")])

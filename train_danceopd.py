@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -55,6 +56,13 @@ from danceopd_diffusers.objectives import (
     sft_states,
     velocity_mse,
 )
+from danceopd_diffusers.output_dir import (
+    check_output_kind,
+    lock_output_dir,
+    publish,
+    staging_dir,
+    unlock_output_dir,
+)
 from danceopd_diffusers.preflight import (
     check_fields_against_model,
     check_lora_file,
@@ -63,6 +71,7 @@ from danceopd_diffusers.preflight import (
 )
 from danceopd_diffusers.rollout import QUERY_STRATEGIES
 from danceopd_diffusers.routing import Router, step_generator
+from danceopd_diffusers.stopping import Interrupted, NonFiniteError, StopOnSignal, check_finite
 from danceopd_diffusers.student import STUDENT_ADAPTER
 
 logger = logging.getLogger("danceopd")
@@ -205,6 +214,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None)
     # outputs, checkpoints, logging
     parser.add_argument("--output_dir", type=str, default="danceopd-output")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Allow replacing another kind of output in --output_dir (a LoRA by a full fine-tune or back).",
+    )
     parser.add_argument("--logging_dir", type=str, default="logs")
     parser.add_argument("--report_to", type=str, default="tensorboard")
     parser.add_argument("--tracker_project_name", type=str, default="danceopd")
@@ -319,6 +333,8 @@ def main(args: argparse.Namespace) -> None:
     # ---------------------------------------------------------------- checks that load no weights
     if args.demo:
         args.pretrained_model_name_or_path = demo.base_path()
+    if int(os.environ.get("RANK", "0")) == 0:  # one writer per output folder: the main process holds its lock
+        lock_output_dir(args.output_dir)
     info = inspect_pipeline(args.pretrained_model_name_or_path, revision=args.revision)
     family = build_family(info.family_cls, args)
     fields_config = resolve_fields(args)
@@ -375,6 +391,19 @@ def main(args: argparse.Namespace) -> None:
         can_edit=family.can_edit,
         editing_families=editing_families(),
     )
+
+    run_settings = {  # recorded with each checkpoint; resuming under other settings is refused
+        "base_model": args.pretrained_model_name_or_path if not args.demo else "embedded ShapesWorld base",
+        "method": args.method,
+        "full_finetune": args.full_finetune,
+        "rank": None if args.full_finetune else args.rank,
+        "lora_alpha": None if args.full_finetune else args.lora_alpha or args.rank,
+        "targets": None if args.full_finetune else sorted(student_targets),
+        "fields_config": fields_config.to_dict(),
+    }
+    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, run_settings)
+    if resume_path is None:
+        check_output_kind(args.output_dir, args.full_finetune, args.overwrite_output_dir)
 
     # ---------------------------------------------------------------- accelerator
     logging_dir = Path(args.output_dir, args.logging_dir)
@@ -573,7 +602,6 @@ def main(args: argparse.Namespace) -> None:
     route_fields = [fields[r.field] for r in fields_config.routes]
     resolution = args.resolution or family.default_resolution(pipe)
     global_step = 0
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint and resume_path is None:
         accelerator.print(f"No checkpoint in {args.output_dir} to resume from; starting a new run.")
     if resume_path is not None:
@@ -581,7 +609,9 @@ def main(args: argparse.Namespace) -> None:
         accelerator.load_state(str(resume_path))
         global_step = checkpoint_step(resume_path)
     if accelerator.is_main_process:
-        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        tracker_config = {  # never the token: tracker configs are written to disk (hparams.yml) and shared
+            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
+        }
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
     logging_dir.mkdir(parents=True, exist_ok=True)
     routes_log = open(logging_dir / f"routes_rank{accelerator.process_index}.jsonl", "a")
@@ -678,6 +708,7 @@ def main(args: argparse.Namespace) -> None:
 
     # ---------------------------------------------------------------- training loop
     transformer.train()
+    stop = StopOnSignal().start()
     while global_step < args.max_train_steps:
         step_route = router.draw_step_route(args.seed, global_step, accelerator)
         route_losses: dict[str, list[float]] = {}
@@ -750,6 +781,9 @@ def main(args: argparse.Namespace) -> None:
                         cond_rows,
                     )
                 loss = velocity_mse(pred, states.target, states.weight, num_samples=len(rows))
+                route_name = fields_config.routes[step_route].field
+                check_finite("target", states.target, global_step, route_name)
+                check_finite("loss", loss, global_step, route_name)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -781,11 +815,27 @@ def main(args: argparse.Namespace) -> None:
             route_history.setdefault(name, []).append(sum(v) / len(v))
         progress_bar.set_postfix(loss=f"{step_loss:.4g}", lr=f"{logs['lr']:.2g}")
         accelerator.log(logs, step=global_step)
+        path = None
         if global_step % args.checkpointing_steps == 0:
-            path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            path = save_checkpoint(
+                accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run_settings
+            )
             log.info(f"Saved state to {path}")
+        signum = stop.requested(accelerator)
+        if signum is not None:
+            if path is None:
+                path = save_checkpoint(
+                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run_settings
+                )
+            stop.stop()
+            raise Interrupted(
+                f"stopped by {signal.Signals(signum).name} after step {global_step}; its state is saved in {path}. "
+                "Continue with --resume_from_checkpoint latest.",
+                signum,
+            )
         if run_validation and accelerator.is_main_process and global_step % args.validation_steps == 0:
             validate(global_step)
+    stop.stop()
     routes_log.close()
     progress_bar.close()
 
@@ -806,13 +856,14 @@ def main(args: argparse.Namespace) -> None:
             for name, history in route_history.items():
                 print(f"[danceopd] loss of route {name} ({len(history)} steps): {_first_last(history)}")
         model = unwrap(transformer_ddp)
+        export_dir = staging_dir(args.output_dir)  # moved into output_dir by rename once complete
         samples_image = None
         if run_validation:
             grid = last_grid.get(global_step) or validate(global_step)
-            grid.save(Path(args.output_dir, "samples.png"))
+            grid.save(Path(export_dir, "samples.png"))
             samples_image = "samples.png"
         if not args.full_finetune:
-            save_student_lora(model, family, args.output_dir, STUDENT_ADAPTER)
+            save_student_lora(model, family, export_dir, STUDENT_ADAPTER)
             experts = [n for n in model.peft_config if n != STUDENT_ADAPTER]
             export_model = (
                 fused_student(model, STUDENT_ADAPTER, experts) if not args.skip_pipeline_export else None
@@ -822,11 +873,11 @@ def main(args: argparse.Namespace) -> None:
         absorbed = _absorbed_scale(fields_config)
         if args.skip_pipeline_export:
             if args.full_finetune:
-                model.save_pretrained(os.path.join(args.output_dir, "transformer"))
+                model.save_pretrained(os.path.join(export_dir, "transformer"))
         else:
-            save_pipeline_folder(pipe, family, export_model, args.output_dir, absorbed)
+            save_pipeline_folder(pipe, family, export_model, export_dir, absorbed)
         render_model_card(
-            args.output_dir,
+            export_dir,
             base_model=args.pretrained_model_name_or_path
             if not args.demo
             else "ShapesWorld base (shipped with danceopd-diffusers)",
@@ -842,18 +893,20 @@ def main(args: argparse.Namespace) -> None:
             has_pipeline=not args.skip_pipeline_export,
             samples_image=samples_image,
         )
-        (Path(args.output_dir) / "danceopd_config.json").write_text(
+        (export_dir / "danceopd_config.json").write_text(
             json.dumps(
                 {"fields_config": fields_config.to_dict(), "args": _hyperparameters(args, resolution)},
                 indent=2,
             )
         )
+        publish(export_dir, args.output_dir)
         if args.push_to_hub:
             push_output_dir(args.output_dir, repo_id, token=args.hub_token)
         print(f"[danceopd] outputs written to {args.output_dir}", flush=True)
         if args.demo and not args.skip_pipeline_export:
             demo.report(args.output_dir, args.demo_eval_limit)
     accelerator.end_training()
+    unlock_output_dir(args.output_dir)
 
 
 def _first_last(history: list[float]) -> str:
@@ -910,3 +963,9 @@ if __name__ == "__main__":
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except Interrupted as exc:
+        print(f"[danceopd] {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

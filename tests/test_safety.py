@@ -96,3 +96,50 @@ def test_other_custom_code_is_refused(booby_trapped, tmp_path):
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ConfigError, match="evil_pipeline.*does not run"):
         ev.load_pipeline(str(folder))
+
+
+# ------------------------------------------------------------------------------------------- secrets
+def test_hub_token_is_written_nowhere(tiny_path, tmp_path, monkeypatch, capfd):
+    import huggingface_hub
+
+    token = "hf_FAKEtoken0123456789SECRET"
+    used = {}
+    monkeypatch.setattr(
+        huggingface_hub,
+        "create_repo",
+        lambda repo_id, **kw: used.setdefault("create", type("R", (), {"repo_id": "me/" + repo_id})),
+    )
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: used.setdefault("upload", kw))
+    out = tmp_path / "out"
+    run_train(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_path,
+            "--dataset_name",
+            _prompts(tmp_path),
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "1",
+            "--validation_steps",
+            "1",
+            "--validation_prompt",
+            "a red circle",
+            "--report_to",
+            "tensorboard",
+            "--push_to_hub",
+            "--hub_token",
+            token,
+            *RUN,
+        ]
+    )
+    assert used["upload"]["token"] == token  # the token did its job
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "hparams.yml" for p in files) and any("tfevents" in p.name for p in files)
+    assert any(p.name == "optimizer.bin" for p in files) and (out / "README.md").is_file()
+    leaked = [str(p.relative_to(out)) for p in files if token.encode() in p.read_bytes()]
+    assert leaked == []
+    captured = capfd.readouterr()
+    assert token not in captured.out and token not in captured.err

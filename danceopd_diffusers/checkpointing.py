@@ -95,13 +95,21 @@ def resolve_resume(
     if resume_from_checkpoint == "latest":
         path = None
         for candidate in reversed(_numbered(output_dir)):
-            problem = checkpoint_problem(candidate)
-            if problem is None:
-                path = candidate
-                break
-            print(f"[danceopd] skipping {candidate}: {problem}", flush=True)
+            if not (candidate / RECORD).is_file():  # a save that never finished: never resumed from
+                print(f"[danceopd] skipping {candidate}: {checkpoint_problem(candidate)}", flush=True)
+                continue
+            path = candidate
+            break
         if path is None:
             return None
+        problem = checkpoint_problem(path)
+        if problem is not None:  # it was complete once: a damaged disk or a hand edit, not a crash
+            older = [p.name for p in list_checkpoints(output_dir) if p != path]
+            fallback = f"resume from {older[-1]} with --resume_from_checkpoint {older[-1]}" if older else ""
+            raise ConfigError(
+                f"{path} was saved completely but {problem}. Restore the file, "
+                f"{fallback or 'or start a new run without --resume_from_checkpoint'}."
+            )
     else:
         path = Path(resume_from_checkpoint)
         if not path.is_absolute() and not path.exists():

@@ -143,3 +143,189 @@ def test_hub_token_is_written_nowhere(tiny_path, tmp_path, monkeypatch, capfd):
     assert leaked == []
     captured = capfd.readouterr()
     assert token not in captured.out and token not in captured.err
+
+
+# ------------------------------------------------------------------------------------------- trained outputs
+def _base(tiny_path: str, tmp_path: Path, out: Path, *extra: str) -> list[str]:
+    data = tmp_path / "prompts.csv"
+    if not data.exists():
+        _prompts(tmp_path)
+    return [
+        "--pretrained_model_name_or_path",
+        tiny_path,
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        *RUN,
+        *extra,
+    ]
+
+
+def _content(path: Path) -> bytes:
+    """A file's bytes; a safetensors file's tensors only (its metadata's key order may vary between runs)."""
+    if path.suffix != ".safetensors":
+        return path.read_bytes()
+    from safetensors.torch import load_file
+
+    return b"".join(k.encode() + t.numpy().tobytes() for k, t in sorted(load_file(path).items()))
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): _content(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(".") and "logs" not in p.parts
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_path, tmp_path_factory):
+    """A complete 2-step LoRA run: checkpoint-1, checkpoint-2 and an exported pipeline."""
+    tmp = tmp_path_factory.mktemp("finished")
+    out = tmp / "out"
+    run_train(_base(tiny_path, tmp, out, "--max_train_steps", "2", "--checkpointing_steps", "1"))
+    return out
+
+
+@pytest.fixture
+def precious(finished, tmp_path):
+    import shutil
+
+    out = tmp_path / "precious"
+    shutil.copytree(finished, out)
+    return out
+
+
+def test_another_kind_of_output_is_not_replaced(precious, tiny_path, tmp_path):
+    from danceopd_diffusers.config import ConfigError
+
+    before = _snapshot(precious)
+    full = _base(tiny_path, tmp_path, precious, "--max_train_steps", "1", "--full_finetune")
+    with pytest.raises(ConfigError, match="holds a LoRA; this run would replace it with a full fine-tune"):
+        run_train([*full, "--skip_pipeline_export"])
+    assert _snapshot(precious) == before
+    run_train([*full, "--skip_pipeline_export", "--overwrite_output_dir"])
+    assert (precious / "transformer").is_dir()
+
+
+def test_crash_during_export_keeps_the_previous_export(precious, tiny_path, tmp_path, monkeypatch):
+    from danceopd_diffusers import export
+
+    before = _snapshot(precious)
+    real = export.save_pipeline_folder
+
+    def crash_after_writing(*args, **kwargs):
+        real(*args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "save_pipeline_folder", crash_after_writing)
+    # another seed: its LoRA and pipeline differ from the ones in the folder
+    with pytest.raises(OSError, match="disk full"):
+        run_train(_base(tiny_path, tmp_path, precious, "--max_train_steps", "1", "--seed", "8"))
+    after = _snapshot(precious)
+    for name in ("pytorch_lora_weights.safetensors", "transformer/diffusion_pytorch_model.safetensors"):
+        assert after[name] == before[name], name
+    monkeypatch.setattr(export, "save_pipeline_folder", real)
+    run_train(_base(tiny_path, tmp_path, precious, "--max_train_steps", "1", "--seed", "8"))
+    after = _snapshot(precious)
+    assert after["pytorch_lora_weights.safetensors"] != before["pytorch_lora_weights.safetensors"]
+    assert not (precious / ".export.tmp").exists()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_non_finite_target_stops_before_anything_is_saved(precious, tiny_path, tmp_path, monkeypatch, resume):
+    import train_danceopd
+    from danceopd_diffusers.stopping import NonFiniteError
+
+    before = _snapshot(precious)
+    real, calls = train_danceopd.on_policy_states, []
+
+    def nan_on_second_step(*args, **kwargs):
+        states = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            states.target.fill_(float("nan"))
+        return states
+
+    monkeypatch.setattr(train_danceopd, "on_policy_states", nan_on_second_step)
+    extra = ["--resume_from_checkpoint", "latest"] if resume else []
+    with pytest.raises(NonFiniteError, match="the target of route 'base_cfg' is not finite"):
+        run_train(
+            _base(
+                tiny_path, tmp_path, precious, "--max_train_steps", "4", "--checkpointing_steps", "1", *extra
+            )
+        )
+    after = _snapshot(precious)
+    # the first step of this run was saved (checkpoint-1 again, or checkpoint-3 after resume); nothing else changed
+    new_checkpoint = "checkpoint-3" if resume else "checkpoint-1"
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert all(k.startswith(new_checkpoint + "/") for k in changed), sorted(changed)
+    assert not (precious / ("checkpoint-4" if resume else "checkpoint-2")).with_suffix(".tmp").exists()
+
+
+# ------------------------------------------------------------------------------------------- resume
+def test_resume_is_checked_before_any_weights_load(precious, tiny_path, tmp_path, monkeypatch):
+    from danceopd_diffusers import field_loading
+    from danceopd_diffusers.checkpointing import resolve_resume
+    from danceopd_diffusers.config import ConfigError
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the resume check")
+
+    monkeypatch.setattr(field_loading, "load_pipeline", no_weights)
+
+    def resume(name: str, *extra: str):
+        return run_train(
+            _base(
+                tiny_path,
+                tmp_path,
+                precious,
+                "--max_train_steps",
+                "3",
+                "--resume_from_checkpoint",
+                name,
+                *extra,
+            )
+        )
+
+    with pytest.raises(
+        ConfigError, match="'checkpoint-9' cannot be used: it does not exist.*checkpoint-1, checkpoint-2"
+    ):
+        resume("checkpoint-9")
+    with pytest.raises(ConfigError, match="rank: 4 in the checkpoint, 8 in this run"):
+        resume("latest", "--rank", "8")
+    with pytest.raises(
+        ConfigError, match="targets: .*attn.to_k.* in the checkpoint, .*attn.to_q.* in this run"
+    ):
+        resume("latest", "--lora_layers", "attn.to_q")
+    with pytest.raises(
+        ConfigError, match=r"fields_config\.fields\.base_cfg\.scale: 3\.0 in the checkpoint, 5\.0 in this run"
+    ):
+        resume("latest", "--cfg_scale", "5.0")
+    with pytest.raises(ConfigError, match="method: .danceopd. in the checkpoint, .offpolicy. in this run"):
+        resume("checkpoint-1", "--method", "offpolicy")
+
+    # an empty or partial newest checkpoint is never taken by `latest`, and refused by name
+    (precious / "checkpoint-3").mkdir()
+    (precious / "checkpoint-4").mkdir()
+    (precious / "checkpoint-4" / "pytorch_lora_weights.safetensors").write_bytes(b"partial")
+    assert resolve_resume(precious, "latest") == precious / "checkpoint-2"
+    with pytest.raises(ConfigError, match="'checkpoint-3' cannot be used: it is empty"):
+        resume("checkpoint-3")
+    with pytest.raises(
+        ConfigError, match="'checkpoint-4' cannot be used: it has no danceopd_checkpoint.json"
+    ):
+        resume("checkpoint-4")
+
+    # a complete checkpoint whose file was damaged afterwards is reported by the file's name
+    optimizer = precious / "checkpoint-2" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    with pytest.raises(ConfigError, match="optimizer.bin is corrupt: 100 bytes.*checkpoint-1"):
+        resume("latest")
+    lora = precious / "checkpoint-1" / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(b"x" * lora.stat().st_size)
+    with pytest.raises(ConfigError, match="pytorch_lora_weights.safetensors is corrupt"):
+        resume("checkpoint-1")

@@ -329,3 +329,153 @@ def test_resume_is_checked_before_any_weights_load(precious, tiny_path, tmp_path
     lora.write_bytes(b"x" * lora.stat().st_size)
     with pytest.raises(ConfigError, match="pytorch_lora_weights.safetensors is corrupt"):
         resume("checkpoint-1")
+
+
+# ------------------------------------------------------------------------------------------- faults
+REPO = Path(__file__).resolve().parents[1]
+
+#: runs train_danceopd.main with the argv given, after SIGKILL-ing itself in the middle of checkpoint-2's save
+#: (the student LoRA written, accelerate's optimizer / scheduler / RNG files not yet)
+KILL_DURING_SECOND_SAVE = """
+import os, signal, sys
+import train_danceopd
+from danceopd_diffusers import export
+
+real, calls = export.save_student_lora, []
+
+def save_then_die(*args, **kwargs):
+    path = real(*args, **kwargs)
+    calls.append(path)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+
+export.save_student_lora = save_then_die
+train_danceopd.main(train_danceopd.parse_args(sys.argv[1:]))
+"""
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+
+
+def _route_steps(out: Path) -> list[int]:
+    lines = (out / "logs" / "routes_rank0.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
+
+
+def test_kill_during_save_with_total_limit_1_keeps_a_complete_checkpoint(tiny_path, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from danceopd_diffusers.checkpointing import checkpoint_problem
+
+    out = tmp_path / "out"
+    args = _base(tiny_path, tmp_path, out, "--checkpointing_steps", "1", "--checkpoints_total_limit", "1")
+    args += ["--skip_pipeline_export"]
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_SECOND_SAVE, *args, "--max_train_steps", "3"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert (out / "checkpoint-2.tmp").is_dir() and not (out / "checkpoint-2").exists()
+    assert checkpoint_problem(out / "checkpoint-1") is None  # pruned only after checkpoint-2 is complete
+    run_train([*args, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"])
+    assert _route_steps(out) == [0, 1, 1, 2]  # resumed after step 1, not restarted
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    run_train(
+        [
+            *_base(tiny_path, tmp_path, tmp_path / "straight", "--skip_pipeline_export"),
+            "--max_train_steps",
+            "3",
+        ]
+    )
+    resumed = load_file(out / "pytorch_lora_weights.safetensors")
+    straight = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_sigterm_saves_and_exits_and_a_second_run_is_refused(tiny_path, tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from danceopd_diffusers.checkpointing import checkpoint_problem
+    from danceopd_diffusers.config import ConfigError
+
+    out = tmp_path / "out"
+    args = _base(tiny_path, tmp_path, out, "--checkpointing_steps", "1000", "--skip_pipeline_export")
+    first = subprocess.Popen(
+        [sys.executable, str(REPO / "train_danceopd.py"), *args, "--max_train_steps", "100000"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        routes = out / "logs" / "routes_rank0.jsonl"
+        deadline = time.time() + 240
+        while not (routes.exists() and len(routes.read_text().splitlines()) >= 2):
+            assert first.poll() is None and time.time() < deadline, first.communicate()[1][-3000:]
+            time.sleep(0.1)
+        # one writer per folder: a second run fails at once, naming the first one's process id
+        with pytest.raises(ConfigError, match=f"in use by another training run \\(process {first.pid} on"):
+            run_train([*args, "--max_train_steps", "2"])
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    stopped = re.search(
+        r"stopped by SIGTERM after step (\d+); its state is saved in (\S+)\. Continue with", stderr
+    )
+    assert stopped, stderr[-3000:]
+    step = int(stopped.group(1))
+    assert (
+        Path(stopped.group(2)) == out / f"checkpoint-{step}"
+        and checkpoint_problem(out / f"checkpoint-{step}") is None
+    )
+    assert _route_steps(out) == list(range(step))
+    # the dead run's lock is taken over; `latest` continues from the checkpoint written on SIGTERM
+    run_train([*args, "--max_train_steps", str(step + 1), "--resume_from_checkpoint", "latest"])
+    assert _route_steps(out) == list(range(step + 1))
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_sigint_finishes_the_step_and_saves(tiny_path, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import train_danceopd
+    from danceopd_diffusers.checkpointing import checkpoint_problem
+    from danceopd_diffusers.stopping import Interrupted
+
+    real, calls = train_danceopd.on_policy_states, []
+
+    def interrupt_during_second_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_danceopd, "on_policy_states", interrupt_during_second_step)
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted, match="stopped by SIGINT after step 2") as stopped:
+        run_train(_base(tiny_path, tmp_path, out, "--max_train_steps", "5", "--checkpointing_steps", "1000"))
+    assert stopped.value.exit_code == 130
+    assert checkpoint_problem(out / "checkpoint-2") is None and _route_steps(out) == [0, 1]
+    assert not (out / "pytorch_lora_weights.safetensors").exists()  # no export of an unfinished run
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -39,21 +39,32 @@ class StopOnSignal:
     """Install with ``start()`` before the loop, ``stop()`` after it; ``requested`` says whether to stop."""
 
     signals = (signal.SIGTERM, signal.SIGINT)
+    _active: list[StopOnSignal] = []  # started and not stopped (a run in this process ended by an exception)
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def start(self) -> StopOnSignal:
+        self.stop_all()
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            StopOnSignal._active.append(self)
         return self
 
     def stop(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self in StopOnSignal._active:
+            StopOnSignal._active.remove(self)
+
+    @classmethod
+    def stop_all(cls) -> None:
+        """Give the process its own handlers back (newest first, so the originals are restored last)."""
+        for active in reversed(list(cls._active)):
+            active.stop()
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None and signum == signal.SIGINT:

@@ -127,6 +127,8 @@ def publish(stage: str | os.PathLike, output_dir: str | os.PathLike) -> list[str
     at every moment either the old complete one or the new complete one.
     """
     stage, root = Path(stage), Path(output_dir)
+    if stage.parent.name != STAGING_DIR:
+        raise ValueError(f"{stage} is not a folder made by staging_dir")
     trash = stage.parent / ".replaced"
     trash.mkdir()
     names = sorted(p.name for p in stage.iterdir())

@@ -394,6 +394,7 @@ def main(args: argparse.Namespace) -> None:
 
     run_settings = {  # recorded with each checkpoint; resuming under other settings is refused
         "base_model": args.pretrained_model_name_or_path if not args.demo else "embedded ShapesWorld base",
+        "revision": args.revision,
         "method": args.method,
         "full_finetune": args.full_finetune,
         "rank": None if args.full_finetune else args.rank,
@@ -606,7 +607,10 @@ def main(args: argparse.Namespace) -> None:
         accelerator.print(f"No checkpoint in {args.output_dir} to resume from; starting a new run.")
     if resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
+        try:
+            accelerator.load_state(str(resume_path))
+        except Exception as exc:  # its files matched their recorded sizes, so the damage is in their content
+            raise ConfigError(f"Cannot resume from {resume_path}: {type(exc).__name__}: {exc}") from exc
         global_step = checkpoint_step(resume_path)
     if accelerator.is_main_process:
         tracker_config = {  # never the token: tracker configs are written to disk (hparams.yml) and shared
@@ -828,6 +832,10 @@ def main(args: argparse.Namespace) -> None:
                     accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run_settings
                 )
             stop.stop()
+            routes_log.close()
+            progress_bar.close()
+            accelerator.end_training()
+            unlock_output_dir(args.output_dir)
             raise Interrupted(
                 f"stopped by {signal.Signals(signum).name} after step {global_step}; its state is saved in {path}. "
                 "Continue with --resume_from_checkpoint latest.",

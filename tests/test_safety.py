@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import run_train
 
-RUN = [
-    "--num_rollout_steps",
-    "4",
-    "--rank",
-    "4",
-    "--train_batch_size",
-    "1",
-    "--gradient_accumulation_steps",
-    "1",
-    "--max_sequence_length",
-    "16",
-    "--learning_rate",
-    "1e-3",
-    "--seed",
-    "7",
-    "--cfg_scale",
-    "3.0",
-]
+RUN = (
+    "--num_rollout_steps 4 --rank 4 --train_batch_size 1 --gradient_accumulation_steps 1 "
+    "--max_sequence_length 16 --learning_rate 1e-3 --seed 7 --cfg_scale 3.0"
+).split()
 
 
 def _prompts(tmp_path: Path) -> str:
@@ -103,13 +90,13 @@ def test_hub_token_is_written_nowhere(tiny_path, tmp_path, monkeypatch, capfd):
     import huggingface_hub
 
     token = "hf_FAKEtoken0123456789SECRET"
-    used = {}
-    monkeypatch.setattr(
-        huggingface_hub,
-        "create_repo",
-        lambda repo_id, **kw: used.setdefault("create", type("R", (), {"repo_id": "me/" + repo_id})),
-    )
-    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: used.setdefault("upload", kw))
+    tokens_used = []
+
+    def hub_call(result=None):  # a Hub API function that records the token it was given, offline
+        return lambda *args, **kwargs: tokens_used.append(kwargs.get("token")) or result
+
+    for name in ("create_repo", "upload_folder", "upload_file", "create_commit"):
+        monkeypatch.setattr(huggingface_hub, name, hub_call(SimpleNamespace(repo_id="me/out")))
     out = tmp_path / "out"
     run_train(
         [
@@ -135,7 +122,7 @@ def test_hub_token_is_written_nowhere(tiny_path, tmp_path, monkeypatch, capfd):
             *RUN,
         ]
     )
-    assert used["upload"]["token"] == token  # the token did its job
+    assert tokens_used and set(tokens_used) == {token}  # the token did its job
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.name == "hparams.yml" for p in files) and any("tfevents" in p.name for p in files)
     assert any(p.name == "optimizer.bin" for p in files) and (out / "README.md").is_file()

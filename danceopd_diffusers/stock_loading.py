@@ -19,9 +19,7 @@ from typing import Any
 
 from .config import ConfigError
 from .families import family_for_pipeline_class
-
-#: the module name (``pipelines/pipeline_danceopd.py``) that exported folders put in their model_index.json
-EXPORTED_PIPELINE_MODULE = "pipeline_danceopd"
+from .preflight import EXPORTED_PIPELINE_MODULE
 
 
 def split_class_name(index: dict, path: str) -> tuple[str, str | None]:

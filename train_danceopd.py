@@ -333,7 +333,10 @@ def main(args: argparse.Namespace) -> None:
     # ---------------------------------------------------------------- checks that load no weights
     if args.demo:
         args.pretrained_model_name_or_path = demo.base_path()
-    if int(os.environ.get("RANK", "0")) == 0:  # one writer per output folder: the main process holds its lock
+    from accelerate.utils.environment import get_int_from_env
+
+    # one writer per output folder: the main process (global rank 0, as accelerate reads it) holds its lock
+    if get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0:
         lock_output_dir(args.output_dir)
     info = inspect_pipeline(args.pretrained_model_name_or_path, revision=args.revision)
     family = build_family(info.family_cls, args)

@@ -19,6 +19,7 @@ import copy
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -35,6 +36,7 @@ from danceopd_diffusers.config import (
     FieldSpec,
     RouteSpec,
     config_from_flags,
+    hub_offline,
     parse_fields_config,
 )
 from danceopd_diffusers.data import (
@@ -47,6 +49,7 @@ from danceopd_diffusers.data import (
 from danceopd_diffusers.families import edit_size, editing_families
 from danceopd_diffusers.lora_io import inspect_lora, load_lora_for_diffusers
 from danceopd_diffusers.objectives import (
+    DENSE_WEIGHTINGS,
     METHODS,
     RoutedTargets,
     off_policy_states,
@@ -67,7 +70,13 @@ from danceopd_diffusers.preflight import (
     check_fields_against_model,
     check_lora_file,
     check_lora_targets,
+    check_output_dir,
+    check_something_to_distill,
+    check_transformer_checkpoint,
     inspect_pipeline,
+    load_errors,
+    lora_base_rank,
+    student_init_lora_config,
 )
 from danceopd_diffusers.rollout import QUERY_STRATEGIES
 from danceopd_diffusers.routing import Router, step_generator
@@ -75,6 +84,7 @@ from danceopd_diffusers.stopping import Interrupted, NonFiniteError, StopOnSigna
 from danceopd_diffusers.student import STUDENT_ADAPTER
 
 logger = logging.getLogger("danceopd")
+DEFAULT_RANK = 128
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -119,7 +129,20 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         choices=QUERY_STRATEGIES,
         help="low = Beta(5,2) (paper), mid = Beta(5,5), high = Beta(2,5), uniform.",
     )
-    parser.add_argument("--query_k", type=int, default=1, help="K: states queried per rollout.")
+    parser.add_argument(
+        "--query_k",
+        type=int,
+        default=1,
+        help="K: distinct states queried per rollout; K >= --num_rollout_steps queries every state once.",
+    )
+    parser.add_argument(
+        "--dense_weighting",
+        type=str,
+        default="uniform",
+        choices=DENSE_WEIGHTINGS,
+        help="dense only: uniform = 0.5/N^2 per state (the official DiffusionOPD code), "
+        "step = (sigma_i - sigma_i+1)^2/2 of the shifted grid.",
+    )
     parser.add_argument(
         "--per_sample_routing",
         action="store_true",
@@ -130,7 +153,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default="logit_normal",
         choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
-        help="sft only.",
+        help="sft only: how sigma is drawn; sigma_sqrt and cosmap also weight the loss, as diffusers' SD3 example.",
     )
     parser.add_argument(
         "--caption_dropout_prob",
@@ -170,8 +193,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "student's rollout and every field (default: the family's, 3.5). Not CFG.",
     )
     # student
-    parser.add_argument("--rank", type=int, default=128)
-    parser.add_argument("--lora_alpha", type=float, default=None, help="Defaults to --rank.")
+    parser.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help=f"LoRA rank (default {DEFAULT_RANK}; with --student_init: the file's).",
+    )
+    parser.add_argument(
+        "--lora_alpha", type=float, default=None, help="Defaults to --rank (with --student_init: the file's)."
+    )
     parser.add_argument(
         "--lora_layers",
         type=str,
@@ -185,7 +215,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--student_init",
         type=str,
         default=None,
-        help="Start from a LoRA (file/folder/Hub id) or a full transformer checkpoint.",
+        help="Start from a LoRA (file/folder/Hub id; continued at its own alpha, --rank must match it) or a full "
+        "transformer checkpoint.",
     )
     # optimisation
     parser.add_argument("--train_batch_size", type=int, default=1)
@@ -203,7 +234,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adam_weight_decay", type=float, default=0.0)
     parser.add_argument("--adam_epsilon", type=float, default=1e-8)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
-    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Default: accelerate's setting (`accelerate launch --mixed_precision`, `accelerate config`), else "
+        "'no'. The paper trains in bf16: pass bf16 on GPUs. The value used is logged and recorded in the card.",
+    )
     parser.add_argument("--allow_tf32", action="store_true")
     parser.add_argument(
         "--disable_cudnn_attention",
@@ -259,7 +297,71 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                 setattr(args, key, value)
                 args.demo_overrides[key] = value
     check_flags(args)
+    if args.rank is None and not args.full_finetune and not args.student_init:
+        args.rank = DEFAULT_RANK  # with --student_init, a LoRA's own rank (main)
     return args
+
+
+#: lowest (and highest) value of each numeric flag; None bounds are open. Checked in check_flags.
+NUMERIC_RANGES: dict[str, tuple[float | None, float | None, str]] = {
+    "max_train_steps": (1, None, ""),
+    "train_batch_size": (1, None, ""),
+    "gradient_accumulation_steps": (1, None, ""),
+    "checkpointing_steps": (1, None, "; pass a large number to save rarely"),
+    "checkpoints_total_limit": (1, None, "; omit it to keep every checkpoint"),
+    "validation_steps": (1, None, "; omit --validation_prompt to skip validation"),
+    "num_rollout_steps": (2, None, ""),
+    "query_k": (1, None, ""),
+    "max_sequence_length": (1, None, ""),
+    "rank": (1, None, ""),
+    "lr_warmup_steps": (0, None, ""),
+    "lr_num_cycles": (1, None, ""),
+    "demo_eval_limit": (1, None, ""),
+    "seed": (0, 2**32 - 1, ""),
+    "resolution": (16, None, "; omit it for the model's default"),
+    "max_grad_norm": (0, None, "; 0 turns clipping off"),
+    "adam_weight_decay": (0, None, ""),
+}
+#: float flags that must be strictly positive
+POSITIVE_FLAGS = {
+    "learning_rate": "; 0 would train nothing",
+    "lora_alpha": "",
+    "adam_epsilon": "",
+    "lr_power": "",
+    "cfg_scale": "",
+    "embedded_guidance": "",
+}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Zero, negative, NaN and out-of-range numbers, refused before anything loads."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"--{name} is {v}; pass a finite number.")
+    for name, (low, high, hint) in NUMERIC_RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise ConfigError(f"--{name} is {value}; it must be {bounds}{hint}.")
+    for name, hint in POSITIVE_FLAGS.items():
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise ConfigError(f"--{name} is {value}; it must be greater than 0{hint}.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ConfigError(f"--{name} is {getattr(args, name)}; it must be in [0, 1).")
+    for seed in args.validation_seeds or []:
+        if not 0 <= seed < 2**32:
+            raise ConfigError(f"--validation_seeds {seed}: seeds must be between 0 and {2**32 - 1}.")
+    if args.query_k > args.num_rollout_steps:
+        raise ConfigError(
+            f"--query_k {args.query_k} is more than --num_rollout_steps {args.num_rollout_steps}: a rollout has only "
+            f"that many states. Pass --query_k {args.num_rollout_steps} to query every state."
+        )
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -283,10 +385,14 @@ def check_flags(args: argparse.Namespace) -> None:
         )
     if args.full_finetune and args.lora_layers:
         raise ConfigError("--lora_layers has no effect with --full_finetune; drop one of them.")
-    if args.num_rollout_steps < 2:
-        raise ConfigError("--num_rollout_steps must be at least 2.")
-    if args.query_k < 1:
-        raise ConfigError("--query_k must be at least 1.")
+    demo_set = getattr(args, "demo_overrides", {})
+    ignored = [f for f in ("rank", "lora_alpha") if getattr(args, f) is not None and f not in demo_set]
+    if args.full_finetune and ignored:  # kept a warning: scripts that switch --full_finetune on keep working
+        print(
+            f"warning: --{ignored[0]} has no effect with --full_finetune (no LoRA is trained); drop it.",
+            file=sys.stderr,
+        )
+    check_numbers(args)
     if args.per_sample_routing and args.method == "sft":
         raise ConfigError(
             "--per_sample_routing has no meaning for --method sft (buckets are drawn per step)."
@@ -299,6 +405,38 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--resolution {args.resolution} must be a multiple of 16.")
     if not 0.0 <= args.caption_dropout_prob < 1.0:
         raise ConfigError("--caption_dropout_prob must be in [0, 1).")
+    from diffusers.optimization import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    if args.lr_scheduler not in schedulers:
+        raise ConfigError(
+            f"--lr_scheduler {args.lr_scheduler!r} is not a scheduler of diffusers; use one of {schedulers}."
+        )
+    check_trackers(args.report_to)
+    if args.push_to_hub and hub_offline():
+        raise ConfigError(
+            "--push_to_hub needs the network, but huggingface_hub is offline (HF_HUB_OFFLINE is set): set "
+            "HF_HUB_OFFLINE=0, or drop --push_to_hub and upload the output folder later."
+        )
+
+
+def check_trackers(report_to: str) -> None:
+    """A tracker named in --report_to must be one accelerate knows and be installed (the default tensorboard
+    falls back to console logging instead)."""
+    import accelerate.utils
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for name in report_to.split(","):
+        if name in ("none", "", "all", "tensorboard"):
+            continue
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(
+                f"--report_to {name!r} is not a tracker accelerate knows; use one of {sorted(LOGGER_TYPE_TO_CLASS)} or none."
+            )
+        if not getattr(accelerate.utils, f"is_{name}_available")():
+            raise ConfigError(
+                f"--report_to {name} but {name} is not installed: pip install {name}, or pass --report_to none."
+            )
 
 
 def build_family(family_cls: type, args: argparse.Namespace):
@@ -331,17 +469,28 @@ def main(args: argparse.Namespace) -> None:
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     # ---------------------------------------------------------------- checks that load no weights
-    if args.demo:
-        args.pretrained_model_name_or_path = demo.base_path()
+    # the files the user named first (output folder, fields config, data), then the model's configs
+    check_output_dir(args.output_dir)
     from accelerate.utils.environment import get_int_from_env
 
     # one writer per output folder: the main process (global rank 0, as accelerate reads it) holds its lock
     if get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0:
         lock_output_dir(args.output_dir)
+    fields_config = resolve_fields(args)
+    columns = DataColumns(args.caption_column, args.task_column, args.source_image_column, args.image_column)
+    if args.demo and args.dataset_name is None and args.train_data_dir is None:
+        args.dataset_name = demo.demo_data_file()
+    dataset, data_dir = load_training_dataset(
+        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir
+    )
+    buckets = TaskBuckets(dataset, columns, data_dir)
+    if args.demo:
+        args.pretrained_model_name_or_path = demo.base_path()
     info = inspect_pipeline(args.pretrained_model_name_or_path, revision=args.revision)
     family = build_family(info.family_cls, args)
-    fields_config = resolve_fields(args)
     check_fields_against_model(fields_config, info)
+    if args.method != "sft":
+        check_something_to_distill(fields_config, warm_start=bool(args.student_init))
     student_targets = (
         [t.strip() for t in args.lora_layers.split(",")]
         if args.lora_layers
@@ -360,20 +509,27 @@ def main(args: argparse.Namespace) -> None:
             )
         try:
             init_file = resolve_lora_file(args.student_init)
-            init_header = inspect_lora(init_file)
+            init_header = inspect_lora(init_file, "--student_init")
             init_is_lora = bool(init_header.modules)
         except FileNotFoundError:
             init_is_lora = False
+        if args.rank is None and not args.full_finetune:
+            args.rank = lora_base_rank(init_header) if init_is_lora else DEFAULT_RANK
+        if init_is_lora:
+            check_lora_file(
+                init_header,
+                info.module_names,
+                "--student_init",
+                expected_rank=None if args.full_finetune else args.rank,
+                linear_features=info.linear_features,
+            )
         if init_is_lora and not args.full_finetune:
-            check_lora_file(init_header, info.module_names, "--student_init", expected_rank=args.rank)
             student_targets = init_header.target_modules or sorted(init_header.modules)
-    columns = DataColumns(args.caption_column, args.task_column, args.source_image_column, args.image_column)
-    if args.demo and args.dataset_name is None and args.train_data_dir is None:
-        args.dataset_name = demo.demo_data_file()
-    dataset, data_dir = load_training_dataset(
-        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir
-    )
-    buckets = TaskBuckets(dataset, columns, data_dir)
+            # the student continues the file's LoRA at the file's own scale (alpha and patterns)
+            init_lora_config = student_init_lora_config(init_header, args.rank, args.lora_alpha)
+            args.lora_alpha = init_lora_config["lora_alpha"]
+        if not init_is_lora:
+            check_transformer_checkpoint(args.student_init, None, info, "--student_init")
     if args.method == "sft" and not fields_config.routes:
         fields_config.routes = [RouteSpec(field="base", task=t) for t in sorted(buckets.buckets)]
     if args.per_sample_routing and len({buckets.is_edit_bucket(r.task) for r in fields_config.routes}) > 1:
@@ -430,6 +586,18 @@ def main(args: argparse.Namespace) -> None:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
     log = get_logger("danceopd")
+    precision_from = "--mixed_precision"
+    if not args.mixed_precision:
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        precision_from = (
+            "`accelerate launch` / accelerate config" if launched else "default: no accelerate setting"
+        )
+    args.mixed_precision = accelerator.mixed_precision  # what the card and danceopd_config.json record
+    accelerator.print(f"[danceopd] mixed precision: {args.mixed_precision} (from {precision_from})")
+    if args.mixed_precision == "no" and torch.cuda.is_available():
+        accelerator.print(
+            "[danceopd] training in fp32; the paper's recipe is bf16: pass --mixed_precision bf16"
+        )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if args.seed is None:
         args.seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -461,18 +629,22 @@ def main(args: argparse.Namespace) -> None:
         weight_dtype = torch.float16
     elif accelerator.mixed_precision == "bf16":
         weight_dtype = torch.bfloat16
+    # A full fine-tune keeps fp32 master weights and computes under autocast, as diffusers' full fine-tuning
+    # examples do: Adam's small updates vanish in half-precision weights. Frozen models stay in weight_dtype.
+    student_dtype = torch.float32 if args.full_finetune else weight_dtype
 
     # ---------------------------------------------------------------- models
     from danceopd_diffusers.field_loading import load_pipeline
 
-    pipe = load_pipeline(
-        family,
-        args.pretrained_model_name_or_path,
-        info.custom_pipeline,
-        revision=args.revision,
-        variant=args.variant,
-        torch_dtype=weight_dtype,
-    )
+    with load_errors("--pretrained_model_name_or_path", args.pretrained_model_name_or_path):
+        pipe = load_pipeline(
+            family,
+            args.pretrained_model_name_or_path,
+            info.custom_pipeline,
+            revision=args.revision,
+            variant=args.variant,
+            torch_dtype={"transformer": student_dtype, "default": weight_dtype},
+        )
     pipe.set_progress_bar_config(disable=True)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
@@ -481,9 +653,14 @@ def main(args: argparse.Namespace) -> None:
     if init_is_checkpoint:
         from danceopd_diffusers.field_loading import load_transformer
 
-        pipe.transformer = load_transformer(
-            family, args.student_init, None, weight_dtype, config_source=args.pretrained_model_name_or_path
-        )
+        with load_errors("--student_init", args.student_init):
+            pipe.transformer = load_transformer(
+                family,
+                args.student_init,
+                None,
+                student_dtype,
+                config_source=args.pretrained_model_name_or_path,
+            )
         pipe.transformer.requires_grad_(False)
     pipe.to(accelerator.device)
     transformer = pipe.transformer
@@ -499,27 +676,28 @@ def main(args: argparse.Namespace) -> None:
     else:
         from danceopd_diffusers.student import AdapterScope, add_student_lora
 
-        add_student_lora(transformer, args.rank, args.lora_alpha or args.rank, student_targets)
         if init_is_lora:
-            from peft import set_peft_model_state_dict
+            from danceopd_diffusers.student import load_lora_into_adapter
 
             state, _ = load_lora_for_diffusers(init_file)
-            state = {k[len("transformer.") :]: v for k, v in state.items()}
-            set_peft_model_state_dict(transformer, state, adapter_name=STUDENT_ADAPTER)
+            load_lora_into_adapter(transformer, state, init_lora_config, adapter_name=STUDENT_ADAPTER)
+        else:
+            add_student_lora(transformer, args.rank, args.lora_alpha or args.rank, student_targets)
         scope = AdapterScope(transformer)
     from danceopd_diffusers.field_loading import build_fields
 
     shares_base = scope is not None and not init_is_checkpoint
-    fields = build_fields(
-        fields_config,
-        family,
-        args.pretrained_model_name_or_path,
-        transformer,
-        scope if shares_base else None,
-        weight_dtype,
-        accelerator.device,
-        args.revision,
-    )
+    with load_errors("--fields_config / --expert_*", "the fields' weights"):
+        fields = build_fields(
+            fields_config,
+            family,
+            args.pretrained_model_name_or_path,
+            transformer,
+            scope if shares_base else None,
+            weight_dtype,
+            accelerator.device,
+            args.revision,
+        )
     if scope is not None:
         scope.refresh()
     if args.gradient_checkpointing:
@@ -747,7 +925,7 @@ def main(args: argparse.Namespace) -> None:
                             pixels = images_to_tensor(targets, height, width)
                             x0 = family.encode_images(pipe, pixels, gen).to(weight_dtype)
                     sigma = sample_sft_sigmas(sft_scheduler, len(rows), gen, args.weighting_scheme)
-                    states = sft_states(x0, sigma, gen)
+                    states = sft_states(x0, sigma, gen, args.weighting_scheme)
                 else:
                     cond, uncond, height, width = encode_batch(rows, prompts, edit)
                     targets = RoutedTargets(
@@ -777,6 +955,7 @@ def main(args: argparse.Namespace) -> None:
                             height,
                             width,
                             dense=args.method == "dense",
+                            dense_weighting=args.dense_weighting,
                         )
                         transformer.train()
                 cond_rows = cond.select(states.samples)
@@ -859,6 +1038,8 @@ def main(args: argparse.Namespace) -> None:
             render_model_card,
             save_pipeline_folder,
             save_student_lora,
+            trained_call_kwargs,
+            write_run_config,
         )
 
         if loss_history:
@@ -880,19 +1061,27 @@ def main(args: argparse.Namespace) -> None:
                 fused_student(model, STUDENT_ADAPTER, experts) if not args.skip_pipeline_export else None
             )
         else:
-            export_model = model
+            export_model = model.to(weight_dtype)  # the fp32 master weights, exported in the run's dtype
         absorbed = _absorbed_scale(fields_config)
+        call = trained_call_kwargs(
+            family,
+            method=args.method,
+            num_steps=args.num_rollout_steps,
+            max_sequence_length=args.max_sequence_length,
+        )
         if args.skip_pipeline_export:
             if args.full_finetune:
                 model.save_pretrained(os.path.join(export_dir, "transformer"))
         else:
-            save_pipeline_folder(pipe, family, export_model, export_dir, absorbed)
+            save_pipeline_folder(pipe, family, export_model, export_dir, absorbed, call)
         render_model_card(
             export_dir,
-            base_model=args.pretrained_model_name_or_path
-            if not args.demo
-            else "ShapesWorld base (shipped with danceopd-diffusers)",
+            base_model=args.pretrained_model_name_or_path,
             repo_id=repo_id,
+            family=family,
+            fields_config=fields_config,
+            call_kwargs=call,
+            prompt=(args.validation_prompt or [None])[0],
             fields_table="\n".join(f"| `{n}` | {f.describe()} |" for n, f in fields.items()),
             routes_table="\n".join(
                 f"| `{r.field}` | `{r.task}` | {r.weight} |" for r in fields_config.routes
@@ -904,11 +1093,12 @@ def main(args: argparse.Namespace) -> None:
             has_pipeline=not args.skip_pipeline_export,
             samples_image=samples_image,
         )
-        (export_dir / "danceopd_config.json").write_text(
-            json.dumps(
-                {"fields_config": fields_config.to_dict(), "args": _hyperparameters(args, resolution)},
-                indent=2,
-            )
+        write_run_config(
+            export_dir,
+            base_model=args.pretrained_model_name_or_path,
+            fields_config=fields_config,
+            hyperparameters=_hyperparameters(args, resolution),
+            call_kwargs=call,
         )
         publish(export_dir, args.output_dir)
         if args.push_to_hub:
@@ -963,20 +1153,29 @@ def _hyperparameters(args: argparse.Namespace, resolution: int) -> dict:
     ]
     out = {k: getattr(args, k) for k in keys}
     out["resolution"] = resolution
+    method_option = {"dense": "dense_weighting", "sft": "weighting_scheme"}.get(args.method)
+    if method_option:
+        out[method_option] = getattr(args, method_option)
     if out["lora_alpha"] is None and not args.full_finetune:
         out["lora_alpha"] = args.rank
     return out
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: bad input is one ``error:`` line on stderr and exit status 2, never a traceback."""
     try:
-        main(parse_args())
+        main(parse_args(argv))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     except Interrupted as exc:
         print(f"[danceopd] {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

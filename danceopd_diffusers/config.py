@@ -5,7 +5,10 @@ Everything here runs before any model weights load, so a typo costs seconds, not
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,41 @@ class ConfigError(ValueError):
     """A problem in the user's fields config or flags, with the fix in its message."""
 
 
+def hub_offline() -> bool:
+    """Whether huggingface_hub may not reach the network (``HF_HUB_OFFLINE``)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in (
+        "1",
+        "ON",
+        "YES",
+        "TRUE",
+    )
+
+
+def looks_like_hub_id(name: str, owner_required: bool = True) -> bool:
+    """Whether a path that does not exist locally could be a Hub repo id (``owner/name``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
+        return False
+    if owner_required and name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def offline_error(what: str, name: str) -> ConfigError:
+    """The error for a Hub id that is neither a local path nor in the cache while offline."""
+    return ConfigError(
+        f"{what} {name!r} is not a local path and is not in the Hub cache, and huggingface_hub is offline "
+        "(HF_HUB_OFFLINE is set, no network): set HF_HUB_OFFLINE=0 to download it, or pass a local path."
+    )
+
+
 @dataclass
 class FieldSpec:
     name: str
@@ -26,7 +64,7 @@ class FieldSpec:
     path: str | None = None  # lora / checkpoint: local path or Hub id
     weight_name: str | None = None  # lora: file inside a folder or repo
     subfolder: str | None = None  # checkpoint: e.g. "transformer" of a pipeline repo
-    of: str | None = None  # operator fields: the field they are built on
+    of: str | None = None  # operator fields: the field they are built on; lora: a checkpoint field under it
     scale: float | None = None  # cfg: guidance scale
     norm_rescale: bool = False  # cfg: rescale to the conditional's norm (Qwen-Image's true CFG)
     embedded_guidance: float | None = (
@@ -78,18 +116,96 @@ class FieldsConfig:
         return seen
 
 
+#: the type each field key must have in the config file
+_KEY_TYPES: dict[str, tuple[type, ...]] = {
+    "type": (str,),
+    "path": (str,),
+    "weight_name": (str,),
+    "subfolder": (str,),
+    "of": (str,),
+    "guider": (str,),
+    "scale": (int, float),
+    "text_scale": (int, float),
+    "image_scale": (int, float),
+    "embedded_guidance": (int, float),
+    "norm_rescale": (bool,),
+    "guider_kwargs": (dict,),
+}
+_NUMBER_KEYS = ("scale", "text_scale", "image_scale", "embedded_guidance")
+
+
+def _check_type(where: str, key: str, value: Any, types: tuple[type, ...]) -> None:
+    is_bool = isinstance(value, bool)
+    if not isinstance(value, types) or (is_bool and bool not in types):
+        kind = "a number" if float in types else ("true or false" if bool in types else types[0].__name__)
+        raise ConfigError(
+            f"{where}: `{key}` must be {kind}, not {value!r} ({type(value).__name__}). Fix it in the fields config."
+        )
+
+
+def _check_finite(where: str, key: str, value: Any) -> None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+        raise ConfigError(
+            f"{where}: `{key}` is {value}; it must be a finite number. Fix it in the fields config."
+        )
+
+
+@functools.cache
+def _unique_key_loader() -> type:
+    """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML would keep the last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges may override on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)) and key is not None:
+                    continue  # SafeLoader reports unhashable keys itself
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise ConfigError(
+                        f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); YAML would "
+                        "silently keep the last. Rename or remove one."
+                    )
+                seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+def _unique_json_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(
+                f"key {key!r} appears twice in one object; JSON would silently keep the last. Rename or remove one."
+            )
+        out[key] = value
+    return out
+
+
 def _load_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--fields_config {path} does not exist. Pass the path of a .yaml or .json file.")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"--fields_config {path} cannot be read ({exc}). Pass a .yaml or .json text file."
+        ) from exc
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader
         else:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_json_pairs)
+    except ConfigError as exc:
+        raise ConfigError(f"--fields_config {path}: {exc}") from exc
     except Exception as exc:  # the parser's message says where
         raise ConfigError(f"--fields_config {path} is not valid {path.suffix[1:].upper()}: {exc}") from exc
     if not isinstance(data, dict):
@@ -122,6 +238,9 @@ def parse_fields_config(data: dict | str | Path, base_dir: str | Path | None = N
             raise ConfigError(
                 f"Field {name!r} has unknown key(s) {sorted(extra)}; allowed keys: {sorted(allowed)}."
             )
+        for key, value in raw.items():
+            if value is not None:
+                _check_type(f"Field {name!r}", key, value, _KEY_TYPES[key])
         spec = FieldSpec(name=str(name), **raw)
         if spec.path and base_dir is not None and not Path(spec.path).is_absolute():
             candidate = Path(base_dir) / spec.path
@@ -144,6 +263,7 @@ def parse_fields_config(data: dict | str | Path, base_dir: str | Path | None = N
             raise ConfigError(
                 f"Route {raw!r} has unknown key(s) {sorted(extra)}; allowed: field, task, weight."
             )
+        _check_type(f"Route to {raw['field']!r}", "weight", raw.get("weight", 1.0), (int, float))
         routes.append(
             RouteSpec(
                 field=str(raw["field"]),
@@ -160,6 +280,10 @@ def check_fields_config(config: FieldsConfig) -> None:
     from diffusers import guiders
 
     for spec in config.fields.values():
+        for key in _NUMBER_KEYS:
+            _check_finite(f"Field {spec.name!r}", key, getattr(spec, key))
+        for key, value in spec.guider_kwargs.items():
+            _check_finite(f"Field {spec.name!r}", f"guider_kwargs.{key}", value)
         if spec.type not in FIELD_TYPES:
             raise ConfigError(
                 f"Field {spec.name!r} has unknown type {spec.type!r}; use one of {list(FIELD_TYPES)}."
@@ -177,9 +301,12 @@ def check_fields_config(config: FieldsConfig) -> None:
                 raise ConfigError(
                     f"Field {spec.name!r} is built on unknown field {spec.of!r}; declared fields: {sorted(config.fields)}."
                 )
+        elif spec.of and spec.type == "lora":
+            _check_lora_on_checkpoint(spec, config)
         elif spec.of:
             raise ConfigError(
-                f"Field {spec.name!r} ({spec.type}) cannot have `of`; only cfg and guider fields do."
+                f"Field {spec.name!r} ({spec.type}) cannot have `of`; only operator fields ({', '.join(OPERATOR_TYPES)}) "
+                "and a lora on a checkpoint field do."
             )
         if spec.type == "cfg" and (spec.scale is None or spec.scale <= 0):
             raise ConfigError(f"Field {spec.name!r} (cfg) needs a positive `scale`, e.g. `scale: 3.5`.")
@@ -194,6 +321,7 @@ def check_fields_config(config: FieldsConfig) -> None:
                 raise ConfigError(
                     f"Field {spec.name!r} names guider {spec.guider!r}, which diffusers.guiders does not have; use one of {known}."
                 )
+            _check_guider_kwargs(spec, cls)
     for spec in config.fields.values():  # cycles through `of`
         seen = {spec.name}
         current = spec
@@ -208,8 +336,45 @@ def check_fields_config(config: FieldsConfig) -> None:
                 f"Route to unknown field {route.field!r} (bucket {route.task!r}); declared fields: {sorted(config.fields)}."
                 " Fix the route's `field` or declare the field."
             )
-        if not route.weight > 0:
-            raise ConfigError(f"Route to {route.field!r} has weight {route.weight}; weights must be > 0.")
+        if not route.weight > 0 or not math.isfinite(route.weight):
+            raise ConfigError(
+                f"Route to {route.field!r} has weight {route.weight}; weights must be > 0 (and finite)."
+            )
+
+
+def _check_guider_kwargs(spec: FieldSpec, cls: type) -> None:
+    """``guider_kwargs`` against the guider's constructor, so a typo fails before the model loads."""
+    import inspect
+
+    signature = inspect.signature(cls)
+    try:
+        signature.bind(**spec.guider_kwargs)
+    except TypeError as exc:
+        accepted = [n for n, p in signature.parameters.items() if p.kind is not p.VAR_KEYWORD]
+        raise ConfigError(
+            f"Field {spec.name!r}: guider_kwargs {sorted(spec.guider_kwargs)} do not fit {cls.__name__} ({exc}); "
+            f"it takes {accepted}."
+        ) from exc
+
+
+def _check_lora_on_checkpoint(spec: FieldSpec, config: FieldsConfig) -> None:
+    """``{type: lora, of: CKPT}``: the LoRA applied to a full-checkpoint field (a separate frozen model)."""
+    target = config.fields.get(spec.of)
+    if target is None:
+        raise ConfigError(
+            f"Field {spec.name!r} (lora) is put on unknown field {spec.of!r}; `of` of a lora field names a "
+            f"checkpoint field. Declared fields: {sorted(config.fields)}."
+        )
+    if target.type != "checkpoint":
+        hint = (
+            "drop `of`: a lora field without it is applied to the base model"
+            if target.type == "base"
+            else "declare the full model as a `checkpoint` field and name it"
+        )
+        raise ConfigError(
+            f"Field {spec.name!r} (lora) is put on {spec.of!r}, a {target.type} field, but `of` of a lora field must "
+            f"name a checkpoint field (the LoRA is applied to that full model); {hint}."
+        )
 
 
 def config_from_flags(

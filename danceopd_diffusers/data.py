@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigError, RouteSpec
+from .config import ConfigError, RouteSpec, hub_offline, looks_like_hub_id, offline_error
 
 LOCAL_BUILDERS = {
     ".csv": "csv",
@@ -41,33 +41,87 @@ def load_training_dataset(
     train_data_dir: str | None = None,
     cache_dir: str | None = None,
 ):
-    """Returns (dataset, folder that relative image paths are taken from)."""
-    from datasets import load_dataset
-
+    """Returns (dataset, folder that relative image paths are taken from). Every problem with the data
+    source is a :class:`ConfigError` naming the flag and the file."""
     if train_data_dir is not None and dataset_name is not None:
         raise ConfigError("--dataset_name and --train_data_dir both given; pass one.")
     source = train_data_dir or dataset_name
     if source is None:
         raise ConfigError("No training data: pass --dataset_name (Hub id or local file) or --train_data_dir.")
+    flag = "--train_data_dir" if train_data_dir is not None else "--dataset_name"
     path = Path(source)
     if path.is_file():
-        builder = LOCAL_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ConfigError(
-                f"Unsupported data file {path}: use one of {sorted(LOCAL_BUILDERS)} or an image folder."
-            )
-        ds = load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
-        return ds, path.resolve().parent
+        return _load_data_file(path, flag, cache_dir), path.resolve().parent
     if path.is_dir():
         for name in ("train.jsonl", "train.json", "train.csv", "train.parquet"):
             if (path / name).is_file():  # a table whose image paths are relative to this folder
-                return load_training_dataset(str(path / name), cache_dir=cache_dir)
-        ds = load_dataset("imagefolder", data_dir=str(path), split="train", cache_dir=cache_dir)
+                return _load_data_file(path / name, flag, cache_dir), path.resolve()
+        ds = _load(flag, str(path), "imagefolder", data_dir=str(path), split="train", cache_dir=cache_dir)
         return ds, path.resolve()
     if train_data_dir is not None:
         raise ConfigError(f"--train_data_dir {train_data_dir} does not exist.")
-    ds = load_dataset(dataset_name, dataset_config_name, split="train", cache_dir=cache_dir)
+    if path.suffix.lower() in (*LOCAL_BUILDERS, ".txt", ".tsv") or not looks_like_hub_id(
+        dataset_name, owner_required=False
+    ):
+        raise ConfigError(
+            f"--dataset_name {dataset_name} does not exist (and is not a Hub dataset id). Pass a local "
+            f"{'/'.join(sorted(LOCAL_BUILDERS))} file, a Hub dataset id, or --train_data_dir."
+        )
+    ds = _load(flag, dataset_name, dataset_name, dataset_config_name, split="train", cache_dir=cache_dir)
     return ds, None
+
+
+def _load_data_file(path: Path, flag: str, cache_dir: str | None):
+    builder = LOCAL_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ConfigError(
+            f"{flag} {path}: unsupported data file; use one of {sorted(LOCAL_BUILDERS)} or an image folder."
+        )
+    if path.stat().st_size == 0:
+        raise ConfigError(f"{flag} {path} is empty: add one row per prompt (a `prompt` column or key).")
+    if path.suffix.lower() == ".csv" and len(_first_lines(path, 2)) < 2:
+        raise ConfigError(f"{flag} {path} has a header but no rows: add one row per prompt.")
+    ds = _load(flag, str(path), builder, data_files=str(path), split="train", cache_dir=cache_dir)
+    if len(ds) == 0:
+        raise ConfigError(f"{flag} {path} holds no rows: add one row per prompt.")
+    return ds
+
+
+def _first_lines(path: Path, n: int) -> list[str]:
+    """Up to ``n`` non-blank lines, read lazily (data files can be large)."""
+    found: list[str] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                found.append(line)
+                if len(found) == n:
+                    break
+    return found
+
+
+def _load(flag: str, name: str, *args: Any, **kwargs: Any):
+    """``datasets.load_dataset`` whose failures (malformed files, offline Hub ids) are one clear line."""
+    import logging
+
+    from datasets import load_dataset
+
+    # the file readers log their parse errors with a traceback; the error below says the same in one line
+    readers = logging.getLogger("datasets.packaged_modules")
+    level = readers.level
+    readers.setLevel(logging.CRITICAL)
+    try:
+        return load_dataset(*args, **kwargs)
+    except Exception as exc:
+        if not Path(name).exists() and hub_offline():
+            raise offline_error(flag, name) from exc
+        cause = exc.__cause__ or exc  # datasets wraps the parser's error in a generic one
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise ConfigError(
+            f"{flag} {name} cannot be read ({type(cause).__name__}: {detail[:300]}). Fix the file (one row per "
+            f"prompt, valid {'/'.join(sorted(LOCAL_BUILDERS))}) or pass another one."
+        ) from exc
+    finally:
+        readers.setLevel(level)
 
 
 def open_image(value: Any, base_dir: Path | None) -> Image.Image:

@@ -3,7 +3,8 @@
 With a LoRA student, the base field and every LoRA expert live on the student's own transformer (the base
 with all adapters off; an expert as a frozen named adapter): no extra copy of the base weights. With a full
 student the pristine base must be kept apart, so the base and LoRA experts (LoRA fused) are frozen copies.
-Full-checkpoint experts are always separate frozen transformers.
+Full-checkpoint experts are always separate frozen transformers; a LoRA on a checkpoint (``of``) is fused into its
+own frozen copy of that checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +28,22 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def transformer_subfolder(path: str, subfolder: str | None = None) -> str | None:
+    """Where a transformer checkpoint's ``config.json`` is: ``subfolder``, else ``transformer/`` of a pipeline
+    folder or Hub repo, else the folder itself."""
+    p = Path(path)
+    if (
+        subfolder is None
+        and p.is_dir()
+        and not (p / "config.json").is_file()
+        and (p / "transformer").is_dir()
+    ):
+        return "transformer"
+    if subfolder is None and not p.exists():
+        return "transformer"  # a pipeline repo on the Hub
+    return subfolder
+
+
 def load_transformer(
     family: FamilyAdapter,
     path: str,
@@ -43,15 +60,7 @@ def load_transformer(
             return cls.from_single_file(str(p), config=base, subfolder="transformer", torch_dtype=dtype)
         return cls.from_single_file(str(p), torch_dtype=dtype)
     kwargs.pop("config_source", None)
-    if (
-        subfolder is None
-        and p.is_dir()
-        and not (p / "config.json").is_file()
-        and (p / "transformer").is_dir()
-    ):
-        subfolder = "transformer"
-    if subfolder is None and not p.exists():
-        subfolder = "transformer"  # a pipeline repo on the Hub
+    subfolder = transformer_subfolder(path, subfolder)
     return cls.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, **kwargs)
 
 
@@ -87,6 +96,9 @@ def build_fields(
             pristine.append(_freeze(model).to(device))
         return pristine[0]
 
+    def checkpoint_model(spec: FieldSpec) -> torch.nn.Module:
+        return load_transformer(family, spec.path, spec.subfolder, dtype, config_source=pretrained_path)
+
     def build(spec: FieldSpec) -> Field:
         if spec.name in fields:
             return fields[spec.name]
@@ -101,27 +113,30 @@ def build_fields(
                 )
         elif spec.type == "lora":
             state, metadata = load_lora_for_diffusers(resolve_lora_file(spec.path, spec.weight_name))
-            if scope is not None:
+            if spec.of is None and scope is not None:  # a named adapter on the student's shared base
                 load_lora_into_adapter(student_transformer, state, metadata, adapter_name=spec.name)
                 scope.refresh()
                 field = TransformerField(
                     spec.name, family, student_transformer, [spec.name], scope, f"base + LoRA {spec.path}"
                 )
-            else:
-                model = load_transformer(family, pretrained_path, "transformer", dtype, revision=revision)
+            else:  # fused into a frozen copy of what it applies to: its checkpoint, or the pristine base
+                if spec.of is not None:
+                    under = config.fields[spec.of]
+                    model = checkpoint_model(under)
+                    described = f"checkpoint {under.path} + LoRA {spec.path} (fused copy)"
+                else:
+                    model = load_transformer(family, pretrained_path, "transformer", dtype, revision=revision)
+                    described = f"base + LoRA {spec.path} (fused copy)"
                 load_lora_into_adapter(model, state, metadata, adapter_name=spec.name)
                 model.fuse_lora(adapter_names=[spec.name])
                 model.unload_lora()
-                field = TransformerField(
-                    spec.name,
-                    family,
-                    _freeze(model).to(device),
-                    description=f"base + LoRA {spec.path} (fused copy)",
-                )
+                field = TransformerField(spec.name, family, _freeze(model).to(device), description=described)
         elif spec.type == "checkpoint":
-            model = load_transformer(family, spec.path, spec.subfolder, dtype, config_source=pretrained_path)
             field = TransformerField(
-                spec.name, family, _freeze(model).to(device), description=f"checkpoint {spec.path}"
+                spec.name,
+                family,
+                _freeze(checkpoint_model(spec)).to(device),
+                description=f"checkpoint {spec.path}",
             )
         elif spec.type == "cfg":
             field = CFGField(spec.name, build(config.fields[spec.of]), spec.scale, spec.norm_rescale)

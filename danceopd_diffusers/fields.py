@@ -7,6 +7,7 @@ A field answers ``velocity(query)`` in the library convention (v = noise - x0, s
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,6 +29,9 @@ class FieldQuery:
 
 class Field:
     name: str
+    #: whether the velocity depends on ``FieldQuery.step_index`` beyond the state and sigma (then rows of
+    #: different steps are never batched into one query)
+    step_dependent: bool = False
 
     def velocity(self, query: FieldQuery) -> torch.Tensor:
         raise NotImplementedError
@@ -110,6 +114,10 @@ class CFGField(Field):
     def transformer(self) -> torch.nn.Module | None:
         return self.inner.transformer
 
+    @property
+    def step_dependent(self) -> bool:
+        return self.inner.step_dependent
+
     def velocity(self, query: FieldQuery) -> torch.Tensor:
         if query.uncond is None:
             raise ValueError(f"Field {self.name!r} (CFG) needs the unconditional conditioning of the query.")
@@ -148,6 +156,10 @@ class ImageGuidanceField(Field):
     def transformer(self) -> torch.nn.Module | None:
         return self.inner.transformer
 
+    @property
+    def step_dependent(self) -> bool:
+        return self.inner.step_dependent
+
     def velocity(self, query: FieldQuery) -> torch.Tensor:
         if query.uncond is None or not query.cond.has_source:
             raise ValueError(f"Field {self.name!r} (image guidance) needs edit samples with a source image.")
@@ -166,7 +178,13 @@ class GuiderField(Field):
     The guider sees the two branches as it does in a modular pipeline: ``prepare_inputs`` splits the
     conditioning into one batch per branch, each branch's prediction is the inner field's velocity, and the
     guider combines them. Model hooks (layer-skip guiders) go on the inner field's transformer.
+
+    A field is a function of the queried state: every query runs on a fresh copy of ``guider`` set to the
+    query's step, so a path-dependent guider (APG's momentum) carries nothing from one query (or sample) to the
+    next; with momentum it is APG without its running average. ``guider`` itself is never stepped.
     """
+
+    step_dependent = True  # start/stop windows, zero-init steps; it also reads one timestep for the batch
 
     def __init__(self, name: str, inner: Field, guider: Any):
         self.name = name
@@ -184,19 +202,18 @@ class GuiderField(Field):
             )
         keys = list(query.cond.tensors)
         timestep = query.sigma.reshape(-1)[0] * 1000
-        self.guider.set_state(step=query.step_index, num_inference_steps=query.num_steps, timestep=timestep)
-        batches = self.guider.prepare_inputs(
-            {k: (query.cond.tensors[k], query.uncond.tensors[k]) for k in keys}
-        )
+        guider = copy.deepcopy(self.guider)  # fresh state for this query
+        guider.set_state(step=query.step_index, num_inference_steps=query.num_steps, timestep=timestep)
+        batches = guider.prepare_inputs({k: (query.cond.tensors[k], query.uncond.tensors[k]) for k in keys})
         denoiser = self.inner.transformer
         for batch in batches:
             if denoiser is not None:
-                self.guider.prepare_models(denoiser)
+                guider.prepare_models(denoiser)
             cond = Conditioning({k: getattr(batch, k) for k in keys})
             batch.noise_pred = self.inner.velocity(replace(query, cond=cond))
             if denoiser is not None:
-                self.guider.cleanup_models(denoiser)
-        return self.guider(batches).pred
+                guider.cleanup_models(denoiser)
+        return guider(batches).pred
 
     def describe(self) -> str:
         config = dict(self.guider.config)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .config import ConfigError, hub_offline, looks_like_hub_id, offline_error
 
 DIFFUSERS_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PEFT_LORA_WEIGHT_NAME = "adapter_model.safetensors"
@@ -32,11 +33,47 @@ def resolve_lora_file(path_or_id: str, weight_name: str | None = None) -> str:
             + (f"; found {found}, pass `weight_name` to choose one" if found else "")
             + "."
         )
-    if os.path.isabs(path_or_id) or path_or_id.startswith((".", "~")) or path_or_id.count("/") != 1:
+    if not looks_like_hub_id(path_or_id):
         raise FileNotFoundError(f"LoRA path {path_or_id!r} does not exist (and is not a Hub repo id).")
     from huggingface_hub import hf_hub_download
 
-    return hf_hub_download(path_or_id, weight_name or DIFFUSERS_LORA_WEIGHT_NAME)
+    try:
+        return hf_hub_download(path_or_id, weight_name or DIFFUSERS_LORA_WEIGHT_NAME)
+    except Exception as exc:
+        if hub_offline():
+            raise offline_error("LoRA", path_or_id) from exc
+        raise
+
+
+def safetensors_problem(file: str) -> str | None:
+    """Why ``file`` cannot be read as a safetensors file, or None. Says so when it is a pickle, which this
+    project never loads (unpickling can run code)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            f.keys()
+        return None
+    except Exception as exc:
+        with open(file, "rb") as handle:
+            head = handle.read(4)
+        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+            kind = "a PyTorch zip archive (torch.save)" if head.startswith(b"PK") else "a Python pickle"
+            return (
+                f"{file} is {kind}, not a safetensors file; pickles are never loaded here because unpickling can "
+                "run code. Convert it with safetensors.torch.save_file and pass the .safetensors file."
+            )
+        return (
+            f"{file} is not a readable safetensors file ({exc}): it is truncated, corrupt or of another format. "
+            "Re-download or re-save it."
+        )
+
+
+def check_safetensors(file: str, what: str) -> None:
+    """A clear error, naming ``what`` uses the file, when it is not a readable safetensors file."""
+    problem = safetensors_problem(file)
+    if problem is not None:
+        raise ConfigError(f"{what}: {problem}")
 
 
 @dataclass
@@ -48,6 +85,17 @@ class LoraHeader:
     declared_rank: int | None
     declared_alpha: float | None
     target_modules: list[str] | None
+    features: dict[str, tuple[int, int]] = field(default_factory=dict)  # module -> (in, out) of its weights
+    #: the adapter config the file declares (diffusers' ``lora_adapter_metadata`` or a peft adapter_config.json)
+    config: dict | None = None
+
+    @property
+    def rank_pattern(self) -> dict:
+        return dict((self.config or {}).get("rank_pattern") or {})
+
+    @property
+    def alpha_pattern(self) -> dict:
+        return dict((self.config or {}).get("alpha_pattern") or {})
 
 
 def _normalize_key(key: str) -> str | None:
@@ -78,19 +126,26 @@ def _adapter_metadata(file: str) -> dict | None:
     return _peft_config_next_to(file)
 
 
-def inspect_lora(file: str) -> LoraHeader:
+def inspect_lora(file: str, what: str = "LoRA") -> LoraHeader:
     """Read only the safetensors header (cheap even for huge files)."""
     from safetensors import safe_open
 
+    check_safetensors(file, what)
     modules: dict[str, int] = {}
+    features: dict[str, tuple[int, int]] = {}
     with safe_open(file, framework="pt") as f:
-        for key in f.keys():
-            norm = _normalize_key(key)
-            if norm is None or ".lora_A." not in norm:
-                continue
-            module = norm.split(".lora_A.")[0]
-            modules[module] = f.get_slice(key).get_shape()[0]
-    meta = _adapter_metadata(file) or {}
+        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    for key, shape in shapes.items():
+        norm = _normalize_key(key)
+        if norm is None or ".lora_A." not in norm:
+            continue
+        module = norm.split(".lora_A.")[0]
+        modules[module] = shape[0]
+        b_shape = shapes.get(key.replace(".lora_A.", ".lora_B."))
+        if len(shape) == 2 and b_shape is not None and len(b_shape) == 2:
+            features[module] = (shape[1], b_shape[0])
+    declared = _adapter_metadata(file)
+    meta = declared or {}
     targets = meta.get("target_modules")
     if isinstance(targets, str):
         targets = [targets]
@@ -100,6 +155,8 @@ def inspect_lora(file: str) -> LoraHeader:
         declared_rank=meta.get("r"),
         declared_alpha=meta.get("lora_alpha"),
         target_modules=list(targets) if targets else None,
+        features=features,
+        config=declared,
     )
 
 

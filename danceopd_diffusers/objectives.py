@@ -2,9 +2,10 @@
 
 - ``danceopd``: states from the student's own rollout (the pipeline call), K per sample, low-noise biased;
   target = the routed field there.
-- ``dense``: every state of the rollout, weighted dt^2 / 2 (DiffusionOPD).
+- ``dense``: every state of the rollout, weighted and summed per trajectory (DiffusionOPD, :func:`dense_weights`).
 - ``offpolicy``: the routed field's own rollout, its endpoint forward-noised to the queried sigma.
-- ``sft``: ordinary flow matching on dataset targets (joint training; training experts).
+- ``sft``: ordinary flow matching on dataset targets (joint training; training experts), with the loss weight of
+  diffusers' SD3/Flux examples for ``sigma_sqrt`` / ``cosmap``.
 All methods end in :func:`velocity_mse` on detached states; the targets never carry gradients.
 """
 
@@ -21,6 +22,9 @@ from .fields import Field, FieldQuery
 from .rollout import OnPolicyQueryCallback, field_rollout, gather_records, sample_query_indices
 
 METHODS = ("danceopd", "dense", "offpolicy", "sft")
+DENSE_WEIGHTINGS = ("uniform", "step")
+#: sft weighting schemes that weight the loss (the others only shape how sigma is drawn)
+LOSS_WEIGHTED_SCHEMES = ("sigma_sqrt", "cosmap")
 
 
 @dataclass
@@ -43,8 +47,8 @@ def velocity_mse(
 ) -> torch.Tensor:
     """Plain MSE in fp32: the paper's objective.
 
-    With per-row ``weight`` (dense), rows are summed with their weights and averaged over ``num_samples``
-    trajectories, as DiffusionOPD sums its dt^2/2-weighted terms along a trajectory.
+    With per-row ``weight``, rows are summed with their weights and averaged over ``num_samples``: DiffusionOPD
+    sums its weighted terms along each trajectory; sft (one row per sample) gets the weighted mean.
     """
     per_row = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
     if weight is None:
@@ -53,7 +57,13 @@ def velocity_mse(
 
 
 class RoutedTargets:
-    """Evaluates, for each sample of a batch, the field it was routed to (grouping samples per field)."""
+    """Evaluates, for each sample of a batch, the field it was routed to (grouping rows per field).
+
+    ``state_index`` is the index of the queried state in the N-step rollout, one for all rows or one per row
+    ([rows]); a field sees it as ``FieldQuery.step_index``. Rows of different states go to a field in one call
+    unless the field depends on the step (:attr:`Field.step_dependent`: guiders with start/stop windows).
+    ``max_rows`` caps the rows of one call (the rollout's own batch size keeps the rollout's memory peak).
+    """
 
     def __init__(
         self,
@@ -69,27 +79,53 @@ class RoutedTargets:
 
     @torch.no_grad()
     def __call__(
-        self, samples: torch.Tensor, x: torch.Tensor, sigma: float | torch.Tensor, state_index: int = 0
+        self,
+        samples: torch.Tensor,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        state_index: int | torch.Tensor = 0,
+        max_rows: int | None = None,
     ):
         out = torch.empty_like(x)
         sigma_t = sigma if torch.is_tensor(sigma) else torch.full((len(samples),), float(sigma))
-        groups: dict[int, list[int]] = {}
-        for row, s in enumerate(samples.tolist()):
-            groups.setdefault(id(self.fields[s]), []).append(row)
-        for rows in groups.values():
-            field = self.fields[int(samples[rows[0]])]
-            rows_t = torch.tensor(rows)
-            sel = samples[rows_t]
-            query = FieldQuery(
-                x=x[rows_t.to(x.device)],
-                sigma=sigma_t[rows_t].to(x.device),
-                cond=self.cond.select(sel),
-                uncond=self.uncond.select(sel) if self.uncond is not None else None,
-                step_index=state_index,
-                num_steps=self.num_steps,
-            )
-            out[rows_t.to(x.device)] = field.velocity(query).to(out.dtype)
+        steps = state_index.tolist() if torch.is_tensor(state_index) else [state_index] * len(samples)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for row, (s, step) in enumerate(zip(samples.tolist(), steps)):
+            field = self.fields[s]
+            groups.setdefault((id(field), int(step) if field.step_dependent else -1), []).append(row)
+        for (_, step), group in groups.items():
+            field = self.fields[int(samples[group[0]])]
+            chunk = max_rows or len(group)
+            for start in range(0, len(group), chunk):
+                rows = group[start : start + chunk]
+                rows_t = torch.tensor(rows)
+                sel = samples[rows_t]
+                query = FieldQuery(
+                    x=x[rows_t.to(x.device)],
+                    sigma=sigma_t[rows_t].to(x.device),
+                    cond=self.cond.select(sel),
+                    uncond=self.uncond.select(sel) if self.uncond is not None else None,
+                    step_index=step if step >= 0 else int(steps[rows[0]]),
+                    num_steps=self.num_steps,
+                )
+                out[rows_t.to(x.device)] = field.velocity(query).to(out.dtype)
         return out
+
+
+def dense_weights(sigmas: torch.Tensor, weighting: str = "uniform") -> torch.Tensor:
+    """Weight of each of the N states in DiffusionOPD's per-trajectory sum; ``sigmas`` is the N + 1 point grid.
+
+    ``uniform``: 0.5 / N^2 for every state (dt^2 / 2 with dt = 1 / N), the weight of the official DiffusionOPD
+    code, which produced the paper's baseline numbers. ``step``: (sigma_i - sigma_{i+1})^2 / 2 of the actual,
+    shifted grid (the formula read literally); on a shifted grid it varies a lot across states (380x on
+    SD3.5-Medium's 16 steps).
+    """
+    if weighting not in DENSE_WEIGHTINGS:
+        raise ValueError(f"Unknown dense weighting {weighting!r}; use one of {DENSE_WEIGHTINGS}.")
+    num_states = len(sigmas) - 1
+    if weighting == "uniform":
+        return torch.full((num_states,), 0.5 / num_states**2)
+    return (sigmas[:-1] - sigmas[1:]).float().pow(2) / 2
 
 
 def on_policy_states(
@@ -103,9 +139,13 @@ def on_policy_states(
     height: int,
     width: int,
     dense: bool = False,
+    dense_weighting: str = "uniform",
 ) -> TrainingStates:
-    """Roll the student out through ``pipe`` and query the routed fields at ``query_indices`` ([B, K])."""
-    callback = OnPolicyQueryCallback(query_indices, initial_latents, targets)
+    """Roll the student out through ``pipe`` and query the routed fields at ``query_indices`` ([B, K]).
+
+    ``dense`` weights each state by :func:`dense_weights` of ``dense_weighting`` (DiffusionOPD).
+    """
+    callback = OnPolicyQueryCallback(query_indices, initial_latents)
     pipe(
         **family.pipeline_condition_kwargs(cond),
         **family.unguided_call_kwargs(),
@@ -117,13 +157,11 @@ def on_policy_states(
         callback_on_step_end=callback,
         callback_on_step_end_tensor_inputs=callback.tensor_inputs,
     )
-    samples, x, sigma, target = gather_records(callback.records)
+    samples, x, sigma, index = gather_records(callback.records)
+    target = targets(samples, x, sigma, index, max_rows=initial_latents.shape[0])
     weight = None
     if dense:
-        grid = pipe.scheduler.sigmas.float().cpu()
-        dt = grid[:-1] - grid[1:]
-        index = torch.cat([torch.full((len(r.samples),), r.state_index) for r in callback.records])
-        weight = dt[index].pow(2) / 2
+        weight = dense_weights(pipe.scheduler.sigmas.float().cpu(), dense_weighting)[index]
     return TrainingStates(samples, x, sigma, target, weight, steps_run=callback.steps_run)
 
 
@@ -149,16 +187,27 @@ def off_policy_states(
     noise = torch.randn(x0[samples].shape, generator=generator).to(x0)
     s = sigma.to(x0).reshape(-1, *([1] * (x0.dim() - 1)))
     x = ((1 - s) * x0[samples] + s * noise).to(x0.dtype)
-    target = targets(samples, x, sigma, 0)
+    target = targets(samples, x, sigma, query_indices.reshape(-1))
     return TrainingStates(samples, x, sigma, target)
 
 
-def sft_states(x0: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator) -> TrainingStates:
-    """Flow matching on data: x_sigma = (1 - sigma) x0 + sigma noise, target v = noise - x0."""
+def sft_states(
+    x0: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator, weighting_scheme: str = "none"
+) -> TrainingStates:
+    """Flow matching on data: x_sigma = (1 - sigma) x0 + sigma noise, target v = noise - x0.
+
+    ``sigma_sqrt`` and ``cosmap`` also weight each row's loss by diffusers' ``compute_loss_weighting_for_sd3``
+    at its sigma, as the SD3/Flux training examples do; the other schemes leave the loss unweighted.
+    """
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     s = sigma.to(x0).reshape(-1, *([1] * (x0.dim() - 1)))
     x = (1 - s) * x0 + s * noise
-    return TrainingStates(torch.arange(x0.shape[0]), x, sigma, noise - x0)
+    weight = None
+    if weighting_scheme in LOSS_WEIGHTED_SCHEMES:
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        weight = compute_loss_weighting_for_sd3(weighting_scheme, sigma.float())
+    return TrainingStates(torch.arange(x0.shape[0]), x, sigma, noise - x0, weight)
 
 
 def sample_sft_sigmas(
@@ -182,9 +231,12 @@ def sample_sft_sigmas(
 
 
 __all__ = [
+    "DENSE_WEIGHTINGS",
+    "LOSS_WEIGHTED_SCHEMES",
     "METHODS",
     "RoutedTargets",
     "TrainingStates",
+    "dense_weights",
     "off_policy_states",
     "on_policy_states",
     "sample_query_indices",

@@ -7,13 +7,18 @@ that targets modules the model lacks, or whose rank contradicts its weights, fai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import contextlib
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, FieldsConfig
+from .config import ConfigError, FieldsConfig, hub_offline, looks_like_hub_id, offline_error
 from .families import FamilyAdapter, family_for_pipeline_class
-from .lora_io import LoraHeader, inspect_lora, resolve_lora_file
+from .lora_io import LoraHeader, check_safetensors, inspect_lora, resolve_lora_file
 
 #: the module name (``pipelines/pipeline_danceopd.py``) that exported folders put in their model_index.json
 EXPORTED_PIPELINE_MODULE = "pipeline_danceopd"
@@ -28,6 +33,63 @@ class ModelInfo:
     module_names: set[str]
     transformer_config: dict
     custom_pipeline: str | None = None  # the module an exported DanceOPD folder names for its pipeline class
+    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # transformer parameter -> shape
+
+    @property
+    def linear_features(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of every 2-D weight, by module name: what a LoRA on that module must match."""
+        return {
+            name[: -len(".weight")]: (shape[1], shape[0])
+            for name, shape in self.param_shapes.items()
+            if name.endswith(".weight") and len(shape) == 2
+        }
+
+
+#: files that hold a component's weights (any format from_pretrained reads; sharded ones have an index)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".index.json")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:400]
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(p.name.endswith(_WEIGHT_SUFFIXES) for p in folder.iterdir() if p.is_file())
+
+
+def check_component_weights(path: str, index: dict, flag: str) -> None:
+    """Every model component of a local pipeline folder has its config and a weights file (a half-copied
+    download otherwise fails only once the weights load)."""
+    root = Path(path)
+    if not root.is_dir():
+        return
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, (list, tuple)) or None in entry:
+            continue
+        folder = root / name
+        if not (folder / "config.json").is_file():
+            continue  # tokenizers and schedulers hold no config.json; missing configs are reported elsewhere
+        if not _has_weights(folder):
+            raise ConfigError(
+                f"{flag} {path}: component {name!r} has a config.json but no weights file in {folder} (expected "
+                "e.g. diffusion_pytorch_model.safetensors or model.safetensors). The folder is incomplete; "
+                "download or export it again."
+            )
+        for file in sorted(folder.glob("*.safetensors")):  # headers only: a truncated download fails here
+            check_safetensors(str(file), f"{flag} {path}, component {name!r}")
+
+
+def _meta_transformer(family_cls: type[FamilyAdapter], config: dict) -> Any:
+    """The transformer a config describes, built on the meta device (no memory, no weights)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return family_cls().transformer_class().from_config(config)
+
+
+def _param_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def _load_json_config(path: str, subfolder: str | None = None, revision: str | None = None) -> dict:
@@ -41,14 +103,21 @@ def _load_json_config(path: str, subfolder: str | None = None, revision: str | N
 
 def inspect_pipeline(path: str, revision: str | None = None) -> ModelInfo:
     """Family, scheduler and module names of a pipeline folder or Hub id, from its configs only."""
-    from accelerate import init_empty_weights
     from diffusers import DiffusionPipeline
 
+    flag = "--pretrained_model_name_or_path"
+    if not Path(path).exists() and not looks_like_hub_id(path):
+        raise ConfigError(
+            f"{flag} {path} does not exist (and is not a Hub id such as owner/name). Pass a diffusers pipeline "
+            "folder or Hub id."
+        )
     try:
         index = DiffusionPipeline.load_config(path, revision=revision)
     except Exception as exc:
+        if not Path(path).exists() and hub_offline():
+            raise offline_error(flag, path) from exc
         raise ConfigError(
-            f"Cannot read model_index.json of {path!r} ({exc}). Pass a diffusers pipeline folder or Hub id "
+            f"Cannot read model_index.json of {path!r} ({_first_line(exc)}). Pass a diffusers pipeline folder or Hub id "
             "with --pretrained_model_name_or_path."
         ) from exc
     class_name = index.get("_class_name")
@@ -75,14 +144,54 @@ def inspect_pipeline(path: str, revision: str | None = None) -> ModelInfo:
             "velocity fields of flow-matching pipelines (FlowMatchEulerDiscreteScheduler); use such a pipeline "
             "or replace its scheduler."
         )
-    transformer_config = _load_json_config(path, subfolder="transformer", revision=revision)
-    family = family_cls()
-    with init_empty_weights():
-        model = family.transformer_class().from_config(transformer_config)
+    try:
+        transformer_config = _load_json_config(path, subfolder="transformer", revision=revision)
+    except Exception as exc:
+        raise ConfigError(
+            f"{flag} {path}: cannot read transformer/config.json ({_first_line(exc)}). The pipeline is incomplete; "
+            "download or export it again."
+        ) from exc
+    check_component_weights(path, index, flag)
+    model = _meta_transformer(family_cls, transformer_config)
     module_names = {name for name, _ in model.named_modules()}
+    param_shapes = _param_shapes(model)
+    weights = Path(path, "transformer")
+    for file in sorted(weights.glob("*.safetensors")) if weights.is_dir() else []:
+        _compare_shapes(
+            _safetensors_shapes(str(file)),
+            param_shapes,
+            lambda key, got, want, file=file: (
+                f"{flag} {path}: {file.name} in transformer/ holds {key} of shape {got}, but "
+                f"transformer/config.json makes it {want}: the weights and the config are of different models. "
+                "Download or export the folder again."
+            ),
+        )
     return ModelInfo(
-        path, class_name, family_cls, scheduler_name, module_names, transformer_config, custom_pipeline
+        path,
+        class_name,
+        family_cls,
+        scheduler_name,
+        module_names,
+        transformer_config,
+        custom_pipeline,
+        param_shapes,
     )
+
+
+def _safetensors_shapes(file: str) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+
+
+def _compare_shapes(shapes: dict, expected: dict, message: Any) -> None:
+    """The first tensor both name whose shapes differ is an error (``message(key, got, want)``)."""
+    for key in sorted(
+        set(shapes) & set(expected)
+    ):  # a file in an original (non-diffusers) layout shares none
+        if shapes[key] != expected[key]:
+            raise ConfigError(message(key, list(shapes[key]), list(expected[key])))
 
 
 def check_lora_targets(target_modules: Sequence[str], module_names: set[str], what: str) -> None:
@@ -97,8 +206,13 @@ def check_lora_targets(target_modules: Sequence[str], module_names: set[str], wh
 
 
 def check_lora_file(
-    header: LoraHeader, module_names: set[str], what: str, expected_rank: int | None = None
+    header: LoraHeader,
+    module_names: set[str],
+    what: str,
+    expected_rank: int | None = None,
+    linear_features: dict[str, tuple[int, int]] | None = None,
 ) -> None:
+    """A LoRA file against the transformer: its modules exist, its weights fit them, its rank is consistent."""
     if not header.modules:
         raise ConfigError(f"{what}: {header.file} holds no transformer LoRA weights (no *.lora_A.* keys).")
     missing = sorted(m for m in header.modules if m not in module_names)
@@ -107,17 +221,66 @@ def check_lora_file(
             f"{what}: {header.file} targets {len(missing)} module(s) the transformer does not have, e.g. "
             f"{missing[:3]}. It was trained for another model; use a LoRA of this base model."
         )
+    for module, features in sorted(header.features.items()):
+        expected = (linear_features or {}).get(module)
+        if expected is not None and features != expected:
+            raise ConfigError(
+                f"{what}: {header.file} has weights for {module} of (in, out) = {features}, but that layer of the "
+                f"transformer is {expected}. It was trained for another model size; use a LoRA of this base model."
+            )
     ranks = sorted(set(header.modules.values()))
-    if header.declared_rank is not None and len(ranks) == 1 and ranks[0] != header.declared_rank:
+    if (
+        header.declared_rank is not None
+        and len(ranks) == 1
+        and ranks[0] != header.declared_rank
+        and not header.rank_pattern
+    ):
         raise ConfigError(
             f"{what}: {header.file} declares rank r={header.declared_rank} but its weights have rank {ranks[0]}. "
             "The file is inconsistent; re-save it with the right metadata."
         )
-    if expected_rank is not None and ranks != [expected_rank]:
+    if expected_rank is not None and lora_base_rank(header) != expected_rank:
         raise ConfigError(
-            f"{what}: the LoRA in {header.file} has rank {ranks if len(ranks) > 1 else ranks[0]}, but --rank is "
-            f"{expected_rank}. Pass --rank {ranks[0]} to continue training it."
+            f"{what}: the LoRA in {header.file} has rank {lora_base_rank(header)}, but --rank is "
+            f"{expected_rank}. Pass --rank {lora_base_rank(header)} to continue training it."
         )
+
+
+def lora_base_rank(header: LoraHeader) -> int:
+    """The file's ``r``: declared, else the most common rank of its weights (what diffusers infers)."""
+    if header.declared_rank is not None:
+        return int(header.declared_rank)
+    return Counter(header.modules.values()).most_common(1)[0][0]
+
+
+def student_init_lora_config(header: LoraHeader, rank: int, lora_alpha: float | None) -> dict:
+    """The adapter config of a student that continues the LoRA ``header`` describes (``--student_init``).
+
+    Its scale is the file's: alpha, ``rank_pattern``, ``alpha_pattern`` (and rsLoRA / DoRA flags) come from the
+    file's declared config, so step 0 is exactly base + that LoRA. An explicit ``--lora_alpha`` that contradicts
+    the file is refused. A file that declares no alpha is read as diffusers reads it (alpha = r) unless
+    ``--lora_alpha`` says otherwise.
+    """
+    declared = header.config
+    if declared is None or declared.get("lora_alpha") is None:
+        return {
+            "r": rank,
+            "lora_alpha": lora_alpha if lora_alpha is not None else rank,
+            "target_modules": sorted(header.modules),
+            "rank_pattern": {m: r for m, r in header.modules.items() if r != rank},
+        }
+    file_alpha = declared["lora_alpha"]
+    if lora_alpha is not None and (float(lora_alpha) != float(file_alpha) or header.alpha_pattern):
+        pattern = f" and alpha_pattern {header.alpha_pattern}" if header.alpha_pattern else ""
+        raise ConfigError(
+            f"--student_init: the LoRA in {header.file} was trained with lora_alpha={file_alpha}{pattern}, but "
+            f"--lora_alpha is {lora_alpha}. A different alpha would rescale the warm start. Drop --lora_alpha "
+            "(the file's alpha is used)"
+            + ("." if header.alpha_pattern else f" or pass --lora_alpha {file_alpha}.")
+        )
+    config = dict(declared)
+    config["lora_dropout"] = 0.0  # the student trains without dropout, as a fresh student LoRA does
+    return config
 
 
 def check_fields_against_model(config: FieldsConfig, info: ModelInfo) -> dict[str, LoraHeader]:
@@ -129,16 +292,127 @@ def check_fields_against_model(config: FieldsConfig, info: ModelInfo) -> dict[st
                 f"Field {spec.name!r} sets `embedded_guidance`, an input of guidance-distilled Flux models; the "
                 f"{info.family_cls.name} family has none. Remove it (use a cfg field for classifier-free guidance)."
             )
+        what = f"Field {spec.name!r}"
+        if spec.type == "checkpoint":
+            check_transformer_checkpoint(spec.path, spec.subfolder, info, what)
         if spec.type != "lora":
             continue
         try:
             file = resolve_lora_file(spec.path, spec.weight_name)
+        except ConfigError as exc:
+            raise ConfigError(f"{what}: {exc}") from exc
         except Exception as exc:
-            raise ConfigError(f"Field {spec.name!r}: cannot find its LoRA ({exc}).") from exc
-        header = inspect_lora(file)
-        check_lora_file(header, info.module_names, f"Field {spec.name!r}")
+            raise ConfigError(f"{what}: cannot find its LoRA ({_first_line(exc)}).") from exc
+        header = inspect_lora(file, f"{what} (LoRA)")
+        check_lora_file(header, info.module_names, what, linear_features=info.linear_features)
         headers[spec.name] = header
     return headers
+
+
+def check_transformer_checkpoint(path: str, subfolder: str | None, info: ModelInfo, what: str) -> None:
+    """A full transformer checkpoint (a diffusers folder, Hub id or single .safetensors file) exists, is in a
+    format this project reads and has the base transformer's shapes, all from its config or file header."""
+    from .field_loading import transformer_subfolder
+
+    local = Path(path)
+    if not local.exists():
+        if not looks_like_hub_id(path):
+            raise ConfigError(
+                f"{what}: checkpoint {path} does not exist (and is not a Hub id). Pass a diffusers transformer "
+                "folder, a pipeline folder, a Hub id or a .safetensors file."
+            )
+    if local.is_file():
+        check_safetensors(str(local), what)
+        shapes = _safetensors_shapes(str(local))
+    else:
+        subfolder = transformer_subfolder(path, subfolder)
+        try:
+            config = _load_json_config(path, subfolder=subfolder)
+        except Exception as exc:
+            if not local.exists() and hub_offline():
+                raise offline_error(f"{what}: checkpoint", path) from exc
+            raise ConfigError(
+                f"{what}: cannot read the config.json of checkpoint {path}"
+                + (f" (subfolder {subfolder!r})" if subfolder else "")
+                + f": {_first_line(exc)}. Pass a diffusers transformer folder, a pipeline folder or a .safetensors file."
+            ) from exc
+        folder = local / (subfolder or "")
+        if folder.is_dir() and not _has_weights(folder):
+            raise ConfigError(f"{what}: checkpoint {folder} has a config.json but no weights file.")
+        try:
+            shapes = _param_shapes(_meta_transformer(info.family_cls, config))
+        except Exception as exc:
+            raise ConfigError(
+                f"{what}: checkpoint {path} is not a {info.family_cls.name} transformer ({_first_line(exc)})."
+            ) from exc
+    _compare_shapes(
+        shapes,
+        info.param_shapes,
+        lambda key, got, want: (
+            f"{what}: checkpoint {path} is a transformer of another shape: {key} is {got} there "
+            f"but {want} in --pretrained_model_name_or_path. Use a checkpoint of this base model."
+        ),
+    )
+
+
+def check_something_to_distill(config: FieldsConfig, warm_start: bool) -> None:
+    """Routes that all go to the plain base would teach a student that starts as the base nothing."""
+    plain = {
+        r.field
+        for r in config.routes
+        if config.fields[r.field].type == "base" and config.fields[r.field].embedded_guidance is None
+    }
+    if config.routes and len(plain) == len({r.field for r in config.routes}) and not warm_start:
+        raise ConfigError(
+            f"Every route goes to the plain base field ({sorted(plain)}), and the student starts as the base, so "
+            "it would learn nothing. Route to a cfg, guider, lora or checkpoint field, or pass --student_init to "
+            "pull a warm start back to the base."
+        )
+
+
+def check_output_dir(path: str) -> None:
+    """``--output_dir`` can be created and written, checked before anything loads."""
+    if not path:
+        raise ConfigError("--output_dir is empty; pass the folder to write the student to.")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"--output_dir {path} is a file, not a folder. Pass a new folder or the folder of an earlier run."
+        )
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"--output_dir {path} cannot be created: {existing} is a file. Pass another folder."
+        )
+    try:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"no write permission on {existing}")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"--output_dir {path} is not writable ({_first_line(exc)}). Pass a folder you can write to."
+        ) from exc
+
+
+@contextlib.contextmanager
+def load_errors(what: str, path: str) -> Iterator[None]:
+    """At a weight-loading site: a file that only loading can find broken becomes one clear error line
+    naming the flag or field and the file (not out-of-memory, and not bugs of other kinds)."""
+    import torch
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (ConfigError, torch.OutOfMemoryError):
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        raise ConfigError(
+            f"{what}: loading {path} failed ({type(exc).__name__}: {_first_line(exc)}). The files there do not "
+            "fit this model or are damaged; check or replace them."
+        ) from exc
 
 
 def describe_model_info(info: ModelInfo) -> dict[str, Any]:

@@ -1,13 +1,15 @@
 """On-policy rollout through the real pipeline, with the fields queried from a pipeline callback.
 
 The student's trajectory is the pipeline ``__call__`` itself (same scheduler, shift, steps and resolution as
-inference). :class:`OnPolicyQueryCallback` sees each state as the pipeline produces it, evaluates the routed
-field at the states chosen for querying, and interrupts the pipeline once the last needed state is reached.
+inference). :class:`OnPolicyQueryCallback` sees each state as the pipeline produces it, keeps the states chosen
+for querying, and interrupts the pipeline once the last needed state is reached; the routed fields are then
+queried on all of them at once.
 Candidate states are the N states *before* each step: index 0 is the pure noise, N - 1 the least noisy.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,48 +30,73 @@ def _beta_integer(a: int, b: int, shape: tuple[int, ...], generator: torch.Gener
     return u.sort(dim=-1).values[..., a - 1]
 
 
-def sample_query_indices(
-    num_steps: int, batch_size: int, k: int, strategy: str, generator: torch.Generator
-) -> torch.Tensor:
-    """[B, K] indices into the N pre-step states; ``low`` (Beta(5,2)) is the paper's low-noise default."""
+def query_index_probabilities(num_steps: int, strategy: str) -> torch.Tensor:
+    """P(index = i) of one draw of ``strategy`` over the N states: the Beta law binned as idx = min(int(u N), N - 1).
+
+    For integer a, b the Beta CDF is a binomial tail, I_x(a, b) = P(Binomial(a + b - 1, x) >= a), so the bins
+    are exact (float64).
+    """
     if strategy not in QUERY_STRATEGIES:
         raise ValueError(f"Unknown query strategy {strategy!r}; use one of {QUERY_STRATEGIES}.")
     if strategy == "uniform":
-        return torch.randint(0, num_steps, (batch_size, k), generator=generator)
+        return torch.full((num_steps,), 1.0 / num_steps, dtype=torch.float64)
     a, b = _BETA[strategy]
-    u = _beta_integer(a, b, (batch_size, k), generator)
-    return (u * num_steps).long().clamp(max=num_steps - 1)
+    n = a + b - 1
+    x = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64)
+    cdf = sum(math.comb(n, j) * x**j * (1 - x) ** (n - j) for j in range(a, n + 1))
+    return cdf[1:] - cdf[:-1]
+
+
+def sample_query_indices(
+    num_steps: int, batch_size: int, k: int, strategy: str, generator: torch.Generator
+) -> torch.Tensor:
+    """[B, K] distinct indices per row into the N pre-step states; ``low`` (Beta(5,2)) is the paper's default.
+
+    The first index of a row is one draw of the strategy (for K = 1 this is all there is); the other K - 1 are
+    drawn without replacement from the same binned law with the indices already drawn removed, which is the
+    official sampler's rejection of repeats. K >= N queries every state once: [B, N].
+    """
+    if strategy not in QUERY_STRATEGIES:
+        raise ValueError(f"Unknown query strategy {strategy!r}; use one of {QUERY_STRATEGIES}.")
+    if k >= num_steps:
+        return torch.arange(num_steps).repeat(batch_size, 1)
+    if strategy == "uniform":
+        first = torch.randint(0, num_steps, (batch_size, 1), generator=generator)
+    else:
+        a, b = _BETA[strategy]
+        u = _beta_integer(a, b, (batch_size, 1), generator)
+        first = (u * num_steps).long().clamp(max=num_steps - 1)
+    if k == 1:
+        return first
+    probs = query_index_probabilities(num_steps, strategy).repeat(batch_size, 1).scatter_(1, first, 0.0)
+    rest = torch.multinomial(probs, k - 1, replacement=False, generator=generator)
+    return torch.cat([first, rest], dim=1).sort(dim=1).values
 
 
 @dataclass
 class QueryRecord:
-    """The field's answer at states of one index (detached), for the samples that asked for it."""
+    """Detached states of one index, for the samples that asked for it."""
 
     samples: torch.Tensor  # [M] sample indices into the rollout batch
     state_index: int
     sigma: float
     x: torch.Tensor  # [M, ...] detached states
-    target: torch.Tensor  # [M, ...] the field's velocity there, no grad
-
-
-Evaluate = Callable[[torch.Tensor, torch.Tensor, float, int], torch.Tensor]
 
 
 class OnPolicyQueryCallback(PipelineCallback):
-    """Record chosen states of the student's rollout, query the routed field there, stop early.
+    """Record chosen states of the student's rollout and stop it once the last one is reached.
 
-    ``evaluate(samples, x, sigma, state_index)`` returns the target velocity for those samples; it runs inside the
-    pipeline's ``torch.no_grad``. A sample may ask for the same index several times (K > 1 draws); it is queried
-    once and the record repeated.
+    The fields are queried after the rollout, on every recorded state at once (:func:`gather_records`): one call
+    per field instead of one per state index, with the same states. A sample that lists the same index several
+    times is recorded once per listing (:func:`sample_query_indices` itself draws distinct indices).
     """
 
     tensor_inputs = ["latents"]
 
-    def __init__(self, query_indices: torch.Tensor, initial_latents: torch.Tensor, evaluate: Evaluate):
+    def __init__(self, query_indices: torch.Tensor, initial_latents: torch.Tensor):
         super().__init__(cutoff_step_ratio=1.0)
         self.query_indices = query_indices.cpu()
         self.initial_latents = initial_latents
-        self.evaluate = evaluate
         self.last_index = int(self.query_indices.max())
         self.records: list[QueryRecord] = []
         self.steps_run = 0
@@ -80,22 +107,20 @@ class OnPolicyQueryCallback(PipelineCallback):
             return
         samples = hits[:, 0]
         sigma = float(pipeline.scheduler.sigmas[state_index])
-        unique = samples.unique()
         # accelerate's mixed precision returns the student's output in fp32, which drifts the pipeline's latents
         # to fp32 after the first step: keep states in the rollout's own dtype
-        x = latents[unique.to(latents.device)].detach().to(self.initial_latents.dtype, copy=True)
-        target = self.evaluate(unique, x, sigma, state_index).detach()
-        # repeat for samples that drew this index more than once
-        order = torch.searchsorted(unique, samples)
-        self.records.append(
-            QueryRecord(samples, state_index, sigma, x[order.to(x.device)], target[order.to(x.device)])
-        )
+        x = latents[samples.to(latents.device)].detach().to(self.initial_latents.dtype, copy=True)
+        self.records.append(QueryRecord(samples, state_index, sigma, x))
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
         self.steps_run = step_index + 1
         if step_index == 0:
             self._record(pipeline, 0, self.initial_latents)
         state_index = step_index + 1  # the callback runs after scheduler.step
+        # accelerate's mixed precision returns the student's output in fp32, which would turn the latents fp32
+        # from here on; inference keeps them in the rollout's dtype (Flux and Qwen cast the timestep to it), so
+        # does the rollout
+        callback_kwargs["latents"] = callback_kwargs["latents"].to(self.initial_latents.dtype)
         if state_index <= self.last_index:
             self._record(pipeline, state_index, callback_kwargs["latents"])
         if state_index >= self.last_index:
@@ -106,12 +131,12 @@ class OnPolicyQueryCallback(PipelineCallback):
 def gather_records(
     records: list[QueryRecord],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flatten records into (sample index, x, sigma, target) batches for one student forward."""
+    """Flatten records into (sample index, x, sigma, state index) rows for the fields and one student forward."""
     samples = torch.cat([r.samples for r in records])
     x = torch.cat([r.x for r in records])
     sigma = torch.cat([torch.full((len(r.samples),), r.sigma) for r in records])
-    target = torch.cat([r.target for r in records])
-    return samples, x, sigma, target
+    index = torch.cat([torch.full((len(r.samples),), r.state_index) for r in records])
+    return samples, x, sigma, index
 
 
 def field_rollout(

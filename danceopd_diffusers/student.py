@@ -49,7 +49,13 @@ def lora_parameters(transformer: torch.nn.Module, adapter_name: str) -> list[tor
 
 
 class AdapterScope:
-    """Evaluate other adapters (or none) on a transformer whose ``student`` adapter is being trained."""
+    """Evaluate other adapters (or none) on a transformer whose ``student`` adapter is being trained.
+
+    Switching inside :meth:`use` only flips which adapters each LoRA layer applies. peft's own ``set_adapter`` /
+    ``disable_adapters`` also rewrite ``requires_grad`` of every LoRA weight, walking the whole module tree on
+    each call, which cost more than the small ShapesWorld transformer's forward; the fields are evaluated under
+    ``torch.no_grad()``, so the trainable set can stay as it is.
+    """
 
     def __init__(self, transformer: torch.nn.Module, student: str = STUDENT_ADAPTER):
         self.transformer = transformer
@@ -57,10 +63,13 @@ class AdapterScope:
         self.refresh()
 
     def refresh(self) -> None:
-        """Call after loading another adapter, so the trainable set is known exactly."""
+        """Call after loading another adapter, so the LoRA layers and the trainable set are known exactly."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         named = list(self.transformer.named_parameters())
         self._student = [p for n, p in named if "lora_" in n and f".{self.student}." in n]
         self._others = [p for n, p in named if "lora_" in n and f".{self.student}." not in n]
+        self._layers = [m for m in self.transformer.modules() if isinstance(m, BaseTunerLayer)]
         self.restore()
 
     def restore(self) -> None:
@@ -72,15 +81,21 @@ class AdapterScope:
         for p in self._others:
             p.requires_grad_(False)
 
+    def _activate(self, adapters: list[str] | None) -> None:
+        for layer in self._layers:
+            layer._disable_adapters = adapters is None
+            if adapters is not None:
+                layer._active_adapter = adapters
+
     @contextmanager
     def use(self, adapters: Sequence[str] | None) -> Iterator[None]:
         """``None`` means the pristine base (every adapter off)."""
-        model = self.transformer
-        if adapters is None:
-            model.disable_adapters()
-        else:
-            model.set_adapter(list(adapters))
+        if adapters is not None:
+            missing = set(adapters) - set(getattr(self.transformer, "peft_config", {}))
+            if missing:
+                raise ValueError(f"Adapter(s) {sorted(missing)} are not loaded on the transformer.")
+        self._activate(None if adapters is None else list(adapters))
         try:
             yield
         finally:
-            self.restore()
+            self._activate([self.student])

@@ -47,7 +47,17 @@ def _config(tmp_path: Path, data: dict) -> str:
     return str(path)
 
 
+def _with_data(args: list[str]) -> list[str]:
+    """Data files are checked before the model: give the cases that test later checks a valid one."""
+    if "--dataset_name" in args or "--train_data_dir" in args:
+        return args
+    data = Path(args[args.index("--output_dir") + 1]).parent / "prompts.csv"
+    data.write_text("prompt\na red circle\n")
+    return [*args, "--dataset_name", str(data)]
+
+
 def _expect(args: list[str], *fragments: str):
+    args = _with_data(args)
     for arm in _ARMED:
         arm()
     with pytest.raises(ConfigError) as info:

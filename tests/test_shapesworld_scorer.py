@@ -2,11 +2,15 @@
 
 Thresholds stated in each test: ground truth >= 0.99 GenEval overall and >= 9.9 GEdit average; wrong colour /
 count / position, blank and noise images: T2I accuracy <= 0.05; unchanged, noise and unrelated outputs for
-edits: average <= 0.5; a local edit that also repaints the background: SC <= 2 and average <= 4.
+edits: average <= 0.5; a local edit that also repaints the background: average <= 1.5. The audit's lenient
+anchors (a background change that also resizes, moves or outlines every object or repaints only part of the
+background, a removal that leaves a ghost) score 0; harmless variations (blur sigma <= 1, shifts <= 2 px, JPEG
+quality >= 75, colour jitter) keep every category >= 9 (style change >= 7.5 under JPEG: see the test).
 """
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 
@@ -34,7 +38,12 @@ from danceopd_diffusers.shapesworld import (
     summarize_t2i,
     t2i_rows,
 )
-from danceopd_diffusers.shapesworld.world import BACKGROUND_COLOURS, NEGATIVE_BACKGROUNDS
+from danceopd_diffusers.shapesworld.world import (
+    BACKGROUND_COLOURS,
+    NEGATIVE_BACKGROUNDS,
+    PALETTE,
+    binary_dilate,
+)
 
 
 @pytest.fixture(scope="module")
@@ -286,11 +295,11 @@ def test_t2i_result_explains_failures(eval_t2i):
 def test_edit_ground_truth_scores_perfectly(eval_edits):
     res = [score_edit(r["source_image"], r["target_image"], r["spec"]) for r in eval_edits]
     summary = summarize_edit(res)
-    assert set(EDIT_CATEGORIES) | {"local", "global", "average", "SC", "PQ"} == set(summary)
+    assert set(EDIT_CATEGORIES) | {"local", "global", "average"} == set(summary)
     assert summary["average"] >= 9.9 and min(summary[c] for c in EDIT_CATEGORIES) >= 9.9
     for r in res:
-        assert r["success"] == 1.0 and r["preservation"] >= 0.99 and r["artifact"] >= 0.99
-        assert r["overall"] == pytest.approx((r["SC"] * r["PQ"]) ** 0.5)
+        assert r["success"] == 1.0 and r["preservation"] >= 0.99 and r["on_palette"] >= 0.99
+        assert r["overall"] == pytest.approx(10 * min(r["success"], r["preservation"]))
 
 
 def test_edit_ground_truth_survives_mild_degradation(eval_edits):
@@ -312,7 +321,7 @@ def test_unchanged_noise_and_unrelated_outputs_score_low(eval_edits):
     for name, res in (("unchanged", unchanged), ("noise", noise), ("unrelated", other)):
         summary = summarize_edit(res)
         assert summary["average"] <= 0.5, (name, summary)
-    assert summarize_edit(noise)["PQ"] <= 4.0  # noise is mostly off-palette
+    assert max(r["on_palette"] for r in noise) <= 0.4  # noise is mostly off-palette
 
 
 def test_over_edited_local_edits_score_low(eval_edits):
@@ -328,7 +337,7 @@ def test_over_edited_local_edits_score_low(eval_edits):
         assert out["success"] == 1.0  # the instruction itself was followed ...
         res.append(out)
     summary = summarize_edit(res)
-    assert summary["SC"] <= 2.0 and summary["average"] <= 4.0, summary  # ... but preservation collapses
+    assert summary["average"] <= 1.5, summary  # ... but preservation collapses
 
 
 def test_moving_untouched_objects_costs_preservation():
@@ -399,8 +408,166 @@ def test_summaries_average_categories_not_samples():
     ]
     s = summarize_edit(edits)
     assert s["local"] == pytest.approx(7.0) and s["global"] == pytest.approx(1.0)
-    assert s["average"] == pytest.approx(5.0) and s["SC"] == pytest.approx(6.25)
+    assert s["average"] == pytest.approx(5.0)
     assert set(LOCAL_EDIT_CATEGORIES) >= {"subject_add", "color_alter"}
     assert Counter(k for k in s) == Counter(
-        ["subject_add", "color_alter", "style_change", "local", "global", "average", "SC", "PQ"]
+        ["subject_add", "color_alter", "style_change", "local", "global", "average"]
     )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The audit's probes: lenient anchors fail, a speck costs only its pixels, harmless variations pass
+# ------------------------------------------------------------------------------------------------------------
+
+_NEXT_SIZE = {"small": "medium", "medium": "large", "large": "medium"}
+
+
+def _target_scene(row: dict) -> tuple[dict, Scene]:
+    spec = json.loads(row["spec"])
+    return spec, Scene.from_dict(spec["target_scene"])
+
+
+def _bg_change_resized(row: dict) -> Image.Image:
+    _, scene = _target_scene(row)
+    return render(
+        Scene(
+            scene.background, [Obj(o.shape, o.colour, _NEXT_SIZE[o.size], o.cx, o.cy) for o in scene.objects]
+        )
+    )
+
+
+def _bg_change_moved_5px(row: dict) -> Image.Image:
+    _, scene = _target_scene(row)
+    step = 5 / 64
+    moved = [
+        Obj(o.shape, o.colour, o.size, o.cx + (step if o.cx < 0.5 else -step), o.cy) for o in scene.objects
+    ]
+    return render(Scene(scene.background, moved))
+
+
+def _bg_change_outlined(row: dict) -> Image.Image:
+    return render(_target_scene(row)[1], 64, "outline")
+
+
+def _bg_change_partial(row: dict) -> Image.Image:
+    """The new background on the top 60 % of the image, the old one below."""
+    spec, scene = _target_scene(row)
+    arr = np.asarray(render(scene)).copy()
+    old = np.zeros(arr.shape[:2], dtype=bool)
+    old[round(0.6 * 64) :] = True
+    old &= (arr == PALETTE[scene.background]).all(-1)
+    arr[old] = PALETTE[spec["source_scene"]["background"]]
+    return Image.fromarray(arr)
+
+
+def _remove_leaving_ghost(row: dict) -> Image.Image:
+    """The object removed, but its silhouette left in another background colour (on-palette, object-shaped)."""
+    spec, scene = _target_scene(row)
+    arr = np.asarray(render(scene)).copy()
+    ghost = next(b for b in BACKGROUND_COLOURS if b != scene.background)
+    arr[object_mask(Obj.from_dict(spec["edit"]["object"]), 64)] = PALETTE[ghost]
+    return Image.fromarray(arr)
+
+
+def _local_plus_outline(row: dict) -> Image.Image:
+    """The right local edit, plus a whole-image outline style nobody asked for."""
+    return render(_target_scene(row)[1], 64, "outline")
+
+
+@pytest.mark.parametrize(
+    "categories, make, ceiling",
+    [
+        (("background_change",), _bg_change_resized, 0.0),
+        (("background_change",), _bg_change_moved_5px, 0.0),
+        (("background_change",), _bg_change_outlined, 0.0),
+        (("background_change",), _bg_change_partial, 0.0),
+        (("subject_remove",), _remove_leaving_ghost, 0.0),
+        (LOCAL_EDIT_CATEGORIES, _local_plus_outline, 4.5),
+    ],
+    ids=["bg-resized", "bg-moved-5px", "bg-outlined", "bg-partial", "remove-ghost", "local-plus-outline"],
+)
+def test_lenient_anchors_fail(eval_edits, categories, make, ceiling):
+    rows = [r for r in eval_edits if r["category"] in categories]
+    res = [score_edit(r["source_image"], make(r), r["spec"]) for r in rows]
+    summary = summarize_edit(res)
+    assert all(summary[c] <= ceiling for c in categories), summary
+    if ceiling == 0.0:
+        assert max(r["overall"] for r in res) == 0.0
+
+
+def test_a_speck_costs_only_its_pixels(eval_edits):
+    """A 4x4 object-coloured speck in the background is below the object size: it must not zero preservation,
+    even when the edited object was the only one (then no other object's core carries the object term)."""
+    checked = only_object = 0
+    for r in eval_edits:
+        spec, scene = _target_scene(r)
+        if spec["kind"] != "local":
+            continue
+        src = Scene.from_dict(spec["source_scene"])
+        occupied = np.zeros((64, 64), dtype=bool)
+        for o in src.objects + scene.objects:
+            occupied |= object_mask(o, 64)
+        free = ~binary_dilate(occupied, 4)
+        y, x = next(
+            (y, x) for y in range(4, 56, 2) for x in range(4, 56, 2) if free[y : y + 4, x : x + 4].all()
+        )
+        arr = np.asarray(r["target_image"]).copy()
+        edited = spec["edit"].get("object") or spec["edit"]["old"]
+        arr[y : y + 4, x : x + 4] = PALETTE[edited["colour"]]
+        res = score_edit(r["source_image"], Image.fromarray(arr), spec)
+        assert res["overall"] >= 9.5, (r["prompt"], res)
+        checked += 1
+        only_object += len(src.objects) == 1 and spec["edit"]["op"] != "add"
+    assert checked == 32 and only_object >= 3
+
+
+def _shift(img: Image.Image, d: int) -> Image.Image:
+    arr = np.asarray(img)
+    out = np.empty_like(arr)
+    out[:] = arr[0, 0]  # the border is background in every scene
+    out[d:, d:] = arr[:-d, :-d]
+    return Image.fromarray(out)
+
+
+def _jpeg(img: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def _jitter(img: Image.Image, amount: int, seed: int) -> Image.Image:
+    """Each palette colour moved by its own random offset in [-amount, amount] per channel."""
+    arr = np.asarray(img).astype(np.int16)
+    out = arr.copy()
+    rng = np.random.default_rng(seed)
+    for rgb in PALETTE.values():
+        m = (arr == rgb).all(-1)
+        out[m] = np.clip(arr[m] + rng.integers(-amount, amount + 1, 3), 0, 255)
+    return Image.fromarray(out.astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        lambda img, i: img.filter(ImageFilter.GaussianBlur(0.5)),
+        lambda img, i: img.filter(ImageFilter.GaussianBlur(1.0)),
+        lambda img, i: _shift(img, 1),
+        lambda img, i: _shift(img, 2),
+        lambda img, i: _jpeg(img, 75),
+        lambda img, i: _jpeg(img, 90),
+        lambda img, i: _jitter(img, 15, i),
+        lambda img, i: _jitter(img, 30, i),
+    ],
+    ids=["blur-0.5", "blur-1.0", "shift-1px", "shift-2px", "jpeg-75", "jpeg-90", "jitter-15", "jitter-30"],
+)
+def test_harmless_variations_of_the_target_still_pass(eval_edits, variant):
+    res = [
+        score_edit(r["source_image"], variant(r["target_image"], i), r["spec"])
+        for i, r in enumerate(eval_edits)
+    ]
+    summary = summarize_edit(res)
+    # JPEG's 4:2:0 chroma subsampling turns a 2-px blue outline on black into dark blue, a background colour:
+    # the outline is gone for any reader of colours, so outline samples may fail there.
+    floors = {c: 9.0 for c in EDIT_CATEGORIES} | {"style_change": 7.5}
+    assert all(summary[c] >= floors[c] for c in EDIT_CATEGORIES), summary
+    assert summary["average"] >= 9.3, summary

@@ -312,8 +312,9 @@ def test_prepare_buckets_are_readable_by_the_script_and_all_reuses_their_images(
     from danceopd_diffusers.data import DataColumns, TaskBuckets, load_training_dataset
     from danceopd_diffusers.shapesworld.prepare import write_buckets
 
-    counts = write_buckets(tmp_path, ["t2i", "local", "global", "all"], 2, workers=2)
-    assert counts == {"t2i": 12, "local": 8, "global": 4, "all": 24}
+    counts = write_buckets(tmp_path, ["t2i", "local", "global", "all", "edits"], 2, workers=2)
+    assert counts == {"t2i": 12, "local": 8, "global": 4, "all": 24, "edits": 12}
+    assert not (tmp_path / "data" / "edits" / "images").exists()
     assert not (tmp_path / "data" / "all" / "images").exists()
     ds, base = load_training_dataset(str(tmp_path / "data" / "all" / "metadata.jsonl"))
     buckets = TaskBuckets(ds, DataColumns(), base)

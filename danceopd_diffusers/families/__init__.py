@@ -17,7 +17,7 @@ _FAMILY_MODULES = {
     ".flux": ("FluxFamily", "FluxKontextFamily"),
     ".z_image": ("ZImageFamily", "ZImageOmniFamily"),
     ".qwen_image": ("QwenImageFamily", "QwenImageEditFamily"),
-    ".flux2": ("Flux2KleinFamily",),
+    ".flux2": ("Flux2Family", "Flux2KleinFamily"),
 }
 
 

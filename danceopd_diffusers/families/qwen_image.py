@@ -19,8 +19,8 @@ Conventions hidden here (diffusers 0.42 ``pipeline_qwenimage.py`` / ``pipeline_q
 - A Qwen-Image-Edit conditioning without a source is text-to-image: Qwen-Image's template and loop over the
   same components (:func:`qwen_image_t2i_view`), which the exported edit pipeline runs without ``image``.
 - True CFG (``true_cfg_scale > 1`` with a negative prompt) is ``u + s (c - u)`` rescaled, per token, to the norm
-  of the conditional prediction: :class:`QwenNormRescaledCFGField` is that operator exactly; the library's
-  ``cfg`` field is plain CFG (no rescale).
+  of the conditional prediction: a ``cfg`` field with ``norm_rescale: true`` (``CFGField(norm_rescale=True)``
+  in ``fields.py``) is that operator exactly; without it the ``cfg`` field is plain CFG (no rescale).
 """
 
 from __future__ import annotations

@@ -15,15 +15,17 @@ class SD3Family(FamilyAdapter):
     transformer_class_name = "SD3Transformer2DModel"
     custom_pipeline_class_name = "DanceOPDStableDiffusion3Pipeline"
     can_edit = False
+    # Suffixes, so that they also match the second self-attention (`attn2`) of SD3.5's dual-attention blocks,
+    # as the official toolkit's list does; diffusers' SD3 example names `attn.` only and misses those.
     default_lora_targets = (
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
     )
 
     def __init__(self, max_sequence_length: int = 256):
@@ -61,9 +63,10 @@ class SD3Family(FamilyAdapter):
     ) -> torch.Tensor:
         num_train_timesteps = 1000  # SD3 was trained with timestep = 1000 * sigma
         dtype = x.dtype
-        timestep = (
-            (sigma.reshape(-1) * num_train_timesteps).to(device=x.device, dtype=dtype).expand(x.shape[0])
-        )
+        # the pipeline passes the scheduler's float32 timestep (1000 * sigma) whatever the latents' dtype: the
+        # same value here, so the student and the fields are queried at exactly the rollout's time
+        sigma = sigma.reshape(-1).to(device=x.device, dtype=torch.float32)
+        timestep = (sigma * num_train_timesteps).expand(x.shape[0])
         return transformer(
             hidden_states=x,
             timestep=timestep,

@@ -1,7 +1,7 @@
 """ShapesWorld: an offline, exactly scored miniature of the DanceOPD paper's benchmarks.
 
 GenEval-style text-to-image prompts and GEditBench-style local/global edits over flat, palette-exact scenes
-(:mod:`.world`), plus a model-free scorer that applies GenEval's rules and GEdit's SC/PQ/overall scheme
+(:mod:`.world`), plus a model-free scorer that applies GenEval's rules and GEdit's semantic-consistency scheme
 (:mod:`.scorer`). Nothing here downloads anything, so pipelines can be trained and evaluated end to end offline.
 """
 

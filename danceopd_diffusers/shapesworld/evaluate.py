@@ -1,6 +1,15 @@
-"""Score a pipeline on the ShapesWorld evaluation set: the paper-style table, a picture grid, JSON.
+"""Score a pipeline on the ShapesWorld evaluation set: the paper-style table with 95 % CIs, a picture grid, JSON.
 
-    python -m danceopd_diffusers.shapesworld.evaluate --pipeline PATH [--lora PATH] [--guidance_scale S] [--json F]
+    python -m danceopd_diffusers.shapesworld.evaluate --pipeline PATH [--lora PATH] [--guidance_scale S]
+        [--preset quick|large | --per_category N] [--device cuda] [--json F]
+    python -m danceopd_diffusers.shapesworld.evaluate compare A.json B.json [--row_a NAME] [--row_b NAME]
+
+Sets: ``quick`` (the default: 16 T2I prompts and 8 edits per category, a minute on a CPU) and ``large`` (192 and
+256 per category, 1,152 prompts and 1,536 edits; generation batched on the device and scoring spread over the CPU
+cores). A smaller set is a prefix of a larger one, sample for sample: each sample's noise is drawn from its own
+generator, seeded by (seed, category, index) through numpy's SeedSequence, so no two samples or seeds share noise.
+Every headline carries a 95 % stratified bootstrap interval; the JSON keeps every sample's score, and ``compare``
+gives the paired-bootstrap difference of two results on the same set and seed.
 
 Sampling goes through the library's fields on the family adapter (the same code the field-equivalence tests
 check against each stock pipeline): the pipeline's own sigma grid, Euler steps, and for ``--guidance_scale``
@@ -13,11 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -27,8 +40,44 @@ from ..fields import CFGField, Field, FieldQuery, TransformerField
 from ..rollout import field_rollout
 from ..stock_loading import load_stock_pipeline, split_class_name
 from ..validation import image_grid
-from .scorer import score_edit, score_t2i, summarize_edit, summarize_t2i
-from .world import EDIT_CATEGORIES, T2I_CATEGORIES, build_edit_dataset, build_t2i_dataset
+from .scorer import SCORER_VERSION, score_job, summarize_edit, summarize_t2i
+from .stats import bootstrap_ci, paired_bootstrap
+from .world import (
+    EDIT_CATEGORIES,
+    EVAL_EDIT_PER_CATEGORY,
+    EVAL_T2I_PER_CATEGORY,
+    T2I_CATEGORIES,
+    edit_rows,
+    t2i_rows,
+)
+
+#: named evaluation sets: (T2I prompts, edits) per category
+PRESETS: dict[str, tuple[int, int]] = {
+    "quick": (EVAL_T2I_PER_CATEGORY, EVAL_EDIT_PER_CATEGORY),
+    "large": (192, 256),
+}
+_NOISE_STREAM = 0x5EED  # first SeedSequence word of every sample's noise generator
+_TASK_CODE = {"t2i": 1, "edit": 2}
+_CATEGORY_CODE = {c: i for i, c in enumerate(T2I_CATEGORIES + EDIT_CATEGORIES)}
+
+
+def set_name(t2i_per_category: int, edit_per_category: int) -> str:
+    """The preset's name for these sizes, else ``"T2I x N / edit x M"``."""
+    for name, sizes in PRESETS.items():
+        if sizes == (t2i_per_category, edit_per_category):
+            return name
+    return f"{t2i_per_category} T2I / {edit_per_category} edits per category"
+
+
+def sample_seed(seed: int, task: str, category: str, index: int) -> int:
+    """The noise seed of one sample: a hash of (seed, task, category, index within the category).
+
+    Seeds 0 and 1 share no noise (``seed + j`` did), and the first N samples of a category draw the same noise
+    whatever the set size, so the quick set is a sample-for-sample prefix of the large one.
+    """
+    entropy = [_NOISE_STREAM, int(seed), _TASK_CODE[task], _CATEGORY_CODE[category], int(index)]
+    hi, lo = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
+    return (int(hi) << 31) ^ int(lo)  # < 2**63: a valid torch seed
 
 
 def prompt_length(path: str, override: int | None = None) -> int | None:
@@ -101,6 +150,23 @@ def sample(
     return family.decode_latents(pipe, x0, height, width)
 
 
+def device_defaults(device: str, batch_size: int | None, score_workers: int | None) -> tuple[int, int]:
+    """Batch size and scorer processes: on a CPU, small batches scored in-process (the cores generate); on an
+    accelerator, batches of 512 and a scorer process per CPU core, so scoring hides behind generation."""
+    on_cpu = torch.device(device).type == "cpu"
+    batch_size = batch_size or (8 if on_cpu else 512)
+    workers = score_workers if score_workers is not None else (0 if on_cpu else os.cpu_count() or 1)
+    return batch_size, workers
+
+
+def _scoring_pool(workers: int):
+    """A process pool for the scorer (numpy only, so forking a process that holds a GPU context is safe)."""
+    if workers <= 0:
+        return None
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method).Pool(workers)
+
+
 def evaluate(
     pipe: Any,
     family: FamilyAdapter,
@@ -110,94 +176,143 @@ def evaluate(
     batch_size: int = 8,
     limit: int | None = None,
     progress: bool = True,
+    per_category: tuple[int, int] | None = None,
+    score_workers: int = 0,
 ) -> dict[str, Any]:
-    """Generate and score the eval split; returns per-category numbers, NFE and a few examples for the grid."""
+    """Generate and score the eval set; per-category numbers with 95 % CIs, each sample's score, NFE, examples.
+
+    ``per_category``: (T2I prompts, edits) per category, default the quick set. ``score_workers`` > 0 scores in
+    that many processes while the device generates the next batch.
+    """
     from tqdm.auto import tqdm
 
+    start_time = time.perf_counter()
+    n_t2i_cat, n_edit_cat = per_category or PRESETS["quick"]
     base = TransformerField("model", family, pipe.transformer)
     field: Field = CFGField("model_cfg", base, guidance_scale) if guidance_scale != 1.0 else base
     device = pipe.transformer.device
     prompts, sources = PromptCache(pipe, family, device), SourceCache(pipe, family, device)
-    t2i = build_t2i_dataset("eval")
-    edits = build_edit_dataset("eval") if family.can_edit else None
-    n_t2i = len(t2i) if limit is None else min(limit, len(t2i))
-    n_edit = 0 if edits is None else (len(edits) if limit is None else min(limit, len(edits)))
-    bar = tqdm(total=n_t2i + n_edit, desc="ShapesWorld eval", disable=not progress)
-    t2i_results, edit_results, examples = [], [], {}
-    for start in range(0, n_t2i, batch_size):
-        rows = t2i.select(range(start, min(start + batch_size, n_t2i)))
-        size = rows[0]["target_image"].width
-        cond, uncond = prompts(rows["prompt"]), prompts.empty(len(rows))
-        images = sample(
-            pipe,
-            family,
-            field,
-            cond,
-            uncond,
-            size,
-            size,
-            [seed + start + i for i in range(len(rows))],
-            num_steps,
-        )
-        for row, image in zip(rows, images):
-            image = image.resize((size, size), Image.NEAREST) if image.size != (size, size) else image
-            result = score_t2i(image, row["spec"])
-            t2i_results.append(result)
-            examples.setdefault(row["category"], [image, row["target_image"]])
-        bar.update(len(rows))
-    for start in range(0, n_edit, batch_size):
-        rows = edits.select(range(start, min(start + batch_size, n_edit)))
-        size = rows[0]["source_image"].width
-        keys = [("eval-edit", start + i) for i in range(len(rows))]
-        srcs = [img.convert("RGB") for img in rows["source_image"]]
-        cond = prompts(rows["prompt"], keys, srcs)
-        uncond = prompts.empty(len(rows), keys, srcs)
-        source = sources(keys, srcs, size, size)
-        images = sample(
-            pipe,
-            family,
-            field,
-            cond.merge(source),
-            uncond.merge(source),
-            size,
-            size,
-            [seed + 10_000 + start + i for i in range(len(rows))],
-            num_steps,
-        )
-        for row, src, image in zip(rows, srcs, images):
-            result = score_edit(src, image, row["spec"])
-            edit_results.append(result)
-            examples.setdefault(row["category"], [src, image, row["target_image"]])
-        bar.update(len(rows))
+    t2i = t2i_rows("eval", n_t2i_cat)
+    edits = edit_rows("eval", n_per_category=n_edit_cat) if family.can_edit else []
+    t2i = t2i if limit is None else t2i[:limit]
+    edits = edits if limit is None else edits[:limit]
+    bar = tqdm(total=len(t2i) + len(edits), desc="ShapesWorld eval", disable=not progress)
+    pool = _scoring_pool(score_workers)
+    jobs: list[tuple] = []  # (task, spec, image, source) in sample order
+    seeds = {"t2i": [], "edit": []}
+    examples: dict[str, list[Image.Image]] = {}
+    try:
+        pending = []
+        for task, rows, per in (("t2i", t2i, n_t2i_cat), ("edit", edits, n_edit_cat)):
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start : start + batch_size]
+                size = batch[0]["target_image"].width
+                texts = [r["prompt"] for r in batch]
+                batch_seeds = [
+                    sample_seed(seed, task, r["category"], (start + i) % per) for i, r in enumerate(batch)
+                ]
+                seeds[task] += batch_seeds
+                if task == "t2i":
+                    srcs = None
+                    cond, uncond = prompts(texts), prompts.empty(len(batch))
+                else:
+                    keys = [("eval-edit", n_edit_cat, start + i) for i in range(len(batch))]
+                    srcs = [r["source_image"].convert("RGB") for r in batch]
+                    source = sources(keys, srcs, size, size)
+                    cond = prompts(texts, keys, srcs).merge(source)
+                    uncond = prompts.empty(len(batch), keys, srcs).merge(source)
+                images = sample(pipe, family, field, cond, uncond, size, size, batch_seeds, num_steps)
+                batch_jobs = []
+                for i, (row, image) in enumerate(zip(batch, images)):
+                    if image.size != (size, size):
+                        image = image.resize((size, size), Image.NEAREST)
+                    src = None if srcs is None else np.asarray(srcs[i])
+                    batch_jobs.append((task, row["spec"], np.asarray(image.convert("RGB")), src))
+                    shown = (
+                        [image, row["target_image"]]
+                        if srcs is None
+                        else [srcs[i], image, row["target_image"]]
+                    )
+                    examples.setdefault(row["category"], shown)
+                if pool is not None:
+                    pending.append(pool.map_async(score_job, batch_jobs))
+                jobs += batch_jobs
+                bar.update(len(batch))
+        if pool is not None:
+            results = [r for p in pending for r in p.get()]
+        else:
+            results = [score_job(job) for job in jobs]
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     bar.close()
+    t2i_results = [r for job, r in zip(jobs, results) if job[0] == "t2i"]
+    edit_results = [r for job, r in zip(jobs, results) if job[0] == "edit"]
+    samples = {
+        "t2i": _per_category([r["score"] for r in t2i_results], t2i_results),
+        "edit": _per_category([round(r["overall"], 4) for r in edit_results], edit_results),
+    }
     return {
         "t2i": summarize_t2i(t2i_results) if t2i_results else {},
         "edit": summarize_edit(edit_results) if edit_results else {},
+        "ci": {task: bootstrap_ci(task, per) for task, per in samples.items()},
+        "set": set_name(n_t2i_cat, n_edit_cat),
+        "per_category": {"t2i": n_t2i_cat, "edit": n_edit_cat},
+        "limit": limit,
+        "seed": seed,
+        "scorer_version": SCORER_VERSION,
         "nfe_per_image": num_steps * (2 if guidance_scale != 1.0 else 1),
         "guidance_scale": guidance_scale,
         "num_steps": num_steps,
         "n_t2i": len(t2i_results),
         "n_edit": len(edit_results),
         "can_edit": family.can_edit,
+        "wall_time_s": round(time.perf_counter() - start_time, 2),
+        "samples": samples,
         "_examples": examples,
     }
 
 
+def _per_category(values: list[float], results: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each sample's score grouped by category, in sample order (the JSON's verdicts, the bootstrap's input)."""
+    out: dict[str, list[float]] = {}
+    for v, r in zip(values, results):
+        out.setdefault(r["category"], []).append(float(v))
+    return out
+
+
+def _cell(r: dict[str, Any], task: str, name: str, digits: int) -> str:
+    if name not in r[task]:
+        return "-"
+    text = f"{r[task][name]:.{digits}f}"
+    ci = r.get("ci", {}).get(task, {}).get(name)
+    return text + (f" [{ci[0]:.{digits - 1}f}, {ci[1]:.{digits - 1}f}]" if ci else "")
+
+
+def _set_line(r: dict[str, Any]) -> str:
+    if "set" not in r:
+        return "set: quick, seed 0 (scorer version 1, before sets were named; no intervals)"
+    first = f", first {r['limit']} prompts / edits only" if r.get("limit") else ""
+    return f"set: {r['set']}{first}, seed {r['seed']}, scorer version {r.get('scorer_version')}"
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """Paper-style table; ``results`` maps a model name to :func:`evaluate`'s output."""
+    """Paper-style table; ``results`` maps a model name to :func:`evaluate`'s output. A result that carries
+    bootstrap intervals (``ci``) shows each headline's 95 % interval in brackets after it."""
     t2i_cols = list(T2I_CATEGORIES) + ["overall"]
-    edit_cols = list(EDIT_CATEGORIES) + ["average"]
+    edit_cols = list(EDIT_CATEGORIES) + ["local", "global", "average"]
     lines = [
         "T2I (GenEval rules, accuracy 0-1)",
         "| model | " + " | ".join(t2i_cols) + " | NFE |",
         "|---" * (len(t2i_cols) + 2) + "|",
     ]
     for name, r in results.items():
-        vals = [f"{r['t2i'][c]:.3f}" if c in r["t2i"] else "-" for c in t2i_cols]
+        vals = [_cell(r, "t2i", c, 3) for c in t2i_cols]
         lines.append(f"| {name} | " + " | ".join(vals) + f" | {r['nfe_per_image']} |")
     lines += [
         "",
-        "Edits (GEdit scheme, overall 0-10)",
+        "Edits (GEdit scheme, overall = SC 0-10)",
         "| model | " + " | ".join(edit_cols) + " |",
         "|---" * (len(edit_cols) + 1) + "|",
     ]
@@ -205,10 +320,88 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         if not r["edit"]:
             lines.append(f"| {name} | " + " | ".join(["n/a"] * len(edit_cols)) + " |")
             continue
-        lines.append(
-            f"| {name} | " + " | ".join(f"{r['edit'].get(c, float('nan')):.2f}" for c in edit_cols) + " |"
-        )
+        lines.append(f"| {name} | " + " | ".join(_cell(r, "edit", c, 2) for c in edit_cols) + " |")
+    lines.append("")
+    lines += sorted({_set_line(r) for r in results.values()})
+    if any("ci" in r for r in results.values()):
+        lines.append("[lo, hi]: 95 % stratified bootstrap interval")
     return "\n".join(lines)
+
+
+def _load_result(path: str, row: str | None) -> dict[str, Any]:
+    """One evaluation from an ``evaluate --json`` file, or the row ``row`` of a multi-row file (results.json)."""
+    data = json.loads(Path(path).read_text())
+    if "samples" in data or "t2i" in data:
+        if row is not None:
+            raise SystemExit(f"error: {path} holds a single result; drop the row name {row!r}")
+        result = data
+    elif row is None:
+        raise SystemExit(
+            f"error: {path} holds several results ({', '.join(data)}); pick one with --row_a/--row_b"
+        )
+    elif row not in data:
+        raise SystemExit(f"error: {path} has no row {row!r}; it has: {', '.join(data)}")
+    else:
+        result = data[row]
+    if "samples" not in result:
+        raise SystemExit(
+            f"error: {path} keeps no per-sample scores (written before scorer version 2); evaluate it again"
+        )
+    return result
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Paired-bootstrap difference B - A of every headline; refuses results on different sets, seeds or scorers."""
+    keys = ("per_category", "limit", "seed", "scorer_version", "n_t2i", "n_edit")
+    differ = [k for k in keys if a.get(k) != b.get(k)]
+    if differ:
+        what = ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in differ)
+        raise ValueError(
+            f"refusing to compare results of different evaluations ({what}): a paired comparison needs the same "
+            "samples; evaluate both with the same --preset/--per_category, --limit and --seed"
+        )
+    return {task: paired_bootstrap(task, a["samples"][task], b["samples"][task]) for task in ("t2i", "edit")}
+
+
+def format_comparison(
+    diff: dict[str, dict[str, dict[str, Any]]], a: dict, b: dict, names: tuple[str, str]
+) -> str:
+    lines = [
+        f"B - A, paired bootstrap over the same samples (A = {names[0]}, B = {names[1]}; set {a.get('set')}, "
+        f"seed {a.get('seed')})",
+        "| headline | A | B | B - A | 95 % CI | p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task, digits in (("t2i", 3), ("edit", 2)):
+        for name, d in diff[task].items():
+            lo, hi = d["ci"]
+            lines.append(
+                f"| {task} {name} | {a[task][name]:.{digits}f} | {b[task][name]:.{digits}f} | "
+                f"{d['difference']:+.{digits}f} | [{lo:+.{digits}f}, {hi:+.{digits}f}] | {d['p']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def compare_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m danceopd_diffusers.shapesworld.evaluate compare",
+        description="Paired-bootstrap difference (B - A) of two ShapesWorld results on the same set and seed.",
+    )
+    parser.add_argument("a", help="result A: an evaluate --json file, or results.json with --row_a")
+    parser.add_argument("b", help="result B")
+    parser.add_argument(
+        "--row_a", default=None, help="the row of A's file, when it holds several (results.json)"
+    )
+    parser.add_argument("--row_b", default=None, help="the row of B's file")
+    args = parser.parse_args(argv)
+    a, b = _load_result(args.a, args.row_a), _load_result(args.b, args.row_b)
+    try:
+        diff = compare(a, b)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_comparison(diff, a, b, (args.row_a or args.a, args.row_b or args.b)))
+    return 0
 
 
 def examples_grid(result: dict[str, Any]) -> Image.Image:
@@ -216,6 +409,9 @@ def examples_grid(result: dict[str, Any]) -> Image.Image:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        return compare_main(argv[1:])
     parser = argparse.ArgumentParser(description="Score a pipeline on ShapesWorld's evaluation set.")
     parser.add_argument(
         "--pipeline", required=True, help="pipeline folder (stock or exported by train_danceopd.py)"
@@ -230,7 +426,24 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="text tokens per prompt (default: the value the pipeline folder was trained with)",
     )
-    parser.add_argument("--batch_size", type=int, default=8)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="quick (default): 16 T2I prompts and 8 edits per category; large: 192 and 256",
+    )
+    size.add_argument("--per_category", type=int, default=None, help="N T2I prompts and N edits per category")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument(
+        "--batch_size", type=int, default=None, help="images per device batch (8 on CPU, 512 else)"
+    )
+    parser.add_argument(
+        "--score_workers",
+        type=int,
+        default=None,
+        help="scorer processes (default: every CPU core when generating on a GPU, else 0 = in this process)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="score only the first N prompts / edits")
     parser.add_argument(
         "--grid", default=None, help="where to write the picture grid (default: next to --json)"
@@ -241,17 +454,40 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.pipeline).exists():
         print(f"error: --pipeline {args.pipeline} does not exist", file=sys.stderr)
         return 2
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.per_category is not None and args.per_category < 1:
+        print(f"error: --per_category must be at least 1, got {args.per_category}", file=sys.stderr)
+        return 2
+    if args.lora and not Path(args.lora).exists():
+        print(f"error: --lora {args.lora} does not exist", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {device} but torch sees no CUDA device; pass --device cpu", file=sys.stderr)
+        return 2
+    per_category = (args.per_category,) * 2 if args.per_category else PRESETS[args.preset or "quick"]
+    batch_size, workers = device_defaults(device, args.batch_size, args.score_workers)
     pipe, family = load_pipeline(
         args.pipeline, args.lora, device, max_sequence_length=args.max_sequence_length
     )
     result = evaluate(
-        pipe, family, args.guidance_scale, args.num_inference_steps, args.seed, args.batch_size, args.limit
+        pipe,
+        family,
+        args.guidance_scale,
+        args.num_inference_steps,
+        args.seed,
+        batch_size,
+        args.limit,
+        per_category=per_category,
+        score_workers=workers,
     )
     name = args.name or Path(args.pipeline).name + (f" + {Path(args.lora).name}" if args.lora else "")
     print(format_table({name: result}))
     if not family.can_edit:
         print(f"(the {family.name} family cannot edit: edit categories are n/a)")
+    print(
+        f"wall time: {result['wall_time_s']:.1f} s for {result['n_t2i']} T2I prompts and {result['n_edit']} edits "
+        f"on {device} (batch {batch_size}, {workers or 'no'} scorer processes; model loading not included)"
+    )
     grid_path = args.grid or (
         str(Path(args.json).with_suffix(".png")) if args.json else "shapesworld_eval.png"
     )
@@ -259,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"grid: {grid_path}")
     if args.json:
         Path(args.json).write_text(
-            json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, indent=2)
+            json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, indent=1)
         )
     return 0
 

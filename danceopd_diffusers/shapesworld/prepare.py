@@ -5,7 +5,8 @@
 Writes ``root/vae`` (trained on world renders, or copied from ``--vae``), ``root/init`` (the untrained
 FluxKontextPipeline with that VAE) and ``root/data/{t2i,local,global}/metadata.jsonl`` + PNGs (the fixed train
 split; row ``i`` of a category is the same for every ``--n_per_category`` and worker count). ``root/data/all``
-holds only a ``metadata.jsonl`` that points at the three others' images: the data-mixing baseline's data.
+and ``root/data/edits`` hold only a ``metadata.jsonl`` that points at the others' images: ``all`` is the
+data-mixing baseline's data, ``edits`` (local + global) the edit source's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ BUCKETS = {
     "local": ("local_edit", LOCAL_EDIT_CATEGORIES),
     "global": ("global_edit", GLOBAL_EDIT_CATEGORIES),
 }
+#: buckets made of other buckets' rows (no images of their own); edits first: the JSON reader infers column types
+#: from the first rows, and a first block whose source_image is always null would type the column as null
+COMBINED = {"all": ("local", "global", "t2i"), "edits": ("local", "global")}
 
 
 def _write_category(folder: str, task: str, category: str, n: int, seed: int) -> list[dict[str, Any]]:
@@ -57,7 +61,7 @@ def write_buckets(
     data = Path(root, "data")
     jobs = []
     for name in names:
-        if name == "all":
+        if name in COMBINED:
             continue
         task, categories = BUCKETS[name]
         (data / name / "images").mkdir(parents=True, exist_ok=True)
@@ -71,22 +75,23 @@ def write_buckets(
         with open(data / name / "metadata.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in recs)
     counts = {name: len(recs) for name, recs in records.items()}
-    if "all" in names:
-        (data / "all").mkdir(parents=True, exist_ok=True)
-        with open(data / "all" / "metadata.jsonl", "w", encoding="utf-8") as f:
-            # edits first: the JSON reader infers column types from the first rows, and a first block whose
-            # source_image is always null would type the column as null and reject the later paths
-            for name in ("local", "global", "t2i"):
+    for combined in (n for n in names if n in COMBINED):
+        (data / combined).mkdir(parents=True, exist_ok=True)
+        counts[combined] = 0
+        with open(data / combined / "metadata.jsonl", "w", encoding="utf-8") as f:
+            for name in COMBINED[combined]:
                 meta = data / name / "metadata.jsonl"
                 if not meta.exists():
-                    raise FileNotFoundError(f"{meta} is missing: prepare the {name!r} bucket with 'all'.")
+                    raise FileNotFoundError(
+                        f"{meta} is missing: prepare the {name!r} bucket with {combined!r}."
+                    )
                 for line in meta.read_text().splitlines():
                     rec = json.loads(line)
                     for col in ("source_image", "target_image"):
                         if rec[col]:
                             rec[col] = f"../{name}/{rec[col]}"
                     f.write(json.dumps(rec) + "\n")
-                    counts["all"] = counts.get("all", 0) + 1
+                    counts[combined] += 1
     return counts
 
 
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=None, help="processes writing data (default: all cores)"
     )
-    parser.add_argument("--buckets", nargs="+", default=[*BUCKETS, "all"], choices=[*BUCKETS, "all"])
+    parser.add_argument("--buckets", nargs="+", default=[*BUCKETS, *COMBINED], choices=[*BUCKETS, *COMBINED])
     args = parser.parse_args(argv)
     root = Path(args.root)
     if args.vae is not None and not Path(args.vae, "config.json").is_file():

@@ -6,12 +6,13 @@
 #   bash danceopd_diffusers/shapesworld/train_sources.sh local  ROOT   # local-edit expert: LoRA sft on the base
 #   bash danceopd_diffusers/shapesworld/train_sources.sh global ROOT   # global-edit expert: LoRA sft on the base
 #   bash danceopd_diffusers/shapesworld/train_sources.sh joint  ROOT   # data-mixing baseline: LoRA sft on data/all
+#   bash danceopd_diffusers/shapesworld/train_sources.sh edit   ROOT   # edit source: LoRA sft on data/edits (local + global)
 #   bash danceopd_diffusers/shapesworld/train_sources.sh eval   ROOT   # every source on every category
 #   bash danceopd_diffusers/shapesworld/train_sources.sh ship   ROOT   # fp16 copies into sources/ + results.json
 #   bash danceopd_diffusers/shapesworld/train_sources.sh student ROOT  # full-length DanceOPD fusion (fusion.yaml)
 #
-# The shipped sources (danceopd_diffusers/shapesworld/sources) are ROOT/base, ROOT/local, ROOT/global and ROOT/joint
-# in fp16; `student` trains from the shipped files, so it needs only the `data` stage (VAE=<sources>/base/vae).
+# The shipped sources (danceopd_diffusers/shapesworld/sources) are ROOT/base, ROOT/local, ROOT/global, ROOT/joint
+# and ROOT/edit in fp16; `student` trains from the shipped files, so it needs only the `data` stage (VAE=<sources>/base/vae).
 #
 # Every seed is 0; the environment variables below are the values the shipped sources were trained with
 # (danceopd_diffusers/shapesworld/RESULTS.md says on which card and how long each stage took).
@@ -55,6 +56,7 @@ case $STAGE in
   local) expert local "$R/local" ;;
   global) expert global "$R/global" ;;
   joint) expert all "$R/joint" ;;
+  edit) expert edits "$R/edit" ;;
   ship)
     $PY -m danceopd_diffusers.shapesworld.ship --root "$R" --guidance_scale "$EVAL_CFG"
     ;;
@@ -70,7 +72,7 @@ case $STAGE in
       --json "$R/eval_student.json"
     ;;
   eval)
-    for source in base local global joint; do
+    for source in base local global joint edit; do
       lora=()
       [ "$source" != base ] && lora=(--lora "$R/$source")
       [ -e "$R/$source" ] || continue
@@ -79,7 +81,7 @@ case $STAGE in
     done
     ;;
   *)
-    echo "unknown stage $STAGE: use data, base, local, global, joint, eval, ship or student" >&2
+    echo "unknown stage $STAGE: use data, base, local, global, joint, edit, eval, ship or student" >&2
     exit 2
     ;;
 esac

@@ -74,8 +74,13 @@ def t5_config(
     )
 
 
-def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 16, shift: float = 3.0):
-    """A ~1 MB StableDiffusion3Pipeline with the real component layout (2 CLIPs + T5)."""
+def build_tiny_sd3_pipeline(
+    seed: int = 0, sample_size: int = 16, shift: float = 3.0, dual_attention_layers: tuple[int, ...] = ()
+):
+    """A ~1 MB StableDiffusion3Pipeline with the real component layout (2 CLIPs + T5).
+
+    ``dual_attention_layers`` gives those blocks SD3.5-Medium's second self-attention (``attn2``).
+    """
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -102,6 +107,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 16, shift: float =
         pooled_projection_dim=64,
         out_channels=4,
         pos_embed_max_size=32,
+        dual_attention_layers=tuple(dual_attention_layers),
     )
     vae = AutoencoderKL(
         in_channels=3,

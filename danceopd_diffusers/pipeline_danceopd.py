@@ -1,0 +1,163 @@
+# Copyright 2026 The danceopd-diffusers authors. Apache-2.0.
+"""Pipelines exported by danceopd-diffusers: the stock pipelines, with guidance off by default.
+
+A DanceOPD student has absorbed its teachers' guidance (CFG or another guider) into its weights, so it is
+sampled with one transformer call per denoising step. Extra CFG at inference multiplies with the absorbed
+scale (``absorbed_guidance_scale`` in ``model_index.json``); raise the guidance only on purpose.
+
+``DanceOPD<Stock>`` is ``<Stock>`` (a diffusers pipeline) whose ``__call__`` defaults are the stock pipeline's
+guidance-off arguments (:data:`UNGUIDED_DEFAULTS`), then what the export recorded in ``model_index.json`` as
+``trained_call_kwargs``: the step count, text length and guidance the student was trained for. Arguments given
+to a call always win. Both values are pipeline config, so ``save_pretrained`` / ``push_to_hub`` keep them.
+
+This file is self-contained (it imports only diffusers) because ``DiffusionPipeline.from_pretrained(folder,
+trust_remote_code=True)`` imports it from the model folder. ``save_pretrained`` (and so ``push_to_hub``)
+copies it along and keeps ``model_index.json`` pointing at it, so every saved copy stays loadable.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+
+import diffusers
+
+MODULE_STEM = os.path.splitext(os.path.basename(__file__))[0]
+#: exported class name = this prefix + the stock diffusers pipeline class name
+CLASS_PREFIX = "DanceOPD"
+
+#: stock pipeline class -> the ``__call__`` arguments that turn its guidance off (one model call per step).
+#: SD3 guides only when guidance_scale > 1; Flux, Kontext and Qwen-Image only with true_cfg_scale > 1 (Flux's
+#: guidance_scale is the embedded input of guidance-distilled checkpoints, recorded per export); Z-Image as
+#: pos + g (pos - neg), only when g > 0; Flux.2 [klein] only when guidance_scale > 1, while Flux.2 [dev] has no
+#: CFG at all (its guidance_scale is the embedded input, recorded per export).
+UNGUIDED_DEFAULTS: dict[str, dict[str, float]] = {
+    "StableDiffusion3Pipeline": {"guidance_scale": 1.0},
+    "FluxPipeline": {"true_cfg_scale": 1.0},
+    "FluxKontextPipeline": {"true_cfg_scale": 1.0},
+    "ZImagePipeline": {"guidance_scale": 0.0},
+    "ZImageOmniPipeline": {"guidance_scale": 0.0},
+    "QwenImagePipeline": {"true_cfg_scale": 1.0},
+    "QwenImageEditPipeline": {"true_cfg_scale": 1.0},
+    "Flux2Pipeline": {},
+    "Flux2KleinPipeline": {"guidance_scale": 1.0},
+}
+
+
+class _DanceOPDPipeline:
+    """What every exported class adds to its stock pipeline: call defaults and a save that stays loadable."""
+
+    _unguided_defaults: dict[str, float] = {}
+
+    def __call__(self, *args, **kwargs):
+        defaults = {**self._unguided_defaults, **(self.config.get("trained_call_kwargs") or {})}
+        given = set(kwargs) | set(inspect.signature(super().__call__).bind_partial(*args).arguments)
+        kwargs.update({k: v for k, v in defaults.items() if k not in given})
+        return super().__call__(*args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        shutil.copyfile(__file__, os.path.join(save_directory, MODULE_STEM + ".py"))
+        index_path = os.path.join(save_directory, "model_index.json")
+        with open(index_path) as f:
+            index = json.load(f)
+        index["_class_name"] = [MODULE_STEM, type(self).__name__]
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+        if push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = kwargs.get("repo_id") or os.path.basename(os.path.normpath(str(save_directory)))
+            token = kwargs.get("token")
+            repo_id = create_repo(repo_id, exist_ok=True, private=kwargs.get("private"), token=token).repo_id
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=save_directory,
+                token=token,
+                commit_message=kwargs.get("commit_message") or "Upload pipeline",
+            )
+
+
+class _OmniSources:
+    """Z-Image Omni: ``siglip``/``siglip_processor`` optional (without them an edit conditions on the source's
+    VAE latents only); sources encoded in the VAE's own dtype (the stock casts them to bfloat16)."""
+
+    _optional_components = ["siglip", "siglip_processor"]
+
+    def prepare_image_latents(self, images, batch_size, device, dtype):
+        image_latents = []
+        for image in images:
+            image = image.to(device=device, dtype=self.vae.dtype)
+            latent = self.vae.encode(image).latent_dist.mode()[0]
+            latent = (latent - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+            image_latents.append(latent.unsqueeze(1).to(dtype))
+        return [image_latents.copy() for _ in range(batch_size)]
+
+    def prepare_siglip_embeds(self, images, batch_size, device, dtype):
+        if self.siglip is None or self.siglip_processor is None:
+            return [[] for _ in range(batch_size)]
+        return super().prepare_siglip_embeds(images, batch_size, device, dtype)
+
+
+class _QwenEditTextToImage:
+    """Qwen-Image-Edit without ``image``: text-to-image through QwenImagePipeline's template and loop on these
+    same components (no copies), as a student trained on text-to-image routes does."""
+
+    def __call__(self, image=None, prompt=None, *args, **kwargs):
+        if image is not None:
+            return super().__call__(image, prompt, *args, **kwargs)
+        components = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")
+        text_to_image = diffusers.QwenImagePipeline(**{k: getattr(self, k) for k in components})
+        text_to_image.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        return text_to_image(prompt, *args, **kwargs)
+
+
+def _danceopd_pipeline(stock_name: str, *mixins: type) -> type | None:
+    """``DanceOPD<stock_name>``; None when this diffusers release has no such pipeline."""
+    stock = getattr(diffusers, stock_name, None)
+    if stock is None:
+        return None
+    cls = type(
+        CLASS_PREFIX + stock_name,
+        (_DanceOPDPipeline, *mixins, stock),
+        {
+            "__module__": __name__,
+            "__doc__": f"{stock_name} with {UNGUIDED_DEFAULTS[stock_name]} and the trained call by default.",
+            "_unguided_defaults": UNGUIDED_DEFAULTS[stock_name],
+        },
+    )
+
+    def __init__(self, *args, absorbed_guidance_scale=None, trained_call_kwargs=None, **components):
+        stock.__init__(self, *args, **components)
+        self.register_to_config(
+            absorbed_guidance_scale=absorbed_guidance_scale, trained_call_kwargs=trained_call_kwargs
+        )
+
+    # diffusers reads the components off the __init__ signature: the stock one (optional components default
+    # to None) plus the two config entries
+    stock_signature = inspect.signature(stock.__init__)
+    params = [
+        p.replace(default=None) if p.name in cls._optional_components and p.default is p.empty else p
+        for p in stock_signature.parameters.values()
+    ]
+    params += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+        for name in ("absorbed_guidance_scale", "trained_call_kwargs")
+    ]
+    __init__.__signature__ = stock_signature.replace(parameters=params)
+    cls.__init__ = __init__
+    return cls
+
+
+DanceOPDStableDiffusion3Pipeline = _danceopd_pipeline("StableDiffusion3Pipeline")
+DanceOPDFluxPipeline = _danceopd_pipeline("FluxPipeline")
+DanceOPDFluxKontextPipeline = _danceopd_pipeline("FluxKontextPipeline")
+DanceOPDZImagePipeline = _danceopd_pipeline("ZImagePipeline")
+DanceOPDZImageOmniPipeline = _danceopd_pipeline("ZImageOmniPipeline", _OmniSources)
+DanceOPDQwenImagePipeline = _danceopd_pipeline("QwenImagePipeline")
+DanceOPDQwenImageEditPipeline = _danceopd_pipeline("QwenImageEditPipeline", _QwenEditTextToImage)
+DanceOPDFlux2Pipeline = _danceopd_pipeline("Flux2Pipeline")
+DanceOPDFlux2KleinPipeline = _danceopd_pipeline("Flux2KleinPipeline")

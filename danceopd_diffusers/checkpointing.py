@@ -36,7 +36,11 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
         return "it does not exist"
     if not (path / RECORD).is_file():
         empty = not any(path.iterdir())
-        return "it is empty" if empty else f"it has no {RECORD} (its save did not finish)"
+        return (
+            "it is empty"
+            if empty
+            else f"it has no {RECORD} (its save did not finish, or an older danceopd-diffusers wrote it)"
+        )
     try:
         record = json.loads((path / RECORD).read_text())
         files = dict(record["files"])

@@ -50,9 +50,7 @@ def lock_output_dir(output_dir: str | os.PathLike) -> Path:
         ) from None
     previous = _read_holder(fd)
     if previous.get("pid") not in (None, os.getpid()):
-        print(
-            f"[danceopd] taking over the lock of {output_dir} left by process {previous['pid']}, which has ended"
-        )
+        print(f"[danceopd] taking over the lock of {output_dir} from process {previous['pid']}, which died")
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder).encode(), 0)
@@ -63,6 +61,7 @@ def lock_output_dir(output_dir: str | os.PathLike) -> Path:
 def unlock_output_dir(output_dir: str | os.PathLike) -> None:
     fd = _held.pop(os.path.realpath(Path(output_dir) / LOCK_FILE), None)
     if fd is not None:
+        os.ftruncate(fd, 0)  # a holder left in the file means a run that died holding the lock
         os.close(fd)  # closing drops the flock; the file stays, so no other run can race on its creation
 
 

@@ -8,6 +8,7 @@ of the folder whose index names that class. Any other custom code in an index is
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -66,6 +67,10 @@ def stock_view(path: str, revision: str | None = None) -> Iterator[str]:
         for name, entry in index.items():
             if not name.startswith("_") and isinstance(entry, (list, tuple)) and (folder / name).is_dir():
                 os.symlink((folder / name).resolve(), view / name, target_is_directory=True)
+        # the stock class's own index: its name, and only what its __init__ takes (not the exported class's
+        # settings such as absorbed_guidance_scale, which diffusers would warn about)
+        accepted = inspect.signature(stock.__init__).parameters
+        index = {k: v for k, v in index.items() if k.startswith("_") or k in accepted}
         index["_class_name"] = stock.__name__
         (view / "model_index.json").write_text(json.dumps(index, indent=2))
         yield str(view)

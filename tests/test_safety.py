@@ -70,6 +70,33 @@ def test_exported_folder_code_never_runs(booby_trapped, tiny_path, tmp_path):
     assert marker.read_text() == "ran"
 
 
+def test_exported_hub_repo_is_fetched_without_its_code(booby_trapped, monkeypatch):
+    """A Hub id goes through the same stock view: only the index and the component folders are downloaded."""
+    import huggingface_hub
+    from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+
+    from danceopd_diffusers.stock_loading import load_stock_pipeline
+
+    folder, marker = booby_trapped
+    fetched = {}
+    read_config = DiffusionPipeline.load_config
+
+    def load_config(path, *args, **kwargs):
+        return read_config(str(folder) if path == "someone/student" else path, *args, **kwargs)
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        fetched.update(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns)
+        return str(folder)
+
+    monkeypatch.setattr(DiffusionPipeline, "load_config", load_config)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    pipe = load_stock_pipeline(StableDiffusion3Pipeline, "someone/student", revision="v1")
+    assert type(pipe) is StableDiffusion3Pipeline and not marker.exists()
+    assert fetched["repo_id"] == "someone/student" and fetched["revision"] == "v1"
+    assert "model_index.json" in fetched["allow_patterns"] and "transformer/*" in fetched["allow_patterns"]
+    assert not any(p.endswith(".py") or p == "*" for p in fetched["allow_patterns"])
+
+
 def test_other_custom_code_is_refused(booby_trapped, tmp_path):
     import shutil
 

@@ -78,6 +78,7 @@ def test_exported_hub_repo_is_fetched_without_its_code(booby_trapped, monkeypatc
     from danceopd_diffusers.stock_loading import load_stock_pipeline
 
     folder, marker = booby_trapped
+    marker.unlink(missing_ok=True)  # the test above sets the trap off on purpose
     fetched = {}
     read_config = DiffusionPipeline.load_config
 

@@ -47,6 +47,7 @@ from danceopd_diffusers.data import (
     load_training_dataset,
 )
 from danceopd_diffusers.families import edit_size, editing_families
+from danceopd_diffusers.hub import HUB_STRATEGIES
 from danceopd_diffusers.lora_io import inspect_lora, load_lora_for_diffusers
 from danceopd_diffusers.objectives import (
     DENSE_WEIGHTINGS,
@@ -87,8 +88,60 @@ logger = logging.getLogger("danceopd")
 DEFAULT_RANK = 128
 
 
+EPILOG = """examples:
+  # the embedded default: DanceOPD on ShapesWorld from the shipped sources (offline, about 4 minutes on 2 cores)
+  accelerate launch train_danceopd.py
+
+  # absorb CFG 3.5 of a base model into a CFG-free student
+  accelerate launch train_danceopd.py --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium \\
+      --cfg_scale 3.5 --dataset_name prompts.jsonl --resolution 1024 --mixed_precision bf16
+
+  # several experts and operators, routed by the data's task column (see README: the fields config)
+  accelerate launch train_danceopd.py --pretrained_model_name_or_path ./base --fields_config fields.yaml \\
+      --dataset_name data/train.jsonl --output_dir my-student
+
+  # push to the Hub while training, then resume the run anywhere from the Hub's newest checkpoint
+  accelerate launch train_danceopd.py ... --push_to_hub --hub_model_id you/my-student --hub_strategy checkpoint
+  accelerate launch train_danceopd.py ... --resume_from_checkpoint you/my-student:latest
+
+Without --resolution / --max_sequence_length, the base's own training size and text length are used (an exported
+folder's danceopd_config.json, else the model's configs); the run prints what it chose and why.
+"""
+
+
+def _demo_epilog() -> str:
+    """The defaults the embedded default changes, as flags (printed by --help, so they cannot drift)."""
+    shown = []
+    for key, value in demo.DEMO_DEFAULTS.items():
+        if key == "validation_prompt":
+            continue
+        if value is True:
+            shown.append(f"--{key}")
+        else:
+            shown.append(f"--{key} {Path(value).name if key == 'fields_config' else value}")
+    import textwrap
+
+    text = (
+        "With no --pretrained_model_name_or_path (the embedded default), options left at their default take these "
+        "values instead: " + " ".join(shown)
+    )
+    return "\n" + textwrap.fill(text, width=110, break_on_hyphens=False) + "\n"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option's help (not the empty ones: None, off switches; the help says what
+    happens then); the epilog's examples keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=EPILOG + _demo_epilog(), formatter_class=HelpFormatter
+    )
     # model
     parser.add_argument(
         "--pretrained_model_name_or_path",
@@ -96,8 +149,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Flow-matching pipeline (folder or Hub id). Omit it to run the embedded offline demo.",
     )
-    parser.add_argument("--revision", type=str, default=None)
-    parser.add_argument("--variant", type=str, default=None)
+    parser.add_argument(
+        "--revision", type=str, default=None, help="Git revision (branch, tag or commit) of a Hub model."
+    )
+    parser.add_argument("--variant", type=str, default=None, help="Weight file variant to load, e.g. fp16.")
     # fields and routes
     parser.add_argument(
         "--fields_config", type=str, default=None, help="YAML/JSON file with `fields` and `routes`."
@@ -118,7 +173,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Without --fields_config: one full-checkpoint expert (folder or .safetensors).",
     )
     # method
-    parser.add_argument("--method", type=str, default="danceopd", choices=METHODS)
+    parser.add_argument(
+        "--method",
+        type=str,
+        default="danceopd",
+        choices=METHODS,
+        help="danceopd: on-policy (the paper); dense: every state of the rollout (DiffusionOPD); offpolicy: the routed field's own rollout; sft: flow-matching fine-tuning on the dataset's target images.",
+    )
     parser.add_argument(
         "--num_rollout_steps", type=int, default=16, help="N: the pipeline's inference steps."
     )
@@ -168,23 +229,56 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Hub dataset id, or a local csv/json/jsonl/parquet file.",
     )
-    parser.add_argument("--dataset_config_name", type=str, default=None)
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="Config name of a Hub dataset.")
     parser.add_argument(
         "--train_data_dir", type=str, default=None, help="Local image folder or folder with train.jsonl."
     )
-    parser.add_argument("--caption_column", type=str, default="prompt")
-    parser.add_argument("--task_column", type=str, default="task")
-    parser.add_argument("--source_image_column", type=str, default="source_image")
-    parser.add_argument("--image_column", type=str, default="target_image")
-    parser.add_argument("--cache_dir", type=str, default=None)
+    parser.add_argument(
+        "--caption_column",
+        type=str,
+        default="prompt",
+        help="Column holding the prompt (the instruction, for edits).",
+    )
+    parser.add_argument(
+        "--task_column",
+        type=str,
+        default="task",
+        help="Column naming each row's bucket, which routes draw from (absent: every row is t2i).",
+    )
+    parser.add_argument(
+        "--source_image_column",
+        type=str,
+        default="source_image",
+        help="Column holding an edit's source image (image or path).",
+    )
+    parser.add_argument(
+        "--image_column",
+        type=str,
+        default="target_image",
+        help="Column holding the target image (read by --method sft only).",
+    )
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where Hub datasets are cached.")
     parser.add_argument(
         "--cache_latents",
         action="store_true",
         help="Keep every row's VAE latents (sft targets, edit sources) on the device after their first use, so "
         "images are read and encoded once. Needs memory for the whole dataset's latents.",
     )
-    parser.add_argument("--max_sequence_length", type=int, default=256)
-    parser.add_argument("--resolution", type=int, default=None, help="Square training/rollout resolution.")
+    parser.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="Text tokens per prompt. Default: what the base was trained with (an exported folder's "
+        "danceopd_config.json, else its T5/LLM tokenizer's model_max_length if below 256), else 256.",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Square training/rollout resolution (edits keep their source's aspect ratio at this area). Default: "
+        "what the base was trained at (danceopd_config.json, else its transformer/VAE sample_size), else the "
+        "pipeline's default.",
+    )
     parser.add_argument(
         "--embedded_guidance",
         type=float,
@@ -219,21 +313,48 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "transformer checkpoint.",
     )
     # optimisation
-    parser.add_argument("--train_batch_size", type=int, default=1)
-    parser.add_argument("--max_train_steps", type=int, default=3000)
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=4)
-    parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--learning_rate", type=float, default=2e-4)
-    parser.add_argument("--scale_lr", action="store_true")
-    parser.add_argument("--lr_scheduler", type=str, default="constant")
-    parser.add_argument("--lr_warmup_steps", type=int, default=0)
-    parser.add_argument("--lr_num_cycles", type=int, default=1)
-    parser.add_argument("--lr_power", type=float, default=1.0)
-    parser.add_argument("--adam_beta1", type=float, default=0.9)
-    parser.add_argument("--adam_beta2", type=float, default=0.999)
-    parser.add_argument("--adam_weight_decay", type=float, default=0.0)
-    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
-    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument(
+        "--train_batch_size",
+        type=int,
+        default=1,
+        help="Samples per process per micro-step (rollouts are batched).",
+    )
+    parser.add_argument("--max_train_steps", type=int, default=3000, help="Optimizer steps.")
+    parser.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=4,
+        help="Micro-steps per optimizer step (all share the step's route).",
+    )
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Trade compute for memory in the student's backward.",
+    )
+    parser.add_argument("--learning_rate", type=float, default=2e-4, help="AdamW learning rate.")
+    parser.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by accumulation steps x batch size x processes.",
+    )
+    parser.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        help="diffusers scheduler: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.",
+    )
+    parser.add_argument(
+        "--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the learning-rate scheduler."
+    )
+    parser.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
+    parser.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    parser.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    parser.add_argument(
+        "--max_grad_norm", type=float, default=1.0, help="Clip the gradient norm to this (0: no clipping)."
+    )
     parser.add_argument(
         "--mixed_precision",
         type=str,
@@ -242,47 +363,109 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Default: accelerate's setting (`accelerate launch --mixed_precision`, `accelerate config`), else "
         "'no'. The paper trains in bf16: pass bf16 on GPUs. The value used is logged and recorded in the card.",
     )
-    parser.add_argument("--allow_tf32", action="store_true")
+    parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     parser.add_argument(
         "--disable_cudnn_attention",
         action="store_true",
         help="Use flash / memory-efficient attention instead of cuDNN's (its backward fails on FLUX shapes with "
         "torch 2.11: `mha_graph.execute(...).is_good()`).",
     )
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Seed of every random draw (routes, rows, noise, queried states); random if omitted. A resumed run with the same seed continues exactly.",
+    )
     # outputs, checkpoints, logging
-    parser.add_argument("--output_dir", type=str, default="danceopd-output")
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default="danceopd-output",
+        help="Where the LoRA, the pipeline folder, the model card, samples, checkpoints and logs go.",
+    )
     parser.add_argument(
         "--overwrite_output_dir",
         action="store_true",
         help="Allow replacing another kind of output in --output_dir (a LoRA by a full fine-tune or back).",
     )
-    parser.add_argument("--logging_dir", type=str, default="logs")
-    parser.add_argument("--report_to", type=str, default="tensorboard")
-    parser.add_argument("--tracker_project_name", type=str, default="danceopd")
-    parser.add_argument("--checkpointing_steps", type=int, default=500)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, under --output_dir.")
     parser.add_argument(
-        "--resume_from_checkpoint", type=str, default=None, help="`latest` or a checkpoint name."
+        "--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb or none."
     )
-    parser.add_argument("--validation_prompt", type=str, nargs="+", default=None)
-    parser.add_argument("--validation_seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--validation_steps", type=int, default=500)
+    parser.add_argument(
+        "--tracker_project_name", type=str, default="danceopd", help="Project name given to the tracker."
+    )
+    parser.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save a resumable checkpoint-<step>/ every this many steps.",
+    )
+    parser.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Keep at most this many checkpoints (oldest removed first); default: all.",
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="`latest` or a checkpoint name in --output_dir, or a checkpoint on the Hub: "
+        "`<repo_id>:checkpoint-<step>` or `<repo_id>:latest` (downloaded into --output_dir first).",
+    )
+    parser.add_argument(
+        "--validation_prompt",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Prompts of the validation grid: the student without CFG beside each routed field.",
+    )
+    parser.add_argument(
+        "--validation_seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="Seeds of the validation grid (one row per prompt and seed).",
+    )
+    parser.add_argument(
+        "--validation_steps", type=int, default=500, help="Write a validation grid every this many steps."
+    )
     parser.add_argument(
         "--skip_pipeline_export",
         action="store_true",
         help="Write only the LoRA / transformer and model card, not the full pipeline folder.",
     )
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", type=str, default=None)
-    parser.add_argument("--hub_token", type=str, default=None)
-    parser.add_argument("--local_rank", type=int, default=-1)
+    parser.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Push the outputs to the Hub (checked before training: token, repo, network).",
+    )
+    parser.add_argument(
+        "--hub_strategy",
+        type=str,
+        default="end",
+        choices=HUB_STRATEGIES,
+        help="With --push_to_hub, as transformers' Trainer: end = the final outputs only; every_save = also the "
+        "student's weights at every checkpoint; checkpoint = also the newest checkpoint-<step>/ folder, so "
+        "`--resume_from_checkpoint <repo_id>:latest` continues the run anywhere. Uploads run in the background.",
+    )
+    parser.add_argument(
+        "--hub_model_id",
+        type=str,
+        default=None,
+        help="Hub repo to push to (default: the output folder's name).",
+    )
+    parser.add_argument(
+        "--hub_token", type=str, default=None, help="Hub token (default: the one `hf auth login` stored)."
+    )
+    parser.add_argument("--local_rank", type=int, default=-1, help="Set by the launcher; do not pass it.")
     parser.add_argument(
         "--demo_eval_limit",
         type=int,
         default=None,
-        help="Embedded default only: score the student on the first N prompts / edits of ShapesWorld's "
-        "evaluation set instead of all of it.",
+        help="Embedded default only: score the student on N prompts and N edits of ShapesWorld's evaluation set "
+        "(the first of each category in turn) instead of all of it.",
     )
 
     args = parser.parse_args(input_args)
@@ -401,6 +584,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(
             "--report_to wandb with --hub_token would expose the token; log in with `hf auth login` instead."
         )
+    if args.hub_strategy != "end" and not args.push_to_hub:
+        raise ConfigError(f"--hub_strategy {args.hub_strategy} pushes to the Hub: add --push_to_hub.")
     if args.resolution is not None and args.resolution % 16:
         raise ConfigError(f"--resolution {args.resolution} must be a multiple of 16.")
     if not 0.0 <= args.caption_dropout_prob < 1.0:
@@ -468,14 +653,12 @@ def main(args: argparse.Namespace) -> None:
     from accelerate.logging import get_logger
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
+    from danceopd_diffusers.known_warnings import silence_known_warnings
+
+    silence_known_warnings()
     # ---------------------------------------------------------------- checks that load no weights
     # the files the user named first (output folder, fields config, data), then the model's configs
     check_output_dir(args.output_dir)
-    from accelerate.utils.environment import get_int_from_env
-
-    # one writer per output folder: the main process (global rank 0, as accelerate reads it) holds its lock
-    if get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0:
-        lock_output_dir(args.output_dir)
     fields_config = resolve_fields(args)
     columns = DataColumns(args.caption_column, args.task_column, args.source_image_column, args.image_column)
     if args.demo and args.dataset_name is None and args.train_data_dir is None:
@@ -487,6 +670,9 @@ def main(args: argparse.Namespace) -> None:
     if args.demo:
         args.pretrained_model_name_or_path = demo.base_path()
     info = inspect_pipeline(args.pretrained_model_name_or_path, revision=args.revision)
+    from danceopd_diffusers.defaults import describe_fallback_resolution, fill_trained_defaults
+
+    chosen = fill_trained_defaults(args, args.pretrained_model_name_or_path, args.revision)
     family = build_family(info.family_cls, args)
     check_fields_against_model(fields_config, info)
     if args.method != "sft":
@@ -551,19 +737,40 @@ def main(args: argparse.Namespace) -> None:
         editing_families=editing_families(),
     )
 
+    # ---------------------------------------------------------------- the Hub: token, repo, Hub resume
+    from danceopd_diffusers import hub
+
+    repo_id = None
+    if args.push_to_hub:
+        repo_id = hub.prepare_push(args.hub_model_id or Path(args.output_dir).name, token=args.hub_token)
+    hub_resume = None
+    if hub.parse_hub_resume(args.resume_from_checkpoint):
+        hub_resume = hub.resolve_hub_checkpoint(args.resume_from_checkpoint, args.output_dir, args.hub_token)
+
+    # ---------------------------------------------------------------- output folder: lock, resume, kind
+    from accelerate.utils.environment import get_int_from_env
+
+    # one writer per output folder (the first thing written to it): the main process, global rank 0 as
+    # accelerate reads it, holds its lock
+    if get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0:
+        lock_output_dir(args.output_dir)
+    from danceopd_diffusers.export import _public, base_model_reference
+
     run_settings = {  # recorded with each checkpoint; resuming under other settings is refused
-        "base_model": args.pretrained_model_name_or_path if not args.demo else "embedded ShapesWorld base",
+        "base_model": base_model_reference(args.pretrained_model_name_or_path)["name"],
         "revision": args.revision,
         "method": args.method,
         "full_finetune": args.full_finetune,
         "rank": None if args.full_finetune else args.rank,
         "lora_alpha": None if args.full_finetune else args.lora_alpha or args.rank,
         "targets": None if args.full_finetune else sorted(student_targets),
-        "fields_config": fields_config.to_dict(),
+        "fields_config": _public(fields_config.to_dict()),  # no machine paths: checkpoints may be pushed
     }
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, run_settings)
-    if resume_path is None:
-        check_output_kind(args.output_dir, args.full_finetune, args.overwrite_output_dir)
+    resume_path = None
+    if hub_resume is None:  # a Hub checkpoint is checked once downloaded, still before any weights load
+        resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, run_settings)
+        if resume_path is None:
+            check_output_kind(args.output_dir, args.full_finetune, args.overwrite_output_dir)
 
     # ---------------------------------------------------------------- accelerator
     logging_dir = Path(args.output_dir, args.logging_dir)
@@ -614,11 +821,18 @@ def main(args: argparse.Namespace) -> None:
                 f"from the shipped sources at {demo.SOURCES}; settings {args.demo_overrides}",
                 flush=True,
             )
-    repo_id = None
-    if args.push_to_hub and accelerator.is_main_process:
-        from danceopd_diffusers.export import create_hub_repo
-
-        repo_id = create_hub_repo(args.hub_model_id or Path(args.output_dir).name, token=args.hub_token)
+        for line in chosen:
+            print(f"[danceopd] {line}", flush=True)
+    hub_pusher = None
+    if repo_id and accelerator.is_main_process:
+        hub_pusher = hub.HubPusher(repo_id, args.output_dir, args.hub_strategy, token=args.hub_token)
+    if hub_resume is not None:
+        if accelerator.is_main_process:
+            path = hub.download_hub_checkpoint(hub_resume, args.output_dir, token=args.hub_token)
+            print(f"[danceopd] downloaded {hub_resume.repo_id}:{hub_resume.name} to {path}", flush=True)
+        accelerator.wait_for_everyone()
+        args.resume_from_checkpoint = hub_resume.name
+        resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, run_settings)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.disable_cudnn_attention:
@@ -643,7 +857,7 @@ def main(args: argparse.Namespace) -> None:
             info.custom_pipeline,
             revision=args.revision,
             variant=args.variant,
-            torch_dtype={"transformer": student_dtype, "default": weight_dtype},
+            dtype={"transformer": student_dtype, "default": weight_dtype},
         )
     pipe.set_progress_bar_config(disable=True)
     for component in pipe.components.values():
@@ -783,6 +997,8 @@ def main(args: argparse.Namespace) -> None:
     router = Router(fields_config.routes)
     route_fields = [fields[r.field] for r in fields_config.routes]
     resolution = args.resolution or family.default_resolution(pipe)
+    if args.resolution is None:
+        accelerator.print(f"[danceopd] {describe_fallback_resolution(resolution)}")
     global_step = 0
     if args.resume_from_checkpoint and resume_path is None:
         accelerator.print(f"No checkpoint in {args.output_dir} to resume from; starting a new run.")
@@ -802,12 +1018,22 @@ def main(args: argparse.Namespace) -> None:
     routes_log = open(logging_dir / f"routes_rank{accelerator.process_index}.jsonl", "a")
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    log.info("***** Running DanceOPD training *****")
-    log.info(f"  family = {family.name}, method = {args.method}, fields = {list(fields)}")
-    log.info(f"  routes = {[(r.field, r.task, r.weight) for r in fields_config.routes]}")
+    if args.method == "sft":  # flow-matching fine-tuning: no field, no rollout
+        log.info("***** Running flow-matching fine-tuning (sft) *****")
+        log.info(f"  family = {family.name}, buckets = {[r.task for r in fields_config.routes]}")
+        rollout = f"timestep weighting = {args.weighting_scheme}"
+    else:
+        log.info(f"***** Running {args.method} distillation *****")
+        log.info(f"  family = {family.name}, fields = {list(fields)}")
+        log.info(f"  routes = {[(r.field, r.task, r.weight) for r in fields_config.routes]}")
+        rollout = f"N = {args.num_rollout_steps}"
+        if args.method != "dense":
+            rollout += f", K = {args.query_k}, query = {args.query_strategy}"
+        else:
+            rollout += f", every state, weighting = {args.dense_weighting}"
     log.info(
-        f"  total batch = {total_batch}, steps = {args.max_train_steps}, N = {args.num_rollout_steps}, "
-        f"K = {args.query_k}, query = {args.query_strategy}, resolution = {resolution}"
+        f"  total batch = {total_batch}, steps = {args.max_train_steps}, {rollout}, resolution = {resolution}, "
+        f"text tokens = {args.max_sequence_length}"
     )
 
     from tqdm.auto import tqdm
@@ -1007,6 +1233,8 @@ def main(args: argparse.Namespace) -> None:
                 accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run_settings
             )
             log.info(f"Saved state to {path}")
+            if hub_pusher is not None:
+                hub_pusher.on_save(path, global_step)
         signum = stop.requested(accelerator)
         if signum is not None:
             if path is None:
@@ -1033,8 +1261,8 @@ def main(args: argparse.Namespace) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         from danceopd_diffusers.export import (
+            files_to_upload,
             fused_student,
-            push_output_dir,
             render_model_card,
             save_pipeline_folder,
             save_student_lora,
@@ -1101,11 +1329,17 @@ def main(args: argparse.Namespace) -> None:
             call_kwargs=call,
         )
         publish(export_dir, args.output_dir)
-        if args.push_to_hub:
-            push_output_dir(args.output_dir, repo_id, token=args.hub_token)
+        if hub_pusher is not None:
+            from danceopd_diffusers.checkpointing import list_checkpoints
+
+            checkpoints = list_checkpoints(args.output_dir)
+            hub_pusher.push_final(files_to_upload(args.output_dir), checkpoints[-1] if checkpoints else None)
         print(f"[danceopd] outputs written to {args.output_dir}", flush=True)
         if args.demo and not args.skip_pipeline_export:
-            demo.report(args.output_dir, args.demo_eval_limit)
+            demo.report(args.output_dir, args.demo_eval_limit, args.max_train_steps)
+        if hub_pusher is not None:
+            hub_pusher.wait()
+            print(f"[danceopd] pushed to https://huggingface.co/{repo_id}", flush=True)
     accelerator.end_training()
     unlock_output_dir(args.output_dir)
 

@@ -57,11 +57,11 @@ def load_transformer(
     if p.is_file() and p.suffix == ".safetensors":
         base = kwargs.pop("config_source", None)
         if base is not None:
-            return cls.from_single_file(str(p), config=base, subfolder="transformer", torch_dtype=dtype)
-        return cls.from_single_file(str(p), torch_dtype=dtype)
+            return cls.from_single_file(str(p), config=base, subfolder="transformer", dtype=dtype)
+        return cls.from_single_file(str(p), dtype=dtype)
     kwargs.pop("config_source", None)
     subfolder = transformer_subfolder(path, subfolder)
-    return cls.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, **kwargs)
+    return cls.from_pretrained(path, subfolder=subfolder, dtype=dtype, **kwargs)
 
 
 def load_pipeline(family: FamilyAdapter, path: str, custom_pipeline: str | None = None, **kwargs: Any) -> Any:

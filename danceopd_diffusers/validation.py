@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .caches import PromptCache, SourceCache
 from .data import fit_image
@@ -26,15 +27,69 @@ class ValidationExample:
     key: Any = None  # cache key of the source (any hashable, unique per source image)
 
 
-def image_grid(rows: Sequence[Sequence[Image.Image]], pad: int = 2) -> Image.Image:
-    """Rows of images on one white canvas (cells sized by the largest image)."""
-    w = max(img.width for row in rows for img in row)
-    h = max(img.height for row in rows for img in row)
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # FreeType: scalable
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def _fit(text: str, font: ImageFont.ImageFont, width: int) -> str:
+    while len(text) > 1 and font.getlength(text) > width:
+        text = text[:-2] + "…"
+    return text
+
+
+def image_grid(
+    rows: Sequence[Sequence[Image.Image]],
+    pad: int = 4,
+    titles: Sequence[str] | None = None,
+    labels: Sequence[Sequence[str]] | None = None,
+    min_cell: int = 192,
+    font_size: int = 16,
+) -> Image.Image:
+    """Rows of images on one white canvas (cells sized by the largest image), each row under its ``titles`` line
+    (wrapped) and each image under its ``labels`` header. Small images are enlarged by an integer factor with
+    nearest-neighbour sampling, so a 64 px sample shows its pixels at a size a person can read."""
+    cell_w = max(img.width for row in rows for img in row)
+    cell_h = max(img.height for row in rows for img in row)
+    scale = max(1, math.ceil(min_cell / max(cell_w, cell_h)))
+    cell_w, cell_h = cell_w * scale, cell_h * scale
     cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (cols * w + (cols + 1) * pad, len(rows) * h + (len(rows) + 1) * pad), "white")
+    width = cols * cell_w + (cols + 1) * pad
+    font, line_h = _font(font_size), font_size + 6
+    title_lines = [_wrap(t, font, width - 2 * pad) for t in titles] if titles else [[] for _ in rows]
+    label_h = line_h if labels else 0
+    height = pad + sum(len(lines) * line_h + label_h + cell_h + pad for lines in title_lines)
+    grid = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(grid)
+    y = pad
     for i, row in enumerate(rows):
+        for line in title_lines[i]:
+            draw.text((pad, y), line, fill="black", font=font)
+            y += line_h
+        if labels:
+            for j, text in enumerate(labels[i]):
+                draw.text(
+                    (pad + j * (cell_w + pad), y), _fit(text, font, cell_w), fill=(70, 70, 70), font=font
+                )
+            y += line_h
         for j, img in enumerate(row):
-            grid.paste(img, (pad + j * (w + pad), pad + i * (h + pad)))
+            img = img.convert("RGB")
+            if scale > 1:
+                img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+            grid.paste(img, (pad + j * (cell_w + pad), y))
+        y += cell_h + pad
     return grid
 
 
@@ -55,7 +110,7 @@ def validation_grid(
     """
     device = pipe.transformer.device
     dtype = pipe.transformer.dtype
-    rows, captions = [], []
+    rows, captions, titles, labels = [], [], [], []
     for example in examples:
         height = width = resolution
         cond, uncond = prompt_cache([example.prompt]), prompt_cache.empty(1)
@@ -91,11 +146,12 @@ def validation_grid(
                 x0 = field_rollout(velocity, noise, sigmas)[-1]
                 row += family.decode_latents(pipe, x0, height, width)
             rows.append(row)
-            head = "source, " if row_head else ""
-            captions.append(
-                f"{example.prompt!r} seed {seed}: {head}student, " + ", ".join(f.name for f in example.fields)
-            )
-    return image_grid(rows), captions
+            head = ["source"] if row_head else []
+            labels.append(head + ["student (no CFG)"] + [f.name for f in example.fields])
+            kind = "edit" if row_head else "prompt"
+            titles.append(f"{kind}: {example.prompt!r}  (seed {seed})")
+            captions.append(f"{example.prompt!r} seed {seed}: " + ", ".join(labels[-1]))
+    return image_grid(rows, titles=titles, labels=labels), captions
 
 
 def log_grid(accelerator: Any, grid: Image.Image, step: int, tag: str = "validation") -> None:

@@ -88,3 +88,20 @@ def make_lora_file(
         transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
     )
     return out_dir / "pytorch_lora_weights.safetensors"
+
+
+def short_run(**flags) -> list[str]:
+    """Flags of a seconds-long tiny run (tiny LoRA, 4 rollout steps, one sample per micro-step), ``flags`` added or
+    overriding: ``short_run(max_train_steps=2)`` -> [..., "--max_train_steps", "2"]."""
+    values = dict(
+        num_rollout_steps=4,
+        rank=4,
+        train_batch_size=1,
+        gradient_accumulation_steps=1,
+        max_sequence_length=16,
+        learning_rate=1e-3,
+        seed=7,
+        report_to="none",
+    )
+    values.update(flags)
+    return [item for key, value in values.items() if value is not None for item in (f"--{key}", str(value))]

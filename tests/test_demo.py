@@ -36,15 +36,31 @@ def test_embedded_default_fuses_the_shipped_sources_and_scores_the_student(tmp_p
     assert proc.returncode == 0, proc.stderr[-4000:]
     text = proc.stdout + proc.stderr
     assert "embedded demo: DanceOPD on ShapesWorld" in text and "Steps: 100%" in text
+    # the base's size and text length, read from its files (no flag sets them)
+    assert "--resolution 64 (the VAE's sample_size" in text
+    assert "--max_sequence_length 32 (the model_max_length of tokenizer_2" in text
     config = json.loads((out / "danceopd_config.json").read_text())
+    assert config["args"]["resolution"] == 64 and config["args"]["max_sequence_length"] == 32
+    assert config["args"]["seed"] == 0  # the demo's fixed default seed
     routed = {r["task"]: r["field"] for r in config["fields_config"]["routes"]}
     assert routed == {"t2i": "t2i", "local_edit": "local_cfg", "global_edit": "global_cfg"}
     assert len((out / "logs" / "routes_rank0.jsonl").read_text().splitlines()) == 4  # one route per step
     assert re.search(r"loss of route (t2i|local_cfg|global_cfg) \(\d steps\): first", text)
-    # the table: the recorded sources and this run's student, scored on the limited set
+    # the table: README.md's columns, the recorded sources, the recorded students (4 steps has no expected row)
+    # and this run's student, scored on a limited set that covers every category
+    assert "| model | T2I overall | local edits | global edits |" in text
     for name in demo.recorded_sources():
         assert f"| {name} (recorded) |" in text
-    assert "| DanceOPD student (this run, first 8 prompts / edits only) |" in text
+    assert (
+        "| DanceOPD student, 100 steps (recorded:" in text
+        and "| DanceOPD student, 1200 steps (recorded:" in text
+    )
+    row = re.search(
+        r"\| DanceOPD student \(this run, 8 prompts / edits spread over the categories\) \|(.*)\|", text
+    )
+    cells = [c.strip() for c in row.group(1).split("|")]
+    assert len(cells) == 3 and all(re.fullmatch(r"\d+\.\d+", c) for c in cells), cells
+    assert "nan" not in text.split("ShapesWorld evaluation")[1]
     scores = json.loads((out / "shapesworld_eval.json").read_text())
     assert scores["n_t2i"] == 8 and scores["n_edit"] == 8 and scores["nfe_per_image"] == 16
     for name in ("pytorch_lora_weights.safetensors", "model_index.json", "README.md", "shapesworld_eval.png"):

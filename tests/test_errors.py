@@ -149,7 +149,7 @@ def test_edit_route_on_a_family_that_cannot_edit(tiny_path, tmp_path, no_weight_
             str(tmp_path / "o"),
         ],
         "cannot edit",
-        "Families that can edit: flux-kontext, z-image-omni, qwen-image-edit.",
+        "Families that can edit: flux-kontext, z-image-omni, qwen-image-edit, flux2, flux2-klein.",
     )
 
 

@@ -11,6 +11,7 @@ import torch
 from danceopd_diffusers.shapesworld import build_t2i_dataset, t2i_rows
 from danceopd_diffusers.shapesworld import evaluate as ev
 from danceopd_diffusers.shapesworld.stats import bootstrap_ci, paired_bootstrap
+from danceopd_diffusers.shapesworld.world import T2I_CATEGORIES
 
 
 def _record_prompts(monkeypatch) -> list[list[str]]:
@@ -62,11 +63,10 @@ def test_cli_writes_table_json_and_grid(tiny_path, tmp_path, capsys):
     assert "single_object" in printed and "cannot edit" in printed
     assert "wall time:" in printed
     data = json.loads(out.read_text())
-    assert data["n_t2i"] == 6 and set(data["t2i"]) == {"overall", "single_object"}
-    assert (
-        set(data["ci"]["t2i"]) == {"overall", "single_object"}
-        and len(data["samples"]["t2i"]["single_object"]) == 6
-    )
+    # --limit takes the first prompt of each category in turn: 6 prompts cover the 6 categories
+    assert data["n_t2i"] == 6 and set(data["t2i"]) == {"overall", *T2I_CATEGORIES}
+    assert set(data["ci"]["t2i"]) == {"overall", *T2I_CATEGORIES}
+    assert all(len(data["samples"]["t2i"][c]) == 1 for c in T2I_CATEGORIES)
     assert (tmp_path / "eval.png").exists()
     assert ev.main(["--pipeline", str(tmp_path / "missing")]) == 2
     assert ev.main(["--pipeline", tiny_path, "--per_category", "0"]) == 2

@@ -21,6 +21,7 @@ CFG, else 1).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -46,6 +47,8 @@ from .world import (
     EDIT_CATEGORIES,
     EVAL_EDIT_PER_CATEGORY,
     EVAL_T2I_PER_CATEGORY,
+    GLOBAL_EDIT_CATEGORIES,
+    LOCAL_EDIT_CATEGORIES,
     T2I_CATEGORIES,
     edit_rows,
     t2i_rows,
@@ -114,7 +117,7 @@ def load_pipeline(
     length = prompt_length(path, max_sequence_length)
     family = family_cls(max_sequence_length=length) if length else family_cls()
     # an exported folder is loaded by the stock class: its pipeline_danceopd.py is never imported
-    pipe = load_stock_pipeline(family.pipeline_class(), path, torch_dtype=dtype)
+    pipe = load_stock_pipeline(family.pipeline_class(), path, dtype=dtype)
     if lora:
         pipe.load_lora_weights(lora)
         pipe.fuse_lora()
@@ -194,23 +197,25 @@ def evaluate(
     prompts, sources = PromptCache(pipe, family, device), SourceCache(pipe, family, device)
     t2i = t2i_rows("eval", n_t2i_cat)
     edits = edit_rows("eval", n_per_category=n_edit_cat) if family.can_edit else []
-    t2i = t2i if limit is None else t2i[:limit]
-    edits = edits if limit is None else edits[:limit]
+    for rows in (t2i, edits):  # each row's index within its category names its noise (sample_seed)
+        counts: dict[str, int] = {}
+        for row in rows:
+            row["index"] = counts[row["category"]] = counts.get(row["category"], -1) + 1
+    t2i, edits = spread_over_categories(t2i, limit), spread_over_categories(edits, limit)
     bar = tqdm(total=len(t2i) + len(edits), desc="ShapesWorld eval", disable=not progress)
     pool = _scoring_pool(score_workers)
     jobs: list[tuple] = []  # (task, spec, image, source) in sample order
     seeds = {"t2i": [], "edit": []}
     examples: dict[str, list[Image.Image]] = {}
+    example_prompts: dict[str, str] = {}
     try:
         pending = []
-        for task, rows, per in (("t2i", t2i, n_t2i_cat), ("edit", edits, n_edit_cat)):
+        for task, rows in (("t2i", t2i), ("edit", edits)):
             for start in range(0, len(rows), batch_size):
                 batch = rows[start : start + batch_size]
                 size = batch[0]["target_image"].width
                 texts = [r["prompt"] for r in batch]
-                batch_seeds = [
-                    sample_seed(seed, task, r["category"], (start + i) % per) for i, r in enumerate(batch)
-                ]
+                batch_seeds = [sample_seed(seed, task, r["category"], r["index"]) for r in batch]
                 seeds[task] += batch_seeds
                 if task == "t2i":
                     srcs = None
@@ -234,6 +239,7 @@ def evaluate(
                         else [srcs[i], image, row["target_image"]]
                     )
                     examples.setdefault(row["category"], shown)
+                    example_prompts.setdefault(row["category"], row["prompt"])
                 if pool is not None:
                     pending.append(pool.map_async(score_job, batch_jobs))
                 jobs += batch_jobs
@@ -271,6 +277,7 @@ def evaluate(
         "wall_time_s": round(time.perf_counter() - start_time, 2),
         "samples": samples,
         "_examples": examples,
+        "_example_prompts": example_prompts,
     }
 
 
@@ -282,8 +289,32 @@ def _per_category(values: list[float], results: list[dict[str, Any]]) -> dict[st
     return out
 
 
+#: headline -> the categories it averages; shown only when all of them were scored (a subset's average would
+#: pass for the whole)
+AGGREGATES = {
+    ("t2i", "overall"): T2I_CATEGORIES,
+    ("edit", "local"): LOCAL_EDIT_CATEGORIES,
+    ("edit", "global"): GLOBAL_EDIT_CATEGORIES,
+    ("edit", "average"): EDIT_CATEGORIES,
+}
+
+
+def spread_over_categories(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    """At most ``limit`` rows, taken from each category in turn (its first rows first), so a limited evaluation
+    covers every category instead of the first one only; every row when ``limit`` is None."""
+    if limit is None or limit >= len(rows):
+        return rows
+    by_category: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_category.setdefault(row["category"], []).append(i)
+    turns = itertools.zip_longest(*by_category.values())
+    order = [i for turn in turns for i in turn if i is not None]
+    return [rows[i] for i in sorted(order[:limit])]
+
+
 def _cell(r: dict[str, Any], task: str, name: str, digits: int) -> str:
-    if name not in r[task]:
+    needed = AGGREGATES.get((task, name), ())
+    if name not in r[task] or any(c not in r[task] for c in needed):
         return "-"
     text = f"{r[task][name]:.{digits}f}"
     ci = r.get("ci", {}).get(task, {}).get(name)
@@ -293,7 +324,7 @@ def _cell(r: dict[str, Any], task: str, name: str, digits: int) -> str:
 def _set_line(r: dict[str, Any]) -> str:
     if "set" not in r:
         return "set: quick, seed 0 (scorer version 1, before sets were named; no intervals)"
-    first = f", first {r['limit']} prompts / edits only" if r.get("limit") else ""
+    first = f", {r['limit']} prompts / edits only (spread over the categories)" if r.get("limit") else ""
     return f"set: {r['set']}{first}, seed {r['seed']}, scorer version {r.get('scorer_version')}"
 
 
@@ -405,7 +436,11 @@ def compare_main(argv: list[str]) -> int:
 
 
 def examples_grid(result: dict[str, Any]) -> Image.Image:
-    return image_grid(list(result["_examples"].values()))
+    """One row per category: its first prompt, the model's image and the world's target (edits: source first)."""
+    examples, prompts = result["_examples"], result.get("_example_prompts", {})
+    titles = [f"{category}: {prompts.get(category, '')!r}" for category in examples]
+    labels = [(["source"] if len(row) == 3 else []) + ["model", "target"] for row in examples.values()]
+    return image_grid(list(examples.values()), titles=titles, labels=labels)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,7 +479,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="scorer processes (default: every CPU core when generating on a GPU, else 0 = in this process)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N prompts / edits")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="score only N prompts / edits, the first of each category in turn",
+    )
     parser.add_argument(
         "--grid", default=None, help="where to write the picture grid (default: next to --json)"
     )

@@ -1,8 +1,9 @@
 """How a run stops early without losing or spoiling what it saved.
 
-SIGTERM / SIGINT: finish the optimizer step, save a checkpoint, exit non-zero. Schedulers (SLURM, Kubernetes) preempt a job with SIGTERM and a grace period; Ctrl-C sends SIGINT. Both only
-set a flag here, which the training loop reads between optimizer steps, so the checkpoint it then writes is a
-consistent state that ``--resume_from_checkpoint latest`` continues exactly. A second Ctrl-C stops at once.
+A NaN or infinite target or loss stops the run before the step reaches the weights. SIGTERM (schedulers such
+as SLURM or Kubernetes preempt a job with it, then wait a grace period) and SIGINT (Ctrl-C) only set a flag,
+which the training loop reads between optimizer steps: it saves a checkpoint of that consistent state, which
+``--resume_from_checkpoint latest`` continues exactly, and exits non-zero. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -58,6 +59,13 @@ from danceopd_diffusers.objectives import (
     sft_states,
     velocity_mse,
 )
+from danceopd_diffusers.output_dir import (
+    check_output_kind,
+    lock_output_dir,
+    publish,
+    staging_dir,
+    unlock_output_dir,
+)
 from danceopd_diffusers.preflight import (
     check_fields_against_model,
     check_lora_file,
@@ -72,6 +80,7 @@ from danceopd_diffusers.preflight import (
 )
 from danceopd_diffusers.rollout import QUERY_STRATEGIES
 from danceopd_diffusers.routing import Router, step_generator
+from danceopd_diffusers.stopping import Interrupted, NonFiniteError, StopOnSignal, check_finite
 from danceopd_diffusers.student import STUDENT_ADAPTER
 
 logger = logging.getLogger("danceopd")
@@ -379,6 +388,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default="danceopd-output",
         help="Where the LoRA, the pipeline folder, the model card, samples, checkpoints and logs go.",
+    )
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Allow replacing another kind of output in --output_dir (a LoRA by a full fine-tune or back).",
     )
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, under --output_dir.")
     parser.add_argument(
@@ -736,6 +750,31 @@ def main(args: argparse.Namespace) -> None:
     if hub.parse_hub_resume(args.resume_from_checkpoint):
         hub_resume = hub.resolve_hub_checkpoint(args.resume_from_checkpoint, args.output_dir, args.hub_token)
 
+    # ---------------------------------------------------------------- output folder: lock, resume, kind
+    from accelerate.utils.environment import get_int_from_env
+
+    # one writer per output folder (the first thing written to it): the main process, global rank 0 as
+    # accelerate reads it, holds its lock
+    if get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0:
+        lock_output_dir(args.output_dir)
+    from danceopd_diffusers.export import _public, base_model_reference
+
+    run_settings = {  # recorded with each checkpoint; resuming under other settings is refused
+        "base_model": base_model_reference(args.pretrained_model_name_or_path)["name"],
+        "revision": args.revision,
+        "method": args.method,
+        "full_finetune": args.full_finetune,
+        "rank": None if args.full_finetune else args.rank,
+        "lora_alpha": None if args.full_finetune else args.lora_alpha or args.rank,
+        "targets": None if args.full_finetune else sorted(student_targets),
+        "fields_config": _public(fields_config.to_dict()),  # no machine paths: checkpoints may be pushed
+    }
+    resume_path = None
+    if hub_resume is None:  # a Hub checkpoint is checked once downloaded, still before any weights load
+        resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, run_settings)
+        if resume_path is None:
+            check_output_kind(args.output_dir, args.full_finetune, args.overwrite_output_dir)
+
     # ---------------------------------------------------------------- accelerator
     logging_dir = Path(args.output_dir, args.logging_dir)
     from accelerate.utils import is_tensorboard_available
@@ -796,6 +835,7 @@ def main(args: argparse.Namespace) -> None:
             print(f"[danceopd] downloaded {hub_resume.repo_id}:{hub_resume.name} to {path}", flush=True)
         accelerator.wait_for_everyone()
         args.resume_from_checkpoint = hub_resume.name
+        resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, run_settings)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.disable_cudnn_attention:
@@ -968,15 +1008,19 @@ def main(args: argparse.Namespace) -> None:
     if args.resolution is None:
         accelerator.print(f"[danceopd] {describe_fallback_resolution(resolution)}")
     global_step = 0
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint and resume_path is None:
         accelerator.print(f"No checkpoint in {args.output_dir} to resume from; starting a new run.")
     if resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
+        try:
+            accelerator.load_state(str(resume_path))
+        except Exception as exc:  # its files matched their recorded sizes, so the damage is in their content
+            raise ConfigError(f"Cannot resume from {resume_path}: {type(exc).__name__}: {exc}") from exc
         global_step = checkpoint_step(resume_path)
     if accelerator.is_main_process:
-        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        tracker_config = {  # never the token: tracker configs are written to disk (hparams.yml) and shared
+            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
+        }
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
     logging_dir.mkdir(parents=True, exist_ok=True)
     routes_log = open(logging_dir / f"routes_rank{accelerator.process_index}.jsonl", "a")
@@ -1083,6 +1127,7 @@ def main(args: argparse.Namespace) -> None:
 
     # ---------------------------------------------------------------- training loop
     transformer.train()
+    stop = StopOnSignal().start()
     while global_step < args.max_train_steps:
         step_route = router.draw_step_route(args.seed, global_step, accelerator)
         route_losses: dict[str, list[float]] = {}
@@ -1156,6 +1201,9 @@ def main(args: argparse.Namespace) -> None:
                         cond_rows,
                     )
                 loss = velocity_mse(pred, states.target, states.weight, num_samples=len(rows))
+                route_name = fields_config.routes[step_route].field
+                check_finite("target", states.target, global_step, route_name)
+                check_finite("loss", loss, global_step, route_name)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -1187,13 +1235,33 @@ def main(args: argparse.Namespace) -> None:
             route_history.setdefault(name, []).append(sum(v) / len(v))
         progress_bar.set_postfix(loss=f"{step_loss:.4g}", lr=f"{logs['lr']:.2g}")
         accelerator.log(logs, step=global_step)
+        path = None
         if global_step % args.checkpointing_steps == 0:
-            path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            path = save_checkpoint(
+                accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run_settings
+            )
             log.info(f"Saved state to {path}")
             if hub_pusher is not None:
                 hub_pusher.on_save(path, global_step)
+        signum = stop.requested(accelerator)
+        if signum is not None:
+            if path is None:
+                path = save_checkpoint(
+                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run_settings
+                )
+            stop.stop()
+            routes_log.close()
+            progress_bar.close()
+            accelerator.end_training()
+            unlock_output_dir(args.output_dir)
+            raise Interrupted(
+                f"stopped by {signal.Signals(signum).name} after step {global_step}; its state is saved in {path}. "
+                "Continue with --resume_from_checkpoint latest.",
+                signum,
+            )
         if run_validation and accelerator.is_main_process and global_step % args.validation_steps == 0:
             validate(global_step)
+    stop.stop()
     routes_log.close()
     progress_bar.close()
     if graphed is not None:  # before the export fuses and unloads the adapters
@@ -1218,13 +1286,14 @@ def main(args: argparse.Namespace) -> None:
             for name, history in route_history.items():
                 print(f"[danceopd] loss of route {name} ({len(history)} steps): {_first_last(history)}")
         model = unwrap(transformer_ddp)
+        export_dir = staging_dir(args.output_dir)  # moved into output_dir by rename once complete
         samples_image = None
         if run_validation:
             grid = last_grid.get(global_step) or validate(global_step)
-            grid.save(Path(args.output_dir, "samples.png"))
+            grid.save(Path(export_dir, "samples.png"))
             samples_image = "samples.png"
         if not args.full_finetune:
-            save_student_lora(model, family, args.output_dir, STUDENT_ADAPTER)
+            save_student_lora(model, family, export_dir, STUDENT_ADAPTER)
             experts = [n for n in model.peft_config if n != STUDENT_ADAPTER]
             export_model = (
                 fused_student(model, STUDENT_ADAPTER, experts) if not args.skip_pipeline_export else None
@@ -1240,11 +1309,11 @@ def main(args: argparse.Namespace) -> None:
         )
         if args.skip_pipeline_export:
             if args.full_finetune:
-                model.save_pretrained(os.path.join(args.output_dir, "transformer"))
+                model.save_pretrained(os.path.join(export_dir, "transformer"))
         else:
-            save_pipeline_folder(pipe, family, export_model, args.output_dir, absorbed, call)
+            save_pipeline_folder(pipe, family, export_model, export_dir, absorbed, call)
         render_model_card(
-            args.output_dir,
+            export_dir,
             base_model=args.pretrained_model_name_or_path,
             repo_id=repo_id,
             family=family,
@@ -1263,12 +1332,13 @@ def main(args: argparse.Namespace) -> None:
             samples_image=samples_image,
         )
         write_run_config(
-            args.output_dir,
+            export_dir,
             base_model=args.pretrained_model_name_or_path,
             fields_config=fields_config,
             hyperparameters=_hyperparameters(args, resolution),
             call_kwargs=call,
         )
+        publish(export_dir, args.output_dir)
         if hub_pusher is not None:
             from danceopd_diffusers.checkpointing import list_checkpoints
 
@@ -1281,6 +1351,7 @@ def main(args: argparse.Namespace) -> None:
             hub_pusher.wait()
             print(f"[danceopd] pushed to https://huggingface.co/{repo_id}", flush=True)
     accelerator.end_training()
+    unlock_output_dir(args.output_dir)
 
 
 def _first_last(history: list[float]) -> str:
@@ -1341,6 +1412,12 @@ def cli(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Interrupted as exc:
+        print(f"[danceopd] {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

@@ -44,18 +44,17 @@ class PromptCache:
         missing = [i for i, key in enumerate(keys) if key not in self._cache]
         missing = list({keys[i]: i for i in missing}.values())
         if missing:
-            texts = [prompts[i] for i in missing]
-            if with_source:
-                cond = self.family.encode_prompts(
-                    self.pipe, texts, self.device, source_images=_images_at(source_images, missing)
-                )
-            else:
-                cond = self.family.encode_prompts(self.pipe, texts, self.device)
-            self.encoded += len(missing)
+            # one prompt per encoder call: a batched call rounds differently with the batch it is in, and which
+            # prompts share a batch depends on the cache's history, so a resumed run would not be bit-exact
+            images = _images_at(source_images, missing) if with_source else [None] * len(missing)
             if len(self._cache) + len(missing) > self.max_entries:
                 self._cache.clear()
-            for j, i in enumerate(missing):
-                self._cache[keys[i]] = cond.select([j])
+            for i, image in zip(missing, images):
+                extra = {"source_images": [image]} if with_source else {}
+                self._cache[keys[i]] = self.family.encode_prompts(
+                    self.pipe, [prompts[i]], self.device, **extra
+                )
+            self.encoded += len(missing)
         return Conditioning.cat([self._cache[key] for key in keys])
 
     def empty(
@@ -97,16 +96,19 @@ class SourceCache:
                 first.setdefault(r, i)
         missing = list(zip(first, _images_at(images, list(first.values())))) if first else []
         if missing:
-            pixels = images_to_tensor([img for _, img in missing], height, width).to(self.device)
-            generator = torch.Generator().manual_seed(0)  # the encoding of a sample never changes
-            cond = getattr(self.family, self.encode)(self.pipe, pixels, generator)
-            if isinstance(cond, torch.Tensor):
-                cond = Conditioning({"latents": cond})
-            self.encoded += len(missing)
             if len(self._cache) + len(missing) > self.max_entries:
                 self._cache.clear()
-            for i, (row, _) in enumerate(missing):
-                self._cache[(row, height, width)] = cond.select([i])
+            for (
+                row,
+                img,
+            ) in missing:  # one image per call, like prompts: the result never depends on the batch
+                pixels = images_to_tensor([img], height, width).to(self.device)
+                generator = torch.Generator().manual_seed(0)  # the encoding of a sample never changes
+                cond = getattr(self.family, self.encode)(self.pipe, pixels, generator)
+                if isinstance(cond, torch.Tensor):
+                    cond = Conditioning({"latents": cond})
+                self._cache[(row, height, width)] = cond
+            self.encoded += len(missing)
         return Conditioning.cat([self._cache[(r, height, width)] for r in rows])
 
 

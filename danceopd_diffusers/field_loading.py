@@ -18,6 +18,7 @@ from .config import FieldsConfig, FieldSpec
 from .families import FamilyAdapter
 from .fields import CFGField, Field, GuiderField, ImageGuidanceField, TransformerField
 from .lora_io import load_lora_for_diffusers, resolve_lora_file
+from .stock_loading import load_stock_pipeline
 from .student import AdapterScope, load_lora_into_adapter
 
 
@@ -67,19 +68,12 @@ def load_pipeline(family: FamilyAdapter, path: str, custom_pipeline: str | None 
     """The family's stock pipeline, also from a folder this project exported (a DanceOPD student or a
     ShapesWorld source), so that an exported model can be the base of further training.
 
-    An exported folder's index names its own ``pipeline_danceopd.py`` (checked by ``inspect_pipeline``); it is
-    loaded through that file, as ``from_pretrained(..., trust_remote_code=True)`` would, and rebuilt as the stock
-    class, whose ``__call__`` (with CFG) the rollout and the fields rely on.
+    An exported folder's index names its own ``pipeline_danceopd.py``; that file is never imported: the stock
+    class of the family loads the folder's components (``stock_loading``), since the rollout and the fields
+    rely on its ``__call__`` (with CFG). ``custom_pipeline`` is accepted for callers that pass
+    ``ModelInfo.custom_pipeline``; the index itself decides.
     """
-    cls = family.pipeline_class()
-    if custom_pipeline is None:
-        return cls.from_pretrained(path, **kwargs)
-    from diffusers import DiffusionPipeline
-
-    from .export import pipeline_settings
-
-    exported = DiffusionPipeline.from_pretrained(path, trust_remote_code=True, **kwargs)
-    return cls(**exported.components, **pipeline_settings(exported, cls))
+    return load_stock_pipeline(family.pipeline_class(), path, **kwargs)
 
 
 def build_fields(

@@ -51,6 +51,9 @@ def run_train(args: list[str]):
         parsed = train_danceopd.parse_args(args)
         train_danceopd.main(parsed)
     finally:
+        from danceopd_diffusers.stopping import StopOnSignal
+
+        StopOnSignal.stop_all()  # a run that raised leaves its SIGTERM/SIGINT handlers installed
         _reset_accelerate()
     return parsed
 

@@ -501,7 +501,8 @@ S = [
     ),
     Case(
         "S6",
-        lambda fx: {"--full_finetune": True, "--rank": "64"},
+        # the folder holds a LoRA run: replacing it by a full fine-tune needs --overwrite_output_dir
+        lambda fx: {"--full_finetune": True, "--rank": "64", "--overwrite_output_dir": True},
         ("--rank", "no effect with --full_finetune", "drop it"),
         "warn",
     ),
@@ -791,12 +792,14 @@ def _argv(fx: Fx, out: str, flags: dict) -> list[str]:
 
 
 def _snapshot(path: Path) -> dict[str, str]:
+    from danceopd_diffusers.output_dir import LOCK_FILE
+
     if path.is_file():
         return {"": hashlib.sha1(path.read_bytes()).hexdigest()}
     return {
         str(p.relative_to(path)): hashlib.sha1(p.read_bytes()).hexdigest()
         for p in sorted(path.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != LOCK_FILE  # the run's lock (it holds the process id), not an output
     }
 
 

@@ -39,6 +39,7 @@ from ..caches import PromptCache, SourceCache
 from ..families import FamilyAdapter, family_for_pipeline_class
 from ..fields import CFGField, Field, FieldQuery, TransformerField
 from ..rollout import field_rollout
+from ..stock_loading import load_stock_pipeline, split_class_name
 from ..validation import image_grid
 from .scorer import SCORER_VERSION, score_job, summarize_edit, summarize_t2i
 from .stats import bootstrap_ci, paired_bootstrap
@@ -111,13 +112,12 @@ def load_pipeline(
     """Any supported pipeline folder (stock or exported) and its family adapter; a LoRA is fused in if given."""
     from diffusers import DiffusionPipeline
 
-    index = DiffusionPipeline.load_config(path)
-    class_name = index["_class_name"]
-    class_name = class_name[-1] if isinstance(class_name, (list, tuple)) else class_name
+    class_name, _ = split_class_name(DiffusionPipeline.load_config(path), path)
     family_cls = family_for_pipeline_class(class_name)
     length = prompt_length(path, max_sequence_length)
     family = family_cls(max_sequence_length=length) if length else family_cls()
-    pipe = DiffusionPipeline.from_pretrained(path, trust_remote_code=True, dtype=dtype)
+    # an exported folder is loaded by the stock class: its pipeline_danceopd.py is never imported
+    pipe = load_stock_pipeline(family.pipeline_class(), path, dtype=dtype)
     if lora:
         pipe.load_lora_weights(lora)
         pipe.fuse_lora()

@@ -716,9 +716,10 @@ O = [
 ]
 
 #: rows the safety-faults branch owns (resume checks, custom-code refusal); tested there
-ELSEWHERE = {f"R{i}": "resume checks (safety-faults branch)" for i in range(1, 10)} | {
-    "M11b": "custom pipeline code refusal (safety-faults branch)"
-}
+ELSEWHERE = {
+    f"R{i}": "resume checks: tests/test_safety.py::test_resume_is_checked_before_any_weights_load"
+    for i in range(1, 10)
+} | {"M11b": "custom pipeline code: tests/test_safety.py::test_exported_folder_code_never_runs"}
 #: beyond the audit: broken weights that only loading finds end as one line naming the flag and the file
 X = [
     Case(

@@ -30,7 +30,7 @@ def test_embedded_default_fuses_the_shipped_sources_and_scores_the_student(tmp_p
         "1",
     ]
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train_danceopd.py")]
-    # the default is 100 steps and the whole evaluation set (about 4 minutes on 2 cores); the test runs fewer
+    # the default is 100 steps and the whole quick evaluation set (about 3 minutes on 2 cores); the test runs fewer
     args = ["--output_dir", str(out), "--max_train_steps", "4", "--demo_eval_limit", "8"]
     proc = subprocess.run(launch + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -49,14 +49,15 @@ def test_embedded_default_fuses_the_shipped_sources_and_scores_the_student(tmp_p
     # the table: README.md's columns, the recorded sources, the recorded students (4 steps has no expected row)
     # and this run's student, scored on a limited set that covers every category
     assert "| model | T2I overall | local edits | global edits |" in text
-    for name in demo.recorded_sources():
-        assert f"| {name} (recorded) |" in text
+    for name, recorded in demo.recorded_sources().items():
+        assert f"| {name} (recorded, {recorded['set']} set) |" in text
     assert (
         "| DanceOPD student, 100 steps (recorded:" in text
         and "| DanceOPD student, 1200 steps (recorded:" in text
     )
     row = re.search(
-        r"\| DanceOPD student \(this run, 8 prompts / edits spread over the categories\) \|(.*)\|", text
+        r"\| DanceOPD student \(this run, quick set, 8 prompts / edits spread over the categories\) \|(.*)\|",
+        text,
     )
     cells = [c.strip() for c in row.group(1).split("|")]
     assert len(cells) == 3 and all(re.fullmatch(r"\d+\.\d+", c) for c in cells), cells

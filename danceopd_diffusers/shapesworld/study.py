@@ -209,37 +209,20 @@ def fields_configs(settings: Settings) -> dict[str, dict]:
     """Every fields config of the study, by name (written to R/configs/<name>.yaml)."""
     src, cfg = Path(settings.sources), settings.source_cfg
 
-    def expert(key: str) -> dict:
-        return {"type": "lora", "path": str(src / SOURCE_LORAS[key])}
+    def setting(experts: dict[str, str | None]) -> dict:
+        """Route each bucket to its expert's CFG field (None: the base's)."""
+        config: dict = {"fields": {"base": {"type": "base"}}, "routes": []}
+        for task, key in experts.items():
+            name = key or "base"
+            if key:
+                config["fields"][key] = {"type": "lora", "path": str(src / SOURCE_LORAS[key])}
+            config["fields"][f"{name}_cfg"] = {"type": "cfg", "of": name, "scale": cfg}
+            config["routes"].append({"field": f"{name}_cfg", "task": task})
+        return config
 
-    base = {"base": {"type": "base"}, "base_cfg": {"type": "cfg", "of": "base", "scale": cfg}}
     configs = {
-        "setting_a": {
-            "fields": {
-                **base,
-                "edit": expert("edit"),
-                "edit_cfg": {"type": "cfg", "of": "edit", "scale": cfg},
-            },
-            "routes": [
-                {"field": "base_cfg", "task": "t2i"},
-                {"field": "edit_cfg", "task": "local_edit"},
-                {"field": "edit_cfg", "task": "global_edit"},
-            ],
-        },
-        "setting_b": {
-            "fields": {
-                **base,
-                "local": expert("local"),
-                "local_cfg": {"type": "cfg", "of": "local", "scale": cfg},
-                "global": expert("global"),
-                "global_cfg": {"type": "cfg", "of": "global", "scale": cfg},
-            },
-            "routes": [
-                {"field": "base_cfg", "task": "t2i"},
-                {"field": "local_cfg", "task": "local_edit"},
-                {"field": "global_cfg", "task": "global_edit"},
-            ],
-        },
+        "setting_a": setting({"t2i": None, "local_edit": "edit", "global_edit": "edit"}),
+        "setting_b": setting({"t2i": None, "local_edit": "local", "global_edit": "global"}),
     }
     for name, (_, spec) in CFG_FIELDS.items():
         configs[name] = {

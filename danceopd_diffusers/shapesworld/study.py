@@ -476,6 +476,7 @@ def train_stage(
     running: dict[str, tuple[subprocess.Popen, float, Run, Any]] = {}
     failed = 0
     stop = {"signal": None}
+    stopping: set[str] = set()
 
     def on_signal(signum, frame):
         stop["signal"] = signum
@@ -486,9 +487,10 @@ def train_stage(
             out_of_time = budget_s is not None and time.monotonic() - start > budget_s
             if out_of_time or stop["signal"]:
                 pending.clear()
-                for proc, *_ in running.values():
-                    if proc.poll() is None:
+                for name, (proc, *_) in running.items():
+                    if proc.poll() is None and name not in stopping:  # once: a second SIGTERM kills
                         proc.send_signal(signal.SIGTERM)
+                        stopping.add(name)
             while pending and len(running) < jobs:
                 run = pending.pop(0)
                 out = root / "runs" / run.name
@@ -513,7 +515,7 @@ def train_stage(
                 del running[name]
                 if rc == 0:
                     log(f"[study] {name}: finished in {seconds:.0f} s")
-                elif rc in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+                elif name in stopping or rc in (128 + signal.SIGTERM, 128 + signal.SIGINT):
                     log(
                         f"[study] {name}: stopped after {seconds:.0f} s with its state saved; call the stage again"
                     )
@@ -608,7 +610,8 @@ def eval_items(root: Path, settings: Settings, only: list[str] | None) -> list[E
 
             for ckpt in list_checkpoints(out) if out.is_dir() else []:
                 lora = ckpt / "pytorch_lora_weights.safetensors"
-                if lora.is_file():
+                # regular checkpoints only (a run stopped by SIGTERM also saves one where it stopped)
+                if lora.is_file() and checkpoint_step(ckpt) % settings.checkpoint_every == 0:
                     curves.append(EvalItem(name, f"step-{checkpoint_step(ckpt):06d}", lora, curve=True))
     teacher_items = []
     for t in teachers(settings):
@@ -921,14 +924,12 @@ def write_report(collection: dict, out: Path, backend: str = "auto", source: str
                 backend,
             )
             lines += [f"Training length (curve set: {s['curve_per_category']} per category):", ""]
-            lines += [
-                "| method | " + " | ".join(f"step {x}" for x, _ in next(iter(series_edit.values()))) + " |"
-            ]
-            lines += ["|---" * (1 + len(next(iter(series_edit.values())))) + "|"]
+            steps = sorted({x for points in series_edit.values() for x, _ in points})
+            lines += ["| method | " + " | ".join(f"step {x}" for x in steps) + " |"]
+            lines += ["|---" * (1 + len(steps)) + "|"]
             for label in series_edit:
-                cells = [
-                    f"{e:.2f} / {t:.3f}" for (_, e), (_, t) in zip(series_edit[label], series_t2i[label])
-                ]
+                at = {x: (e, t) for (x, e), (_, t) in zip(series_edit[label], series_t2i[label])}
+                cells = [f"{at[x][0]:.2f} / {at[x][1]:.3f}" if x in at else "-" for x in steps]
                 lines.append(f"| {label} (edit / T2I) | " + " | ".join(cells) + " |")
             lines += ["", f"![edit average vs step](study/plots/length_edit_{tag}.png) "
                       f"![T2I vs step](study/plots/length_t2i_{tag}.png)", ""]  # fmt: skip

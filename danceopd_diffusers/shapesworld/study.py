@@ -1171,6 +1171,10 @@ def main(argv: list[str] | None = None) -> int:
         failed = train_stage(runs, root, settings, args.budget_s)
         return 1 if failed else 0
     if args.stage == "eval":
+        if settings.eval_preset is None and settings.eval_per_category is None:
+            # recorded, so a report written later on another machine reads the same set
+            settings.eval_preset = "large" if _device(settings).startswith("cuda") else "quick"
+            save_settings(root, settings)
         eval_stage(root, settings, args.only, args.budget_s)
         return 0
     if args.stage == "report":

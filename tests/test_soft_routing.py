@@ -114,10 +114,10 @@ def test_routing_soft_trains_and_logs_the_mix(tiny_path, tmp_path):
             {
                 "fields": {
                     "base": {"type": "base"},
-                    "c2": {"type": "cfg", "of": "base", "scale": 2},
-                    "c5": {"type": "cfg", "of": "base", "scale": 5},
+                    "lo": {"type": "cfg", "of": "base", "scale": 1.5},
+                    "hi": {"type": "cfg", "of": "base", "scale": 4},
                 },
-                "routes": [{"field": "c2", "task": "t2i"}, {"field": "c5", "task": "t2i", "weight": 3}],
+                "routes": [{"field": "lo", "task": "t2i"}, {"field": "hi", "task": "t2i", "weight": 3}],
             }
         )
     )
@@ -132,11 +132,11 @@ def test_routing_soft_trains_and_logs_the_mix(tiny_path, tmp_path):
     recorded = json.loads((out / "danceopd_config.json").read_text())
     assert recorded["fields_config"]["fields"]["soft_t2i"] == {
         "type": "mix",
-        "of": ["c2", "c5"],
+        "of": ["lo", "hi"],
         "weights": [1.0, 3.0],
     }
     assert recorded["args"]["routing"] == "soft"
-    assert "mix(0.25 c2 + 0.75 c5)" in (out / "README.md").read_text()
+    assert "mix(0.25 lo + 0.75 hi)" in (out / "README.md").read_text()
 
 
 def test_routing_soft_refused_with_sft(tiny_path, tmp_path):

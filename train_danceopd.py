@@ -79,7 +79,7 @@ from danceopd_diffusers.preflight import (
     student_init_lora_config,
 )
 from danceopd_diffusers.rollout import QUERY_STRATEGIES
-from danceopd_diffusers.routing import Router, step_generator
+from danceopd_diffusers.routing import ROUTINGS, Router, soft_routes, step_generator
 from danceopd_diffusers.stopping import Interrupted, NonFiniteError, StopOnSignal, check_finite
 from danceopd_diffusers.student import STUDENT_ADAPTER
 
@@ -202,6 +202,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         choices=DENSE_WEIGHTINGS,
         help="dense only: uniform = 0.5/N^2 per state (the official DiffusionOPD code), "
         "step = (sigma_i - sigma_i+1)^2/2 of the shifted grid.",
+    )
+    parser.add_argument(
+        "--routing",
+        type=str,
+        default="hard",
+        choices=ROUTINGS,
+        help="hard: each sample's target is its route's field (the paper); soft: the weighted mean of every routed "
+        "field, weighted by route weight (the soft-mixing ablation; each route keeps its data bucket).",
     )
     parser.add_argument(
         "--per_sample_routing",
@@ -584,6 +592,8 @@ def check_flags(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     check_numbers(args)
+    if args.routing == "soft" and args.method == "sft":
+        raise ConfigError("--routing soft mixes fields' targets; --method sft uses no field. Drop --routing.")
     if args.per_sample_routing and args.method == "sft":
         raise ConfigError(
             "--per_sample_routing has no meaning for --method sft (buckets are drawn per step)."
@@ -644,11 +654,15 @@ def build_family(family_cls: type, args: argparse.Namespace):
 
 
 def resolve_fields(args: argparse.Namespace) -> FieldsConfig:
-    if args.fields_config:
-        return parse_fields_config(args.fields_config)
     if args.method == "sft":  # routes are filled with one per data bucket; the field is never queried
+        if args.fields_config:
+            return parse_fields_config(args.fields_config)
         return FieldsConfig(fields={"base": FieldSpec("base", "base")}, routes=[])
-    return config_from_flags(args.cfg_scale, args.expert_lora, args.expert_checkpoint)
+    if args.fields_config:
+        config = parse_fields_config(args.fields_config)
+    else:
+        config = config_from_flags(args.cfg_scale, args.expert_lora, args.expert_checkpoint)
+    return soft_routes(config) if args.routing == "soft" else config
 
 
 def main(args: argparse.Namespace) -> None:
@@ -1397,6 +1411,8 @@ def _hyperparameters(args: argparse.Namespace, resolution: int) -> dict:
     ]
     out = {k: getattr(args, k) for k in keys}
     out["resolution"] = resolution
+    if args.routing != "hard":
+        out["routing"] = args.routing
     method_option = {"dense": "dense_weighting", "sft": "weighting_scheme"}.get(args.method)
     if method_option:
         out[method_option] = getattr(args, method_option)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FIELD_TYPES = ("base", "lora", "checkpoint", "cfg", "guider", "image_guidance")
-OPERATOR_TYPES = ("cfg", "guider", "image_guidance")
+FIELD_TYPES = ("base", "lora", "checkpoint", "cfg", "guider", "image_guidance", "mix")
+OPERATOR_TYPES = ("cfg", "guider", "image_guidance", "mix")
 EDIT_ONLY_TYPES = ("image_guidance",)
 
 
@@ -64,7 +64,9 @@ class FieldSpec:
     path: str | None = None  # lora / checkpoint: local path or Hub id
     weight_name: str | None = None  # lora: file inside a folder or repo
     subfolder: str | None = None  # checkpoint: e.g. "transformer" of a pipeline repo
-    of: str | None = None  # operator fields: the field they are built on; lora: a checkpoint field under it
+    of: str | list[str] | None = (
+        None  # operators: the field they are built on (mix: a list); lora: a checkpoint
+    )
     scale: float | None = None  # cfg: guidance scale
     norm_rescale: bool = False  # cfg: rescale to the conditional's norm (Qwen-Image's true CFG)
     embedded_guidance: float | None = (
@@ -74,6 +76,13 @@ class FieldSpec:
     guider_kwargs: dict[str, Any] = field(default_factory=dict)
     text_scale: float | None = None  # image_guidance: scale of the instruction
     image_scale: float | None = None  # image_guidance: scale of the source image
+    weights: list[float] | None = None  # mix: one weight per field of `of` (default equal)
+
+    def inputs(self) -> list[str]:
+        """The names of the fields this one is built on (a mix has several)."""
+        if self.of is None:
+            return []
+        return list(self.of) if isinstance(self.of, list) else [self.of]
 
 
 @dataclass
@@ -99,10 +108,10 @@ class FieldsConfig:
         }
 
     def resolve_chain(self, name: str) -> list[FieldSpec]:
-        """The field and the fields it is built on, outermost first."""
+        """The field and the fields it is built on, outermost first (depth first through a mix's fields)."""
         chain = [self.fields[name]]
-        while chain[-1].of is not None:
-            chain.append(self.fields[chain[-1].of])
+        for inner in chain[0].inputs():
+            chain += self.resolve_chain(inner)
         return chain
 
     def transformer_field(self, name: str) -> FieldSpec:
@@ -122,7 +131,7 @@ _KEY_TYPES: dict[str, tuple[type, ...]] = {
     "path": (str,),
     "weight_name": (str,),
     "subfolder": (str,),
-    "of": (str,),
+    "of": (str, list),
     "guider": (str,),
     "scale": (int, float),
     "text_scale": (int, float),
@@ -130,6 +139,7 @@ _KEY_TYPES: dict[str, tuple[type, ...]] = {
     "embedded_guidance": (int, float),
     "norm_rescale": (bool,),
     "guider_kwargs": (dict,),
+    "weights": (list,),
 }
 _NUMBER_KEYS = ("scale", "text_scale", "image_scale", "embedded_guidance")
 
@@ -292,15 +302,23 @@ def check_fields_config(config: FieldsConfig) -> None:
             raise ConfigError(
                 f"Field {spec.name!r} ({spec.type}) needs `path`: a local path or a Hub repo id."
             )
+        if spec.type == "mix":
+            _check_mix(spec, config)
+        elif isinstance(spec.of, list) or spec.weights is not None:
+            raise ConfigError(
+                f"Field {spec.name!r} ({spec.type}): only a mix field takes a list `of` and `weights`; "
+                "give `of` one field name, or make it `type: mix`."
+            )
         if spec.type in OPERATOR_TYPES:
             if not spec.of:
                 raise ConfigError(
                     f"Field {spec.name!r} ({spec.type}) needs `of`: the name of the field it guides."
                 )
-            if spec.of not in config.fields:
-                raise ConfigError(
-                    f"Field {spec.name!r} is built on unknown field {spec.of!r}; declared fields: {sorted(config.fields)}."
-                )
+            for inner in spec.inputs():
+                if inner not in config.fields:
+                    raise ConfigError(
+                        f"Field {spec.name!r} is built on unknown field {inner!r}; declared fields: {sorted(config.fields)}."
+                    )
         elif spec.of and spec.type == "lora":
             _check_lora_on_checkpoint(spec, config)
         elif spec.of:
@@ -323,13 +341,7 @@ def check_fields_config(config: FieldsConfig) -> None:
                 )
             _check_guider_kwargs(spec, cls)
     for spec in config.fields.values():  # cycles through `of`
-        seen = {spec.name}
-        current = spec
-        while current.of is not None:
-            if current.of in seen:
-                raise ConfigError(f"Fields {sorted(seen)} are built on each other in a cycle; break it.")
-            seen.add(current.of)
-            current = config.fields[current.of]
+        _check_no_cycle(spec, config, (spec.name,))
     for route in config.routes:
         if route.field not in config.fields:
             raise ConfigError(
@@ -340,6 +352,38 @@ def check_fields_config(config: FieldsConfig) -> None:
             raise ConfigError(
                 f"Route to {route.field!r} has weight {route.weight}; weights must be > 0 (and finite)."
             )
+
+
+def _check_no_cycle(spec: FieldSpec, config: FieldsConfig, path: tuple[str, ...]) -> None:
+    for inner in spec.inputs():
+        if inner in path:
+            raise ConfigError(f"Fields {sorted(set(path))} are built on each other in a cycle; break it.")
+        _check_no_cycle(config.fields[inner], config, path + (inner,))
+
+
+def _check_mix(spec: FieldSpec, config: FieldsConfig) -> None:
+    """``{type: mix, of: [a, b], weights: [1, 2]}``: the weighted mean of the named fields (soft routing)."""
+    names = spec.of
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(
+            f"Field {spec.name!r} (mix) needs `of`: a list of field names, e.g. `of: [t2i, local_cfg]`."
+        )
+    if len(set(names)) != len(names):
+        raise ConfigError(
+            f"Field {spec.name!r} (mix) names a field twice in `of` {names}; give each once and weight it."
+        )
+    if spec.weights is not None:
+        if len(spec.weights) != len(names):
+            raise ConfigError(
+                f"Field {spec.name!r} (mix) has {len(spec.weights)} weights for {len(names)} fields; give one "
+                "weight per field of `of` (or none: equal weights)."
+            )
+        for w in spec.weights:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+                raise ConfigError(
+                    f"Field {spec.name!r} (mix): weight {w!r} must be a finite number > 0. Fix it in the fields "
+                    "config."
+                )
 
 
 def _check_guider_kwargs(spec: FieldSpec, cls: type) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from .config import FieldsConfig, FieldSpec
 from .families import FamilyAdapter
-from .fields import CFGField, Field, GuiderField, ImageGuidanceField, TransformerField
+from .fields import CFGField, Field, GuiderField, ImageGuidanceField, MixField, TransformerField
 from .lora_io import load_lora_for_diffusers, resolve_lora_file
 from .stock_loading import load_stock_pipeline
 from .student import AdapterScope, load_lora_into_adapter
@@ -149,6 +149,8 @@ def build_fields(
 
             guider = getattr(guiders, spec.guider)(**spec.guider_kwargs)
             field = GuiderField(spec.name, build(config.fields[spec.of]), guider)
+        elif spec.type == "mix":
+            field = MixField(spec.name, [build(config.fields[n]) for n in spec.of], spec.weights)
         else:  # parse_fields_config rejects unknown types first
             raise ValueError(f"unknown field type {spec.type!r}")
         if isinstance(field, TransformerField):

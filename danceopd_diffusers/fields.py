@@ -219,3 +219,42 @@ class GuiderField(Field):
         config = dict(self.guider.config)
         args = ", ".join(f"{k}={v}" for k, v in config.items() if not k.startswith("_"))
         return f"{type(self.guider).__name__}({args}) of {self.inner.name}"
+
+
+class MixField(Field):
+    """The weighted mean of several fields' velocities at the same state: soft routing.
+
+    The paper's soft-mixing ablation gives every sample this blend of the setting's fields instead of routing it to
+    one (hard routing); weights are normalised to sum to 1. Each inner field answers the same query.
+    """
+
+    def __init__(self, name: str, inners: list[Field], weights: list[float] | None = None):
+        if not inners:
+            raise ValueError(f"Field {name!r} (mix) needs at least one field.")
+        weights = [1.0] * len(inners) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(inners) or not all(w > 0 for w in weights):
+            raise ValueError(f"Field {name!r} (mix): give one positive weight per field.")
+        self.name = name
+        self.inners = list(inners)
+        total = sum(weights)
+        self.weights = [w / total for w in weights]
+
+    @property
+    def transformer(self) -> torch.nn.Module | None:
+        models = {id(f.transformer): f.transformer for f in self.inners}
+        return next(iter(models.values())) if len(models) == 1 else None
+
+    @property
+    def step_dependent(self) -> bool:
+        return any(f.step_dependent for f in self.inners)
+
+    def velocity(self, query: FieldQuery) -> torch.Tensor:
+        total = None
+        for weight, inner in zip(self.weights, self.inners):
+            v = inner.velocity(query)
+            total = weight * v.float() if total is None else total + weight * v.float()
+        return total.to(query.x.dtype)
+
+    def describe(self) -> str:
+        parts = " + ".join(f"{w:.3g} {f.name}" for w, f in zip(self.weights, self.inners))
+        return f"mix({parts})"

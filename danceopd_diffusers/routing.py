@@ -1,4 +1,5 @@
-"""Hard routing: each sample goes to exactly one field, drawn by route weight.
+"""Hard routing: each sample goes to exactly one field, drawn by route weight; :func:`soft_routes` is the soft-mixing
+ablation.
 
 Randomness is a pure function of ``(seed, step, micro_step, process)`` (:func:`step_generator`), so a run
 resumed from a checkpoint draws exactly what the uninterrupted run drew, with no generator state to save.
@@ -11,7 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import RouteSpec
+from .config import ConfigError, FieldsConfig, FieldSpec, RouteSpec
+
+ROUTINGS = ("hard", "soft")
 
 
 def step_generator(seed: int, *keys: int | str) -> torch.Generator:
@@ -41,3 +44,28 @@ class Router:
 
         value = torch.tensor([route if accelerator.is_main_process else -1], device=accelerator.device)
         return int(broadcast(value, from_process=0).item())
+
+
+def soft_routes(config: FieldsConfig) -> FieldsConfig:
+    """The soft-mixing ablation of a config: every route keeps its data bucket and weight, but its field becomes
+    the mix of all routed fields, each weighted by the total weight of the routes to it (the chance that hard
+    routing sends a sample there), so a sample's target is the mean of hard routing's targets.
+
+    One mix field per bucket, ``soft_<task>``, so the route log and the per-route losses still say which bucket a
+    step drew; all of them blend the same fields with the same weights.
+    """
+    weights: dict[str, float] = {}
+    for route in config.routes:
+        weights[route.field] = weights.get(route.field, 0.0) + route.weight
+    fields = dict(config.fields)
+    routes = []
+    for route in config.routes:
+        name = f"soft_{route.task}"
+        if name in config.fields:
+            raise ConfigError(
+                f"--routing soft names its mix field {name!r}, but the fields config already declares a field of "
+                "that name: rename it."
+            )
+        fields[name] = FieldSpec(name, "mix", of=list(weights), weights=list(weights.values()))
+        routes.append(RouteSpec(field=name, task=route.task, weight=route.weight))
+    return FieldsConfig(fields=fields, routes=routes)

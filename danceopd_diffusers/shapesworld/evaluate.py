@@ -37,7 +37,7 @@ from PIL import Image
 
 from ..caches import PromptCache, SourceCache
 from ..families import FamilyAdapter, family_for_pipeline_class
-from ..fields import CFGField, Field, FieldQuery, TransformerField
+from ..fields import CFGField, Field, FieldQuery, GuiderField, TransformerField
 from ..rollout import field_rollout
 from ..stock_loading import load_stock_pipeline, split_class_name
 from ..validation import image_grid
@@ -181,11 +181,13 @@ def evaluate(
     progress: bool = True,
     per_category: tuple[int, int] | None = None,
     score_workers: int = 0,
+    guider: Any | None = None,
 ) -> dict[str, Any]:
     """Generate and score the eval set; per-category numbers with 95 % CIs, each sample's score, NFE, examples.
 
     ``per_category``: (T2I prompts, edits) per category, default the quick set. ``score_workers`` > 0 scores in
-    that many processes while the device generates the next batch.
+    that many processes while the device generates the next batch. ``guider``: a ``diffusers.guiders`` guider
+    to sample with instead of CFG α (the library's guider field; ``guidance_scale`` is then ignored).
     """
     from tqdm.auto import tqdm
 
@@ -193,6 +195,9 @@ def evaluate(
     n_t2i_cat, n_edit_cat = per_category or PRESETS["quick"]
     base = TransformerField("model", family, pipe.transformer)
     field: Field = CFGField("model_cfg", base, guidance_scale) if guidance_scale != 1.0 else base
+    calls_per_step = 2 if guidance_scale != 1.0 else 1
+    if guider is not None:
+        field, calls_per_step = GuiderField("model_guided", base, guider), guider.num_conditions
     device = pipe.transformer.device
     prompts, sources = PromptCache(pipe, family, device), SourceCache(pipe, family, device)
     t2i = t2i_rows("eval", n_t2i_cat)
@@ -268,8 +273,9 @@ def evaluate(
         "limit": limit,
         "seed": seed,
         "scorer_version": SCORER_VERSION,
-        "nfe_per_image": num_steps * (2 if guidance_scale != 1.0 else 1),
+        "nfe_per_image": num_steps * calls_per_step,
         "guidance_scale": guidance_scale,
+        **({"guider": field.describe()} if guider is not None else {}),
         "num_steps": num_steps,
         "n_t2i": len(t2i_results),
         "n_edit": len(edit_results),

@@ -1,0 +1,124 @@
+"""The study entry point (issue 10): its plan, and every stage end to end at toy size on the shipped sources."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from PIL import Image
+from safetensors import safe_open
+
+from danceopd_diffusers.shapesworld import study
+from danceopd_diffusers.shapesworld.prepare import write_buckets
+
+TOY = ["--steps", "2", "--checkpoint_every", "2", "--batch_size", "1", "--num_rollout_steps", "2"]
+TOY += ["--warmup_steps", "0", "--jobs", "2", "--eval_limit", "6", "--eval_inference_steps", "2"]
+TOY += ["--curve_per_category", "8", "--device", "cpu"]
+
+
+def _flag(cmd: list[str], name: str) -> str | None:
+    return cmd[cmd.index(name) + 1] if name in cmd else None
+
+
+def test_plan_gives_every_method_of_a_setting_the_same_start_and_budget(tmp_path):
+    settings = study.Settings()
+    runs = {r.name: r for r in study.all_runs(settings)}
+    assert not any(r.group == "seeds" for r in runs.values())  # seeds wait for the main runs' scores
+    for setting, init in (("A", "edit_lora"), ("B", "local_edit_lora")):
+        cmds = {
+            k: study.train_command(runs[f"{setting}-{k}"], tmp_path, settings, False) for k in study.METHODS
+        }
+        for cmd in cmds.values():
+            assert Path(_flag(cmd, "--student_init")).stem == init
+            for name, value in (("--max_train_steps", "2000"), ("--train_batch_size", "64"), ("--seed", "0")):
+                assert _flag(cmd, name) == value
+            assert _flag(cmd, "--learning_rate") == "0.0005" and "--resume_from_checkpoint" in cmd
+            assert _flag(cmd, "--dataset_name").endswith("all/metadata.jsonl")
+        assert {k: _flag(c, "--method") for k, c in cmds.items()} == {
+            "danceopd": "danceopd",
+            "dense": "dense",
+            "offpolicy": "offpolicy",
+            "joint": "sft",
+            "soft": "danceopd",
+        }
+        assert _flag(cmds["soft"], "--routing") == "soft" and "--routing" not in cmds["danceopd"]
+        assert "--fields_config" not in cmds["joint"]  # sft: one route per data bucket, no field
+    configs = study.fields_configs(settings)
+    assert [(r["task"], r["field"]) for r in configs["setting_b"]["routes"]] == [
+        ("t2i", "base_cfg"),
+        ("local_edit", "local_cfg"),
+        ("global_edit", "global_cfg"),
+    ]
+    assert {r["field"] for r in configs["setting_a"]["routes"][1:]} == {"edit_cfg"}
+    ablation = study.train_command(runs["B-init-base"], tmp_path, settings, False)
+    assert "--student_init" not in ablation and _flag(ablation, "--rank") == "32"
+    assert _flag(study.train_command(runs["B-k4"], tmp_path, settings, False), "--query_k") == "4"
+    assert _flag(study.train_command(runs["cfg-zero"], tmp_path, settings, False), "--dataset_name").endswith(
+        "t2i/metadata.jsonl"
+    )
+    settings.best_baselines = {"A": "joint", "B": "dense"}
+    seeds = [r.name for r in study.seed_runs(settings)]
+    assert seeds == [
+        f"{s}-{k}-seed{i}"
+        for s, k in (("A", "danceopd"), ("A", "joint"), ("B", "danceopd"), ("B", "dense"))
+        for i in (1, 2)
+    ]
+    assert {m.setting for m in study.merges()} == {"A", "B", "init"}
+
+
+def test_study_end_to_end_at_toy_size(tmp_path, capsys):
+    root = tmp_path / "R"
+    write_buckets(root, ["t2i", "local", "global", "all"], 1, workers=1)
+    assert study.main(["merge", "--root", str(root), "--only", "A-merge-cat-w0.5"]) == 0
+    assert study.main(["main", "--root", str(root), "--only", "A-danceopd", "A-soft", *TOY]) == 0
+    log = capsys.readouterr().out
+    assert log.count("launched") == 2 and log.count("finished") == 2, log
+    routes = (root / "runs" / "A-soft" / "logs" / "routes_rank0.jsonl").read_text().splitlines()
+    assert {json.loads(line)["route"] for line in routes} <= {
+        "soft_t2i",
+        "soft_local_edit",
+        "soft_global_edit",
+    }
+    # settings are remembered; a second call skips finished runs
+    assert study.main(["main", "--root", str(root), "--only", "A-danceopd"]) == 0
+    assert "A-danceopd: done (2 steps), skipped" in capsys.readouterr().out
+
+    assert study.main(["eval", "--root", str(root), "--only", "A-*", "source-base"]) == 0
+    evals = root / "evals"
+    assert sorted(p.name for p in (evals / "A-danceopd").iterdir()) == ["final.json", "step-000002.json"]
+    final = json.loads((evals / "A-danceopd" / "final.json").read_text())
+    assert final["n_t2i"] == 6 and final["nfe_per_image"] == 2 and "samples" in final
+    assert capsys.readouterr().out.count("[study] eval") == 6  # 2 finals, 1 source, 1 merge, 2 curve points
+    assert study.main(["eval", "--root", str(root), "--only", "A-*", "source-base"]) == 0
+    assert "[study] eval" not in capsys.readouterr().out  # nothing left to score
+
+    out = tmp_path / "report" / "STUDY.md"
+    assert study.main(["report", "--root", str(root), "--out", str(out), "--plot_backend", "pil"]) == 0
+    text = out.read_text()
+    for heading in ("## Setting A: T2I + Edit", "## Setting B: Local + Global", "## Ablations (setting B)"):
+        assert heading in text
+    assert "## CFG absorption" in text and "## Compute" in text
+    number = r"\d\.\d+ \[\d\.\d+, \d\.\d+\]"
+    assert re.search(rf"\| DanceOPD \| {number} \| \d\.\d\d \| \d\.\d\d \| {number} \| 2 \| \d+ s", text)
+    assert re.search(rf"\| soft routing \| {number} \|", text)
+    assert re.search(r"\| weight merge \(best: linear \(cat\), λ = 0\.5\) \| \d", text)
+    assert re.search(r"\| soft routing \| [+-]\d\.\d\d \[[+-]\d\.\d\d, [+-]\d\.\d\d\] \| \d\.\d{3} \|", text)
+    assert "| DiffusionOPD (dense) | not run |" in text
+    for plot in ("length_edit_a.png", "length_t2i_a.png"):
+        assert Image.open(out.parent / "study" / "plots" / plot).size == (640, 400)
+
+    dest = tmp_path / "ship"
+    assert study.main(["ship", "--root", str(root), "--dest", str(dest)]) == 0
+    assert sorted(p.name for p in dest.glob("*.safetensors")) == [
+        "A-danceopd.safetensors",
+        "A-merge-cat-w0.5.safetensors",
+        "A-soft.safetensors",
+    ]
+    with safe_open(str(dest / "A-danceopd.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype.itemsize == 2 for k in f.keys())
+    again = tmp_path / "again" / "STUDY.md"
+    assert study.main(["report", "--dest", str(dest), "--out", str(again), "--plot_backend", "pil"]) == 0
+    tables = lambda t: t.split("## Setting A", 1)[1]  # noqa: E731
+    assert tables(again.read_text()) == tables(text)  # the shipped results give the same report
+    assert str(tmp_path) not in (dest / "results.json").read_text()  # no machine paths shipped

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 FSDP_ON_CPU = REPO / "tests" / "fsdp_on_cpu.py"
 
 
-def _launch(launcher: list[str], script: Path, args: list[str], cwd: Path, port: int):
+def _launch(launcher: list[str], script: Path, args: list[str], cwd: Path, port: int, timeout: int = 600):
     # accelerate's `--cpu` launcher starts a single process unless MPI is installed; `--multi_gpu` (or an FSDP
     # config) on a machine without CUDA starts two torchrun processes, which the script runs as gloo processes.
     cmd = [
@@ -43,7 +43,7 @@ def _launch(launcher: list[str], script: Path, args: list[str], cwd: Path, port:
         *args,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _train_args(tiny_path: str, root: Path, out: Path, steps: int = 6) -> list[str]:
@@ -139,3 +139,24 @@ def test_fsdp2_lora_trains_as_ddp_exports_and_resumes_exactly(ddp_run, tiny_path
         assert torch.equal(resumed[key], lora[key]), key
     three = load_file(out / "checkpoint-3" / "pytorch_lora_weights.safetensors")
     assert any(not torch.allclose(three[k], lora[k]) for k in lora)  # steps 4-6 did change the weights
+
+
+def test_fsdp2_adapters_on_the_sharded_base(tiny_path, tmp_path):
+    """Base (adapters off), LoRA experts and the student evaluated on the FSDP2-sharded transformer: a call
+    all-gathers each block at most once; inside ``gathered`` one all-gather serves any number of calls and adapter
+    switches, the ranks' call counts may differ, and every output equals the unsharded model's."""
+    fsdp = ["--config_file", str(REPO / "accelerate_configs" / "fsdp2_lora.yaml")]
+    worker = REPO / "tests" / "fsdp_adapter_worker.py"
+    # mismatched collectives hang gloo: a run that does not finish in time has failed
+    proc = _launch(fsdp, worker, [tiny_path, str(tmp_path)], tmp_path, 29536, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        groups = report["groups"]
+        assert groups > 1  # the blocks are sharded units of their own
+        # the first call gathers every group; later ones the groups resharded after forward (the blocks)
+        assert report["sharded_calls"][0] == groups
+        assert all(0 < n <= groups for n in report["sharded_calls"])
+        assert report["gathered"] == {"on_entry": groups, "inside": 0}
+        assert report["match"] == {"base": True, "expert": True, "student": True}
+        assert report["adapters_differ"]

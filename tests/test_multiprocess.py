@@ -160,3 +160,37 @@ def test_fsdp2_adapters_on_the_sharded_base(tiny_path, tmp_path):
         assert report["gathered"] == {"on_entry": groups, "inside": 0}
         assert report["match"] == {"base": True, "expert": True, "student": True}
         assert report["adapters_differ"]
+
+
+def test_fsdp2_full_finetune_exports_and_resumes_exactly(tiny_path, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    fsdp = ["--config_file", str(REPO / "accelerate_configs" / "fsdp2_full.yaml")]
+    args = [
+        "--full_finetune",
+        "--learning_rate",
+        "1e-4",
+        "--skip_pipeline_export",
+        "--checkpointing_steps",
+        "1",
+    ]
+    out, cut = tmp_path / "out", tmp_path / "cut"
+    proc = _launch(
+        fsdp, FSDP_ON_CPU, [*_train_args(tiny_path, tmp_path, out, steps=2), *args], tmp_path, 29537
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "checkpoint-1" / "pytorch_model_fsdp_0").is_dir()
+    cut.mkdir()
+    shutil.copytree(out / "checkpoint-1", cut / "checkpoint-1")
+    resume = [*_train_args(tiny_path, tmp_path, cut, steps=2), *args, "--resume_from_checkpoint", "latest"]
+    proc = _launch(fsdp, FSDP_ON_CPU, resume, tmp_path, 29538)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    trained, resumed, one, base = (
+        SD3Transformer2DModel.from_pretrained(p, subfolder="transformer").state_dict()
+        for p in (out, cut, out / "checkpoint-1", tiny_path)
+    )
+    assert trained.keys() == base.keys()
+    for key in trained:
+        assert torch.equal(trained[key], resumed[key]), key
+    assert any(not torch.equal(trained[k], one[k]) for k in trained)  # step 2 changed the weights
+    assert any(not torch.equal(one[k], base[k]) for k in trained)  # and so did step 1

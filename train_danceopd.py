@@ -809,6 +809,9 @@ def main(args: argparse.Namespace) -> None:
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir)),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+    from danceopd_diffusers.distributed import check_engine, full_state_dict, gathered, unsharded_copy
+
+    check_engine(accelerator, args.full_finetune, args.cuda_graphs)
     log = get_logger("danceopd")
     precision_from = "--mixed_precision"
     if not args.mixed_precision:
@@ -965,11 +968,14 @@ def main(args: argparse.Namespace) -> None:
         return model._orig_mod if hasattr(model, "_orig_mod") else model
 
     def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            from danceopd_diffusers.export import save_student_lora
+        for model in models:
+            model = unwrap(model)
+            state = full_state_dict(accelerator, model)  # every rank joins the gathering of a sharded model
+            if accelerator.is_main_process:
+                from danceopd_diffusers.export import save_student_lora
 
-            for model in models:
-                model = unwrap(model)
+                if state is not None:
+                    model = unsharded_copy(model, state)
                 if args.full_finetune:
                     model.save_pretrained(os.path.join(output_dir, "transformer"))
                 else:
@@ -1003,6 +1009,10 @@ def main(args: argparse.Namespace) -> None:
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
     transformer_ddp, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    # FSDP2 shards pipe.transformer in place, with new parameters: clip (and switch adapters on) those
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if scope is not None:
+        scope.refresh()
     graphed = None
     if args.cuda_graphs:  # after prepare: accelerate's autocast wrapper of the forward is captured too
         from danceopd_diffusers.cuda_graphs import GraphedNoGradForward
@@ -1187,25 +1197,27 @@ def main(args: argparse.Namespace) -> None:
                         indices = sample_query_indices(
                             args.num_rollout_steps, len(rows), args.query_k, args.query_strategy, gen
                         )
-                    if args.method == "offpolicy":
-                        sigmas = family.sigmas(pipe, args.num_rollout_steps, shape, accelerator.device)
-                        states = off_policy_states(family, targets, noise, sigmas, indices, gen)
-                    else:
-                        transformer.eval()
-                        states = on_policy_states(
-                            pipe,
-                            family,
-                            targets,
-                            cond,
-                            noise,
-                            args.num_rollout_steps,
-                            indices,
-                            height,
-                            width,
-                            dense=args.method == "dense",
-                            dense_weighting=args.dense_weighting,
-                        )
-                        transformer.train()
+                    # under FSDP2: gathered once for the rollout and every field (ranks differ in their calls)
+                    with gathered(transformer):
+                        if args.method == "offpolicy":
+                            sigmas = family.sigmas(pipe, args.num_rollout_steps, shape, accelerator.device)
+                            states = off_policy_states(family, targets, noise, sigmas, indices, gen)
+                        else:
+                            transformer.eval()
+                            states = on_policy_states(
+                                pipe,
+                                family,
+                                targets,
+                                cond,
+                                noise,
+                                args.num_rollout_steps,
+                                indices,
+                                height,
+                                width,
+                                dense=args.method == "dense",
+                                dense_weighting=args.dense_weighting,
+                            )
+                            transformer.train()
                 cond_rows = cond.select(states.samples)
                 with accelerator.autocast():
                     pred = family.velocity(
@@ -1273,8 +1285,10 @@ def main(args: argparse.Namespace) -> None:
                 "Continue with --resume_from_checkpoint latest.",
                 signum,
             )
-        if run_validation and accelerator.is_main_process and global_step % args.validation_steps == 0:
-            validate(global_step)
+        if run_validation and global_step % args.validation_steps == 0:
+            with gathered(transformer):  # every rank joins the gathering; the main process samples
+                if accelerator.is_main_process:
+                    validate(global_step)
     stop.stop()
     routes_log.close()
     progress_bar.close()
@@ -1283,6 +1297,11 @@ def main(args: argparse.Namespace) -> None:
 
     # ---------------------------------------------------------------- outputs
     accelerator.wait_for_everyone()
+    final_state = full_state_dict(accelerator, transformer)  # a sharded student, gathered on the main process
+    if run_validation and global_step not in last_grid:
+        with gathered(transformer):
+            if accelerator.is_main_process:
+                validate(global_step)
     if accelerator.is_main_process:
         from danceopd_diffusers.export import (
             files_to_upload,
@@ -1300,6 +1319,8 @@ def main(args: argparse.Namespace) -> None:
             for name, history in route_history.items():
                 print(f"[danceopd] loss of route {name} ({len(history)} steps): {_first_last(history)}")
         model = unwrap(transformer_ddp)
+        if final_state is not None:
+            model = unsharded_copy(model, final_state)
         export_dir = staging_dir(args.output_dir)  # moved into output_dir by rename once complete
         samples_image = None
         if run_validation:

@@ -162,6 +162,42 @@ class FamilyAdapter:
         raise NotImplementedError(f"The {self.name} family cannot edit.")
 
 
+def token_count_mu(scheduler: Any, image_seq_len: int) -> float:
+    """The dynamic shift's ``mu`` of the Flux / Qwen-Image / Z-Image pipelines: linear in the image token count
+    between the two points of the scheduler's config."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = scheduler.config
+    return calculate_shift(
+        image_seq_len,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+
+
+def scheduler_sigmas(
+    scheduler: Any, num_steps: int, device: torch.device, sigmas: Any = None, mu: float | None = None
+) -> torch.Tensor:
+    """The N + 1 sigmas the pipeline's ``__call__`` sets on ``scheduler`` from this grid and ``mu``."""
+    from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
+
+    retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, mu=mu)
+    return scheduler.sigmas.detach().clone().float().cpu()
+
+
+def linspace_grid(scheduler: Any, num_steps: int) -> Any:
+    """linspace(1, 1/N, N), or None when the scheduler makes its own (``use_flow_sigmas``), as the Flux pipelines."""
+    import numpy as np
+
+    return (
+        None
+        if getattr(scheduler.config, "use_flow_sigmas", False)
+        else np.linspace(1.0, 1 / num_steps, num_steps)
+    )
+
+
 def euler_step(
     x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor
 ):

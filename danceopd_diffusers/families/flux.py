@@ -24,7 +24,15 @@ from typing import Any
 
 import torch
 
-from .base import EMBEDDED_GUIDANCE, SOURCE_PREFIX, Conditioning, FamilyAdapter
+from .base import (
+    EMBEDDED_GUIDANCE,
+    SOURCE_PREFIX,
+    Conditioning,
+    FamilyAdapter,
+    linspace_grid,
+    scheduler_sigmas,
+    token_count_mu,
+)
 
 #: key of the Kontext source-image latents in a Conditioning: unpacked ``[B, C, h, w]``, exactly what
 #: ``FluxKontextPipeline(image=...)`` takes as pre-encoded latents (a tensor with the VAE's latent channels)
@@ -200,22 +208,11 @@ class FluxFamily(FamilyAdapter):
     def sigmas(
         self, pipe: Any, num_steps: int, latent_shape: tuple[int, ...], device: torch.device
     ) -> torch.Tensor:
-        import numpy as np
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-
-        scheduler = pipe.scheduler
-        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-        if getattr(scheduler.config, "use_flow_sigmas", False):
-            sigmas = None
-        mu = calculate_shift(
-            latent_shape[1],  # the image sequence length: noisy tokens only, as in the pipelines
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
+        # mu from the image sequence length: noisy tokens only, as in the pipelines
+        mu = token_count_mu(pipe.scheduler, latent_shape[1])
+        return scheduler_sigmas(
+            pipe.scheduler, num_steps, device, linspace_grid(pipe.scheduler, num_steps), mu
         )
-        retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, mu=mu)
-        return scheduler.sigmas.detach().clone().float().cpu()
 
     def encode_images(
         self, pipe: Any, images: torch.Tensor, generator: torch.Generator | None = None

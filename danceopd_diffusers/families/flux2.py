@@ -29,7 +29,14 @@ from typing import Any
 
 import torch
 
-from .base import EMBEDDED_GUIDANCE, SOURCE_PREFIX, Conditioning, FamilyAdapter
+from .base import (
+    EMBEDDED_GUIDANCE,
+    SOURCE_PREFIX,
+    Conditioning,
+    FamilyAdapter,
+    linspace_grid,
+    scheduler_sigmas,
+)
 from .flux import FLUX_LORA_TARGETS, _unwrap
 
 #: key of the reference-image latents in a Conditioning: patchified and normalised ``[B, 4C, h, w]``
@@ -234,16 +241,12 @@ class _Flux2Base(FamilyAdapter):
         self, pipe: Any, num_steps: int, latent_shape: tuple[int, ...], device: torch.device
     ) -> torch.Tensor:
         """linspace(1, 1/N, N) shifted with Flux.2's empirical ``mu`` (token count and step count), as __call__."""
-        import numpy as np
-        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu, retrieve_timesteps
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
-        scheduler = pipe.scheduler
-        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-        if getattr(scheduler.config, "use_flow_sigmas", False):
-            sigmas = None
         mu = compute_empirical_mu(image_seq_len=latent_shape[1], num_steps=num_steps)
-        retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, mu=mu)
-        return scheduler.sigmas.detach().clone().float().cpu()
+        return scheduler_sigmas(
+            pipe.scheduler, num_steps, device, linspace_grid(pipe.scheduler, num_steps), mu
+        )
 
     def encode_images(
         self, pipe: Any, images: torch.Tensor, generator: torch.Generator | None = None

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .base import Conditioning, FamilyAdapter
+from .base import Conditioning, FamilyAdapter, scheduler_sigmas, token_count_mu
 
 logger = logging.getLogger(__name__)
 
@@ -189,19 +189,10 @@ class QwenImageFamily(FamilyAdapter):
         self, pipe: Any, num_steps: int, latent_shape: tuple[int, ...], device: torch.device
     ) -> torch.Tensor:
         import numpy as np
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 
-        scheduler = pipe.scheduler
-        mu = calculate_shift(
-            latent_shape[1],
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
-        )
+        mu = token_count_mu(pipe.scheduler, latent_shape[1])
         grid = np.linspace(1.0, 1 / num_steps, num_steps)
-        retrieve_timesteps(scheduler, num_steps, device, sigmas=grid, mu=mu)
-        return scheduler.sigmas.detach().clone().float().cpu()
+        return scheduler_sigmas(pipe.scheduler, num_steps, device, grid, mu)
 
     def _vae_latents(
         self, pipe: Any, images: torch.Tensor, generator: torch.Generator | None, mode: bool

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .base import Conditioning, FamilyAdapter
+from .base import Conditioning, FamilyAdapter, scheduler_sigmas, token_count_mu
 
 #: Z-Image's FeedForward is w2(silu(w1 x) * w3 x); DanceOPD's Z-Image recipe adapts it with the attention
 _Z_IMAGE_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
@@ -156,22 +156,10 @@ class ZImageFamily(FamilyAdapter):
         self, pipe: Any, num_steps: int, latent_shape: tuple[int, ...], device: torch.device
     ) -> torch.Tensor:
         """linspace(1, 1/N, N) through the scheduler with mu from the image sequence length, as __call__."""
-        from diffusers.pipelines.z_image.pipeline_z_image import (
-            calculate_shift,
-            get_default_z_image_sigmas,
-            retrieve_timesteps,
-        )
+        from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 
-        scheduler = pipe.scheduler
-        mu = calculate_shift(
-            (latent_shape[-2] // 2) * (latent_shape[-1] // 2),
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
-        )
-        retrieve_timesteps(scheduler, num_steps, device, sigmas=get_default_z_image_sigmas(num_steps), mu=mu)
-        return scheduler.sigmas.detach().clone().float().cpu()
+        mu = token_count_mu(pipe.scheduler, (latent_shape[-2] // 2) * (latent_shape[-1] // 2))
+        return scheduler_sigmas(pipe.scheduler, num_steps, device, get_default_z_image_sigmas(num_steps), mu)
 
 
 def _omni_source_pipeline_class() -> type:

@@ -1227,19 +1227,21 @@ def main(args: argparse.Namespace) -> None:
                         cond_rows,
                     )
                 loss = velocity_mse(pred, states.target, states.weight, num_samples=len(rows))
-                route_name = fields_config.routes[step_route].field
-                check_finite("target", states.target, global_step, route_name)
-                check_finite("loss", loss, global_step, route_name)
+                with torch.no_grad():  # the loss and each row's error reach the host in one sync
+                    per_row = (pred.detach().float() - states.target.float()).pow(2).flatten(1).mean(1)
+                    on_host = torch.cat([loss.detach().float().reshape(1), per_row]).cpu().tolist()
+                if not math.isfinite(on_host[0]):  # a non-finite target makes the loss non-finite too
+                    route_name = fields_config.routes[step_route].field
+                    check_finite("target", states.target, global_step, route_name)
+                    check_finite("loss", loss, global_step, route_name)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.detach().item() / args.gradient_accumulation_steps
-            with torch.no_grad():
-                per_row = (pred.detach().float() - states.target.float()).pow(2).flatten(1).mean(1).cpu()
-            for row, sample in zip(per_row.tolist(), states.samples.tolist()):
+            step_loss += on_host[0] / args.gradient_accumulation_steps
+            for row, sample in zip(on_host[1:], states.samples.tolist()):
                 route_losses.setdefault(fields_config.routes[sample_routes[sample]].field, []).append(row)
         routes_log.write(
             json.dumps(

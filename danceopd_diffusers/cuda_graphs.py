@@ -31,13 +31,15 @@ class GraphedNoGradForward:
     the module's structure changes (fusing or unloading adapters).
     """
 
-    def __init__(self, module: torch.nn.Module, warmup: int = 2):
+    def __init__(self, module: torch.nn.Module, warmup: int = 2, max_graphs: int = 16):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.module = module
         self.eager = module.forward
         self._own_forward = vars(module).get("forward")  # accelerate's autocast wrapper, if it set one
         self.warmup = warmup
+        # beyond max_graphs (e.g. edit sources of many aspect ratios) new calls run eagerly
+        self.max_graphs = max_graphs
         self.graphs: dict[tuple, _Graph | None] = {}  # None: that call cannot be captured; it runs eagerly
         self._tuner = next((m for m in module.modules() if isinstance(m, BaseTunerLayer)), None)
         module.forward = self
@@ -71,6 +73,8 @@ class GraphedNoGradForward:
         if key is None:
             return self.eager(*args, **kwargs)
         if key not in self.graphs:
+            if sum(g is not None for g in self.graphs.values()) >= self.max_graphs:
+                return self.eager(*args, **kwargs)
             self.graphs[key] = self._capture(spec, leaves)
         entry = self.graphs[key]
         if entry is None:

@@ -138,6 +138,30 @@ class Fx:
         (img / "bomb.png").write_bytes(_png_claiming(14000, 14000))
         self.img = img
 
+    def real_run(self) -> Path:
+        """A finished 2-step run of the audit's base flags with its export: checkpoint-1 and checkpoint-2."""
+        folder = self.root / "real-run"
+        if not folder.is_dir():
+            from conftest import run_train
+
+            run_train(_argv(self, str(folder), {}))
+        return folder
+
+    def exported_with_payload(self) -> Path:
+        """The real run's exported pipeline, its pipeline_danceopd.py made to create the marker on import."""
+        folder = self.root / "exported-payload"
+        if not folder.is_dir():
+            shutil.copytree(
+                self.real_run(),
+                folder,
+                ignore=shutil.ignore_patterns("checkpoint-*", "logs", ".danceopd.lock"),
+            )
+            module = folder / "pipeline_danceopd.py"
+            code = module.read_text() + f"\nimport os as _os\n_os.mkdir({str(self.marker)!r})\n"
+            module.unlink()  # never write through a link into the package
+            module.write_text(code)
+        return folder
+
     def write(self, name: str, text: str) -> str:
         return self.write_bytes(name, text.encode())
 
@@ -213,6 +237,10 @@ class Case:
     kind: str = (
         "early"  # early | ok | argparse | load (found only by loading: a clean error at the load site)
     )
+    #: the output folder the case starts from is a real finished run (checkpoints with their records), damaged
+    #: first by ``damage(folder, fx)`` when given; otherwise the stand-in folder of ``Fx.precious``
+    real_run: bool = False
+    damage: Callable[[Path, Fx], None] | None = None
 
 
 def _yaml(fields: str, routes: str = "  - {field: c, task: t2i}") -> str:
@@ -716,10 +744,7 @@ O = [
 ]
 
 #: rows the safety-faults branch owns (resume checks, custom-code refusal); tested there
-ELSEWHERE = {
-    f"R{i}": "resume checks: tests/test_safety.py::test_resume_is_checked_before_any_weights_load"
-    for i in range(1, 10)
-} | {"M11b": "custom pipeline code: tests/test_safety.py::test_exported_folder_code_never_runs"}
+ELSEWHERE: dict[str, str] = {}
 #: beyond the audit: broken weights that only loading finds end as one line naming the flag and the file
 X = [
     Case(
@@ -754,7 +779,94 @@ X = [
         ("wide_transformer_weights", "norm_out.linear.bias", "different models", "export the folder again"),
     ),
 ]
-CASES = M + Y + L + S + D + N + O + X
+
+
+def _truncate_in(name: str) -> Callable[[Path, Fx], None]:
+    return lambda out, fx: Fx.truncate(out / name)
+
+
+def _pickle_in(name: str) -> Callable[[Path, Fx], None]:
+    return lambda out, fx: (out / name).write_bytes(pickle.dumps(_Payload(str(fx.marker))))
+
+
+#: resume rows (the audit's R1-R9): they start from a real finished run's folder
+_NEW = "Resume with the settings it was saved with, or start a new run in another --output_dir"
+R = [
+    Case(
+        "R1",
+        lambda fx: {"--resume_from_checkpoint": "checkpoint-99"},
+        ("--resume_from_checkpoint", "checkpoint-99", "does not exist", "checkpoint-2"),
+        real_run=True,
+    ),
+    Case(
+        "R2",
+        lambda fx: {"--resume_from_checkpoint": "latest"},
+        ("--resume_from_checkpoint", "optimizer.bin is corrupt"),
+        real_run=True,
+        damage=_truncate_in("checkpoint-2/optimizer.bin"),
+    ),
+    Case(
+        "R3",
+        lambda fx: {"--resume_from_checkpoint": "latest"},
+        ("--resume_from_checkpoint", "pytorch_lora_weights.safetensors is corrupt"),
+        real_run=True,
+        damage=_truncate_in("checkpoint-2/pytorch_lora_weights.safetensors"),
+    ),
+    Case(
+        "R4",
+        lambda fx: {"--resume_from_checkpoint": "latest", "--rank": "8"},
+        (
+            "checkpoint-2 was saved by a run with other settings",
+            "rank: 4 in the checkpoint, 8 in this run",
+            _NEW,
+        ),
+        real_run=True,
+    ),
+    Case(
+        "R5",
+        lambda fx: {"--resume_from_checkpoint": "latest", "--cfg_scale": None, "--expert_lora": str(fx.lora)},
+        ("checkpoint-2 was saved by a run with other settings", "fields_config.routes", _NEW),
+        real_run=True,
+    ),
+    Case(
+        "R6",
+        lambda fx: {"--resume_from_checkpoint": "latest", "--lora_layers": "attn.to_q"},
+        ("checkpoint-2 was saved by a run with other settings", '["attn.to_q"] in this run', _NEW),
+        real_run=True,
+    ),
+    # an empty newest checkpoint-7 is skipped: `latest` resumes from checkpoint-2 and reaches the weights
+    Case(
+        "R7",
+        lambda fx: {"--resume_from_checkpoint": "latest"},
+        (),
+        kind="ok",
+        real_run=True,
+        damage=lambda out, fx: (out / "checkpoint-7").mkdir(),
+    ),
+    Case(
+        "R8",
+        lambda fx: {"--resume_from_checkpoint": "latest"},
+        ("--resume_from_checkpoint", "random_states_0.pkl is corrupt"),
+        real_run=True,
+        damage=_pickle_in("checkpoint-2/random_states_0.pkl"),
+    ),
+    Case(
+        "R9",
+        lambda fx: {"--resume_from_checkpoint": "latest"},
+        ("--resume_from_checkpoint", "optimizer.bin is corrupt"),
+        real_run=True,
+        damage=_pickle_in("checkpoint-2/optimizer.bin"),
+    ),
+    # an exported folder whose pipeline_danceopd.py carries a payload trains as the stock class: the run reaches
+    # the weights and the payload never runs (the marker is checked after every row)
+    Case(
+        "M11b",
+        lambda fx: {"--pretrained_model_name_or_path": str(fx.exported_with_payload())},
+        (),
+        kind="ok",
+    ),
+]
+CASES = M + Y + L + S + D + N + O + X + R
 
 
 def test_every_audit_row_has_a_case():
@@ -807,6 +919,10 @@ def _snapshot(path: Path) -> dict[str, str]:
 @pytest.fixture
 def weights_forbidden(monkeypatch):
     """Every weight loader raises WeightsLoaded."""
+    forbid_weights(monkeypatch)
+
+
+def forbid_weights(monkeypatch) -> None:
     import safetensors.torch
     from diffusers import ModelMixin
     from diffusers.loaders.single_file_model import FromOriginalModelMixin
@@ -827,7 +943,10 @@ def weights_forbidden(monkeypatch):
 def _prepare_output(case: Case, fx: Fx, tmp_path: Path, monkeypatch) -> tuple[str, Path]:
     """The case's --output_dir (a copy of a finished run's folder) and the path whose bytes must not change."""
     out = tmp_path / "out"
-    shutil.copytree(fx.precious, out)
+    source = fx.real_run() if case.real_run else fx.precious
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns(".danceopd.lock"))
+    if case.damage is not None:
+        case.damage(out, fx)
     if case.id == "O1":
         shutil.copy(fx.precious / "README.md", fx.root / "O1-afile")
         return str(fx.root / "O1-afile"), fx.root / "O1-afile"
@@ -846,8 +965,12 @@ def _prepare_output(case: Case, fx: Fx, tmp_path: Path, monkeypatch) -> tuple[st
 def test_bad_input(case: Case, fx: Fx, tmp_path, monkeypatch, capsys, weights_forbidden):
     import train_danceopd
 
-    if case.kind == "load":
-        monkeypatch.undo()  # this case needs the real loaders
+    if case.kind == "load" or case.real_run or case.id == "M11b":
+        monkeypatch.undo()  # the real loaders: for this case, or to build the real run it starts from
+        fx.real_run()
+        fx.exported_with_payload()
+        if case.kind != "load":
+            forbid_weights(monkeypatch)
 
     flags = case.flags(fx)
     out, precious = _prepare_output(case, fx, tmp_path, monkeypatch)

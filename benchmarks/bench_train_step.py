@@ -558,6 +558,24 @@ def finish(result: dict, args: argparse.Namespace, resolution: int, routes: list
 
 
 # ------------------------------------------------------------------------------------------- the training run
+def measured_window(
+    stamps: list[float],
+    calls: list[tuple[int, str, float, int | None]],
+    warmup: int,
+    targets_inside_rollout: bool = True,
+) -> tuple[list[float], float, float, list[int]]:
+    """Step times after ``warmup`` optimizer steps, and the rollout (without the targets inside it) and targets
+    seconds and the rollout lengths of the calls made in them; ``calls``: (step, "rollout" | "targets", seconds,
+    rollout steps), ``step`` being the number of optimizer steps done when the call ran. Our rollout queries the
+    targets inside ``on_policy_states``; the official toolkit's ``_rollout`` does not."""
+    times = [b - a for a, b in zip(stamps[warmup - 1 :], stamps[warmup:])]
+    steps = range(warmup, warmup + len(times))
+    mine = [c for c in calls if c[0] in steps]
+    targets = sum(c[2] for c in mine if c[1] == "targets")
+    rollout = sum(c[2] for c in mine if c[1] == "rollout") - targets * targets_inside_rollout
+    return times, rollout, targets, [c[3] for c in mine if c[1] == "rollout" and c[3] is not None]
+
+
 class Probe:
     """Timing wrappers on the training script's names; the optimizer post-hook marks the optimizer steps."""
 
@@ -607,13 +625,7 @@ class Probe:
         self.memory_reset = False
 
     def measured(self, warmup: int) -> tuple[list[float], float, float, list[int]]:
-        """Step times after ``warmup`` steps, and the rollout / targets seconds and rollout lengths inside them."""
-        times = [b - a for a, b in zip(self.stamps[warmup - 1 :], self.stamps[warmup:])]
-        steps = range(warmup, warmup + len(times))
-        mine = [c for c in self.calls if c[0] in steps]
-        targets = sum(c[2] for c in mine if c[1] == "targets")
-        rollout = sum(c[2] for c in mine if c[1] == "rollout") - targets
-        return times, rollout, targets, [c[3] for c in mine if c[1] == "rollout" and c[3] is not None]
+        return measured_window(self.stamps, self.calls, warmup)
 
     def remove(self) -> None:
         self.script.on_policy_states, self.script.RoutedTargets = self._restore

@@ -476,37 +476,35 @@ def measure_matmul_tflops(size: int = 8192, repeats: int = 20) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - t0) / 1e12
 
 
-def limit_fields(
-    family_name: str,
-    resolution: int,
-    rank: int,
-    expert_rank: int,
-    batch: int,
-    tiny: bool,
-    matmul_tflops: float,
-    measured_routes: list[str],
-    num_steps: int = 16,
-    strategy: str = "low",
-    k: int = 1,
-) -> dict:
-    """The JSON fields of the FLOP limit, shared with ``run_official.py``."""
-    flops = count_flops(family_name, resolution, rank, tiny)
-    expert_lora = flops["lora"] * expert_rank / rank
-    steps = expected_rollout_steps(num_steps, strategy, k, batch)
+def recipe_flops(args: argparse.Namespace, resolution: int) -> dict:
+    """The counts the limit needs (with this checkout's library): forward FLOPs, the expert LoRA's, E[steps]."""
+    flops = count_flops(args.family, resolution, args.rank, args.tiny)
+    return {
+        **flops,
+        "expert_lora": flops["lora"] * args.expert_rank / args.rank,
+        "rollout_steps": expected_rollout_steps(16, "low", 1, args.train_batch_size),
+    }
+
+
+def limit_fields(recipe: dict, matmul_tflops: float, measured_routes: list[str]) -> dict:
+    """The JSON fields of the FLOP limit, shared with ``run_official.py``: the limit of the full route mix, and of
+    the routes the measured steps drew."""
     all_routes = [*EXPERTS, "base_cfg"]
-    full = per_sample_tflop(flops, expert_lora, steps, all_routes)
-    measured = per_sample_tflop(flops, expert_lora, steps, measured_routes or all_routes)
+    full = per_sample_tflop(recipe, recipe["expert_lora"], recipe["rollout_steps"], all_routes)
+    measured = per_sample_tflop(
+        recipe, recipe["expert_lora"], recipe["rollout_steps"], measured_routes or all_routes
+    )
     return {
         "flops_tflop": {
-            "F": flops["F"] / 1e12,
-            "F_linear": flops["F_linear"] / 1e12,
-            "F_attention": flops["F_attention"] / 1e12,
-            "lora_student": flops["lora"] / 1e12,
-            "lora_expert": expert_lora / 1e12,
+            "F": recipe["F"] / 1e12,
+            "F_linear": recipe["F_linear"] / 1e12,
+            "F_attention": recipe["F_attention"] / 1e12,
+            "lora_student": recipe["lora"] / 1e12,
+            "lora_expert": recipe["expert_lora"] / 1e12,
             "per_sample": full,
             "per_sample_measured_routes": measured,
         },
-        "expected_rollout_steps": steps,
+        "expected_rollout_steps": recipe["rollout_steps"],
         "matmul_tflops": matmul_tflops,
         "limit_s_per_sample": full["total"] / matmul_tflops,
         "limit_s_per_sample_measured_routes": measured["total"] / matmul_tflops,
@@ -539,20 +537,10 @@ def summarize(
     }
 
 
-def finish(result: dict, args: argparse.Namespace, resolution: int, routes: list[str]) -> dict:
+def finish(result: dict, recipe: dict, matmul_tflops: float, routes: list[str]) -> dict:
     """Adds the FLOP limit and the % of it reached; prints the JSON line."""
-    limit = limit_fields(
-        args.family,
-        resolution,
-        args.rank,
-        args.expert_rank,
-        args.train_batch_size,
-        args.tiny,
-        args.matmul_tflops,
-        routes,
-    )
-    result.update(limit)
-    result["percent_of_limit"] = 100 * limit["limit_s_per_sample"] / result["s_per_sample"]
+    result.update(limit_fields(recipe, matmul_tflops, routes))
+    result["percent_of_limit"] = 100 * result["limit_s_per_sample"] / result["s_per_sample"]
     print(json.dumps(result), flush=True)
     return result
 
@@ -702,6 +690,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args, args.script_args = parser.parse_known_args(argv)
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be at least 1 (the first step's start is not marked)")
+    if not Path(args.code_dir, "train_danceopd.py").is_file():
+        parser.error(
+            f"--code_dir {args.code_dir} holds no train_danceopd.py: pass a checkout of this project"
+        )
     return args
 
 
@@ -714,9 +706,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.matmul_tflops = measure_matmul_tflops()
     work_dir = Path(args.work_dir).expanduser().resolve()
     paths = build_work_dir(work_dir, args.family, args.tiny, args.expert_rank, device, max(args.resolutions))
-    sys.path.insert(0, str(Path(args.code_dir).resolve()))
+    recipes = {res: recipe_flops(args, res) for res in args.resolutions}
+    code_dir = Path(args.code_dir).resolve()
+    if code_dir != REPO:  # the other checkout's script runs with its own library
+        for name in [
+            m for m in sys.modules if m == "danceopd_diffusers" or m.startswith("danceopd_diffusers.")
+        ]:
+            del sys.modules[name]
+    sys.path.insert(0, str(code_dir))
     import train_danceopd
 
+    if Path(train_danceopd.__file__).resolve().parent != code_dir:
+        raise SystemExit(
+            f"train_danceopd was already imported from {train_danceopd.__file__}, not --code_dir."
+        )
     probe = Probe(train_danceopd)
     results = []
     try:
@@ -750,7 +753,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     peak,
                 ),
             }
-            results.append(finish(result, args, resolution, routes))
+            results.append(finish(result, recipes[resolution], args.matmul_tflops, routes))
             if device == "cuda":
                 torch.cuda.empty_cache()
     finally:

@@ -39,6 +39,7 @@ from bench_train_step import (  # noqa: E402
     build_work_dir,
     finish,
     measured_window,
+    recipe_flops,
     summarize,
     sync,
 )
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit("This benchmark needs a CUDA GPU (use --tiny to check the runner on CPU).")
     work_dir = Path(args.work_dir).expanduser().resolve()
     paths = build_work_dir(work_dir, "sd3", args.tiny, args.expert_rank, device, max(args.resolutions))
+    recipes = {res: recipe_flops(args, res) for res in args.resolutions}
     sys.path.insert(0, args.official_dir)
     from danceopd.backends.sd35_diffusers import SD35Backend
     from danceopd.core.config import load_config
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "measured_routes": routes,
                 **summarize(times, args.gradient_accumulation_steps, rollout, targets, lengths, peak),
             }
-            results.append(finish(result, args, resolution, routes))
+            results.append(finish(result, recipes[resolution], args.matmul_tflops, routes))
             if device == "cuda":
                 torch.cuda.empty_cache()
     finally:

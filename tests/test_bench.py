@@ -179,3 +179,9 @@ def test_bench_needs_a_gpu_without_tiny(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="--tiny"):
         bench.main(["--work_dir", str(tmp_path)])
     assert not Path(tmp_path, "built.json").exists()
+
+
+def test_code_dir_must_hold_the_training_script(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tiny", "--code_dir", str(tmp_path)])
+    assert "holds no train_danceopd.py" in capsys.readouterr().err

@@ -343,6 +343,8 @@ def build_work_dir(
         save_peft_adapter(pipe.transformer, name, paths["experts"][name])
     del pipe
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     task = "edit" if spec["edit"] else "t2i"
     fields = "fields:\n  base: {type: base}\n"
     fields += "".join(f"  {n}: {{type: lora, path: {p}}}\n" for n, p in paths["experts"].items())

@@ -148,13 +148,13 @@ class OfficialProbe:
         self.calls.clear()
         self.routes.clear()
 
-    def measured_routes(self, warmup: int, cfg_scale: float) -> list[str]:
-        """One route name per measured optimizer step, in the benchmark's cost names (CFG on: base -> base_cfg)."""
-        names = {}
+    def measured_routes(self, warmup: int) -> list[str]:
+        """The route of each measured optimizer step, named as the recipe's route for that teacher (the base's is
+        ``base_cfg``), so the limit charges the recipe's cost of the routes drawn whatever the global CFG scale."""
+        names: dict[int, str] = {}
         for step, teacher in self.routes:
             names.setdefault(step, teacher)
-        rename = {"base": "base_cfg" if cfg_scale != 1.0 else "base"}
-        return [rename.get(t, t) for s, t in sorted(names.items()) if s >= warmup]
+        return [{"base": "base_cfg"}.get(t, t) for s, t in sorted(names.items()) if s >= warmup]
 
     def remove(self) -> None:
         for name, fn in self.originals.items():
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             times, rollout, targets, lengths = measured_window(
                 probe.stamps, probe.calls, args.warmup, targets_inside_rollout=False
             )
-            routes = probe.measured_routes(args.warmup, args.teacher_cfg_scale)
+            routes = probe.measured_routes(args.warmup)
             result = {
                 "toolkit": "official DanceOPD",
                 "label": args.label + (f" (teacher_cfg_scale {args.teacher_cfg_scale:g})"),

@@ -13,6 +13,7 @@ from conftest import REPO, _reset_accelerate
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_train_step as bench  # noqa: E402
+import compare  # noqa: E402
 import run_official  # noqa: E402
 
 TIMING_FIELDS = (
@@ -69,6 +70,8 @@ def test_tiny_run_through_the_training_script(tmp_path, capsys):
     limit = r["flops_tflop"]["per_sample"]["total"] / r["matmul_tflops"]
     assert r["limit_s_per_sample"] == pytest.approx(limit)
     assert r["percent_of_limit"] == pytest.approx(100 * limit / r["s_per_sample"])
+    rows = compare.table(results).splitlines()
+    assert len(rows) == 3 and rows[2].startswith("| danceopd-diffusers: this checkout | 64² |")
     # the wrappers are taken off the script's names again
     assert (train_danceopd.on_policy_states, train_danceopd.RoutedTargets) == original
     # the folder is reused: its experts are PEFT adapters both toolkits read

@@ -722,29 +722,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(
             f"train_danceopd was already imported from {train_danceopd.__file__}, not --code_dir."
         )
-    probe = Probe(train_danceopd)
+
+    def train_once(resolution: int, out: str) -> tuple[dict, list[str]]:
+        train_danceopd.main(train_danceopd.parse_args(script_flags(args, paths, resolution, out)))
+        run = {
+            "toolkit": "danceopd-diffusers",
+            "label": args.label + (" + --cuda_graphs" if args.cuda_graphs else ""),
+            "code_dir": args.code_dir,
+            "family": args.family,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "cuda_graphs": args.cuda_graphs,
+        }
+        return run, measured_routes(out, args.warmup)
+
+    return run_resolutions(args, work_dir, recipes, Probe(train_danceopd), train_once)
+
+
+def run_resolutions(args: argparse.Namespace, work_dir: Path, recipes: dict, probe, train_once) -> list[dict]:
+    """Per resolution: ``train_once(resolution, output_dir)`` trains (the probe's wrappers timing it) and returns
+    the run's description and the routes of its measured steps; then the JSON line. Shared with run_official.py."""
     results = []
     try:
         for resolution in args.resolutions:
             probe.reset()
             with tempfile.TemporaryDirectory(dir=work_dir) as out:
-                flags = script_flags(args, paths, resolution, out)
-                train_danceopd.main(train_danceopd.parse_args(flags))
-                routes = measured_routes(out, args.warmup)
+                run, routes = train_once(resolution, out)
             gc.collect()
-            peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+            cuda = torch.cuda.is_available()
             times, rollout, targets, lengths = probe.measured(args.warmup)
             result = {
-                "toolkit": "danceopd-diffusers",
-                "label": args.label + (" + --cuda_graphs" if args.cuda_graphs else ""),
-                "code_dir": args.code_dir,
-                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                "family": args.family,
+                **run,
+                "device": torch.cuda.get_device_name() if cuda else "cpu",
                 "resolution": resolution,
                 "train_batch_size": args.train_batch_size,
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                "gradient_checkpointing": args.gradient_checkpointing,
-                "cuda_graphs": args.cuda_graphs,
                 "measured_routes": routes,
                 **summarize(
                     times,
@@ -752,11 +763,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     rollout,
                     targets,
                     lengths,
-                    peak,
+                    torch.cuda.max_memory_allocated() if cuda else None,
                 ),
             }
             results.append(finish(result, recipes[resolution], args.matmul_tflops, routes))
-            if device == "cuda":
+            if cuda:
                 torch.cuda.empty_cache()
     finally:
         probe.remove()

@@ -24,8 +24,6 @@ limit: the recipe's, the same for both toolkits), so the two tabulate side by si
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import random
 import sys
 import tempfile
@@ -37,10 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train_step import (  # noqa: E402
     build_work_dir,
-    finish,
     measured_window,
     recipe_flops,
-    summarize,
+    run_resolutions,
     sync,
 )
 
@@ -148,6 +145,9 @@ class OfficialProbe:
         self.calls.clear()
         self.routes.clear()
 
+    def measured(self, warmup: int) -> tuple[list[float], float, float, list[int]]:
+        return measured_window(self.stamps, self.calls, warmup, targets_inside_rollout=False)
+
     def measured_routes(self, warmup: int) -> list[str]:
         """The route of each measured optimizer step, named as the recipe's route for that teacher (the base's is
         ``base_cfg``), so the limit charges the recipe's cost of the routes drawn whatever the global CFG scale."""
@@ -209,46 +209,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from danceopd.core.engine import DanceOPDEngine
 
     probe = OfficialProbe(SD35Backend)
-    results = []
-    try:
-        for resolution in args.resolutions:
-            probe.reset()
-            random.seed(args.seed)
-            torch.manual_seed(args.seed)
-            with tempfile.TemporaryDirectory(dir=work_dir) as out:
-                config = Path(out, "official.yaml")
-                config.write_text(
-                    yaml.safe_dump(official_config(paths, args, resolution, str(Path(out, "run"))))
-                )
-                DanceOPDEngine(load_config(str(config))).run()
-            gc.collect()
-            peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-            times, rollout, targets, lengths = measured_window(
-                probe.stamps, probe.calls, args.warmup, targets_inside_rollout=False
-            )
-            routes = probe.measured_routes(args.warmup)
-            result = {
-                "toolkit": "official DanceOPD",
-                "label": args.label + (f" (teacher_cfg_scale {args.teacher_cfg_scale:g})"),
-                "code_dir": args.official_dir,
-                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                "family": "sd3",
-                "resolution": resolution,
-                "train_batch_size": 1,
-                "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                "gradient_checkpointing": True,
-                "cuda_graphs": False,
-                "measured_routes": routes,
-                **summarize(times, args.gradient_accumulation_steps, rollout, targets, lengths, peak),
-            }
-            results.append(finish(result, recipes[resolution], args.matmul_tflops, routes))
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    finally:
-        probe.remove()
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return results
+
+    def train_once(resolution: int, out: str) -> tuple[dict, list[str]]:
+        random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        config = Path(out, "official.yaml")
+        config.write_text(yaml.safe_dump(official_config(paths, args, resolution, str(Path(out, "run")))))
+        DanceOPDEngine(load_config(str(config))).run()
+        run = {
+            "toolkit": "official DanceOPD",
+            "label": f"{args.label} (teacher_cfg_scale {args.teacher_cfg_scale:g})",
+            "code_dir": args.official_dir,
+            "family": "sd3",
+            "gradient_checkpointing": True,  # always on in the toolkit
+            "cuda_graphs": False,
+        }
+        return run, probe.measured_routes(args.warmup)
+
+    return run_resolutions(args, work_dir, recipes, probe, train_once)
 
 
 if __name__ == "__main__":

@@ -309,9 +309,7 @@ def save_peft_adapter(transformer, name: str, folder: Path) -> None:
     transformer.peft_config[name].save_pretrained(str(folder))
 
 
-def build_work_dir(
-    work_dir: Path, family_name: str, tiny: bool, expert_rank: int, device: str, source_size: int
-) -> dict:
+def build_work_dir(work_dir: Path, family_name: str, tiny: bool, expert_rank: int, device: str) -> dict:
     """Pipeline folder, expert LoRAs, fields config and data file under ``work_dir`` (built once, then reused).
 
     Returns the paths: ``model``, ``experts`` (name -> folder), ``fields``, ``data`` (our data file) and
@@ -327,7 +325,7 @@ def build_work_dir(
         "prompts_csv": work_dir / "prompts_official.csv",
     }
     done = work_dir / "built.json"
-    wanted = {"family": family_name, "tiny": tiny, "expert_rank": expert_rank, "source_size": source_size}
+    wanted = {"family": family_name, "tiny": tiny, "expert_rank": expert_rank}
     if done.exists() and json.loads(done.read_text()) == wanted:
         return paths
     if done.exists():
@@ -355,6 +353,7 @@ def build_work_dir(
         from PIL import Image
 
         gen = torch.Generator().manual_seed(3)
+        source_size = 64 if tiny else 1024  # each edit is fitted to the training resolution
         rows = []
         for i, prompt in enumerate(EDITS):
             pixels = torch.randint(0, 256, (source_size, source_size, 3), generator=gen, dtype=torch.uint8)
@@ -707,7 +706,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.measure_matmul:
         args.matmul_tflops = measure_matmul_tflops()
     work_dir = Path(args.work_dir).expanduser().resolve()
-    paths = build_work_dir(work_dir, args.family, args.tiny, args.expert_rank, device, max(args.resolutions))
+    paths = build_work_dir(work_dir, args.family, args.tiny, args.expert_rank, device)
     recipes = {res: recipe_flops(args, res) for res in args.resolutions}
     code_dir = Path(args.code_dir).resolve()
     if code_dir != REPO:  # the other checkout's script runs with its own library

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.tiny and device != "cuda":
         raise SystemExit("This benchmark needs a CUDA GPU (use --tiny to check the runner on CPU).")
     work_dir = Path(args.work_dir).expanduser().resolve()
-    paths = build_work_dir(work_dir, "sd3", args.tiny, args.expert_rank, device, max(args.resolutions))
+    paths = build_work_dir(work_dir, "sd3", args.tiny, args.expert_rank, device)
     recipes = {res: recipe_flops(args, res) for res in args.resolutions}
     sys.path.insert(0, args.official_dir)
     from danceopd.backends.sd35_diffusers import SD35Backend

@@ -9,6 +9,7 @@ sign, packing and conditioning at the edge.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,6 +161,24 @@ class FamilyAdapter:
         routed field (and kept by CFG's unconditional branch, which drops only the text).
         """
         raise NotImplementedError(f"The {self.name} family cannot edit.")
+
+
+def token_grid_of(
+    num_tokens: int, source_grid: tuple[int, int] | None, declared: dict[int, tuple[int, int]], what: str
+) -> tuple[int, int]:
+    """The (rows, cols) of a packed state with ``num_tokens`` tokens: its source image's grid when that has as
+    many tokens, else a size declared by ``latent_shape``, else a square."""
+    if source_grid is not None and source_grid[0] * source_grid[1] == num_tokens:
+        return source_grid
+    if num_tokens in declared:
+        return declared[num_tokens]
+    side = math.isqrt(num_tokens)
+    if side * side == num_tokens:
+        return side, side
+    raise ValueError(
+        f"Cannot tell the latent grid of a {what} state with {num_tokens} tokens: declare its size with "
+        "family.latent_shape(pipe, batch, height, width) first."
+    )
 
 
 def token_count_mu(scheduler: Any, image_seq_len: int) -> float:

@@ -19,7 +19,6 @@ source, Kontext is a plain text-to-image model, so one student learns both.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ from .base import (
     linspace_grid,
     scheduler_sigmas,
     token_count_mu,
+    token_grid_of,
 )
 
 #: key of the Kontext source-image latents in a Conditioning: unpacked ``[B, C, h, w]``, exactly what
@@ -134,19 +134,8 @@ class FluxFamily(FamilyAdapter):
     def token_grid(self, num_tokens: int, cond: Conditioning) -> tuple[int, int]:
         """The (rows, cols) of packed tokens of a state with ``num_tokens`` tokens (see the module docstring)."""
         source = cond.tensors.get(SOURCE_LATENTS)
-        if source is not None:
-            grid = (source.shape[-2] // 2, source.shape[-1] // 2)
-            if grid[0] * grid[1] == num_tokens:
-                return grid
-        if num_tokens in self._grids:
-            return self._grids[num_tokens]
-        side = math.isqrt(num_tokens)
-        if side * side == num_tokens:
-            return side, side
-        raise ValueError(
-            f"Cannot tell the latent grid of a packed Flux state with {num_tokens} tokens: declare its size with "
-            "family.latent_shape(pipe, batch, height, width) first."
-        )
+        source_grid = None if source is None else (source.shape[-2] // 2, source.shape[-1] // 2)
+        return token_grid_of(num_tokens, source_grid, self._grids, "packed Flux")
 
     def _declare_grid(self, latent_height: int, latent_width: int) -> int:
         """Remember the token grid of states of this latent size; returns their token count."""

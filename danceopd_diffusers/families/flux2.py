@@ -24,7 +24,6 @@ What the edge hides (diffusers 0.42 ``pipelines/flux2``):
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -36,6 +35,7 @@ from .base import (
     FamilyAdapter,
     linspace_grid,
     scheduler_sigmas,
+    token_grid_of,
 )
 from .flux import FLUX_LORA_TARGETS, _unwrap
 
@@ -175,17 +175,8 @@ class _Flux2Base(FamilyAdapter):
     def token_grid(self, num_tokens: int, cond: Conditioning) -> tuple[int, int]:
         """The (rows, cols) of the tokens of a state with ``num_tokens`` tokens (see the module docstring)."""
         source = cond.tensors.get(SOURCE_LATENTS)
-        if source is not None and source.shape[-2] * source.shape[-1] == num_tokens:
-            return source.shape[-2], source.shape[-1]
-        if num_tokens in self._grids:
-            return self._grids[num_tokens]
-        side = math.isqrt(num_tokens)
-        if side * side == num_tokens:
-            return side, side
-        raise ValueError(
-            f"Cannot tell the latent grid of a Flux.2 state with {num_tokens} tokens: declare its size with "
-            "family.latent_shape(pipe, batch, height, width) first."
-        )
+        source_grid = None if source is None else (source.shape[-2], source.shape[-1])
+        return token_grid_of(num_tokens, source_grid, self._grids, "Flux.2")
 
     def _declare_grid(self, grid_h: int, grid_w: int) -> int:
         self._grids[grid_h * grid_w] = (grid_h, grid_w)

@@ -89,7 +89,9 @@ def test_study_end_to_end_at_toy_size(tmp_path, capsys):
     assert sorted(p.name for p in (evals / "A-danceopd").iterdir()) == ["final.json", "step-000002.json"]
     final = json.loads((evals / "A-danceopd" / "final.json").read_text())
     assert final["n_t2i"] == 6 and final["nfe_per_image"] == 2 and "samples" in final
-    assert capsys.readouterr().out.count("[study] eval") == 6  # 2 finals, 1 source, 1 merge, 2 curve points
+    # 2 finals, 1 source, the merge on the selection set and then (the grid's best) on the final set, 2 curve points
+    assert capsys.readouterr().out.count("[study] eval") == 7
+    assert sorted(p.name for p in (evals / "A-merge-cat-w0.5").iterdir()) == ["final.json", "select.json"]
     assert study.main(["eval", "--root", str(root), "--only", "A-*", "source-base"]) == 0
     assert "[study] eval" not in capsys.readouterr().out  # nothing left to score
 

@@ -15,10 +15,12 @@ main       settings A and B, one run per method: danceopd, dense, offpolicy, joi
 ablations  setting B: query mid / high, K = 4, init merged / global / base (6 runs; low, K = 1, init local and
            hard routing are main's B-danceopd, soft is B-soft)
 cfg        CFG absorption from the T2I base, one field each: CFG α 1.5 / 3 / 5, APG and CFG-Zero* at 3 (5 runs)
+train      main, ablations and cfg in one queue (main first), ``--jobs`` at a time
 seeds      DanceOPD and each setting's best trained baseline at training seeds 1 and 2 (needs ``eval`` of main)
-eval       score what is finished and not scored yet: each run's final LoRA and each merge and teacher on the
-           final set (``--eval_preset``, default large on a GPU), CFG students also with CFG β = 2, and every
-           checkpoint of the main runs on the curve set (``--curve_per_category``, default 64 per category)
+eval       score what is finished and not scored yet: each run's final LoRA and each teacher on the final set
+           (``--eval_preset``, default large on a GPU), CFG students also with CFG β = 2; every checkpoint of the
+           main runs and every merge on the curve set (``--curve_per_category``, default 64 per category), and
+           then each setting's best merge on the final set
 report     ``shapesworld/STUDY.md`` and its PNG plots from ``R`` (or, without ``--root``, from the shipped
            ``shapesworld/study/results.json``)
 ship       the main table's students (fp16 LoRAs) and every result into ``shapesworld/study/``
@@ -48,8 +50,8 @@ updates, a checkpoint every ``--checkpoint_every`` (250), seed 0; no CFG at infe
   merge is the edit delta scaled by λ: ``cat`` λ ∈ {0.25, 0.5, 0.75}; ``ties_svd`` and ``dare_linear_svd`` at
   density ∈ {0.3, 0.7} x λ ∈ {0.5, 1}. B merges the local and global experts with equal weights w: ``cat`` w ∈
   {0.5, 1}; ``ties_svd`` and ``dare_linear_svd`` at density ∈ {0.3, 0.7} x w ∈ {0.5, 1}. DARE draws with torch
-  seed 0. The table shows the best point by the selection score (T2I overall + edit average / 10) / 2; the report
-  lists the whole grid. The merged init of the ablation is ``svd`` of local and global at 0.5 each, rank 32.
+  seed 0. The grid is scored on the curve set; its best point by the selection score (T2I overall + edit average
+  / 10) / 2 is scored on the final set (which it was not chosen on) for the table; the report lists the grid. The merged init of the ablation is ``svd`` of local and global at 0.5 each, rank 32.
 - Ablations (B): ``--query_strategy mid`` / ``high``; ``--query_k 4``; init merged / global / base (a fresh r32).
 - CFG absorption: T2I data only, init = the base (fresh r32), one route t2i -> the field. The table: the teacher
   at its guidance (NFE 32), the student at guidance 1 (NFE 16), the student with CFG β = 2 (NFE 32).
@@ -620,10 +622,21 @@ def eval_items(root: Path, settings: Settings, only: list[str] | None) -> list[E
             guider = (t.guider, dict(t.guider_kwargs)) if t.guider else None
             teacher_items.append(EvalItem(t.name, "final", lora, t.guidance_scale, guider))
     merge_items = []
-    for m in merges():
-        lora = root / "merges" / m.name / "pytorch_lora_weights.safetensors"
-        if m.setting != "init" and selected([m.name], only) and lora.is_file():
-            merge_items.append(EvalItem(m.name, "final", lora))
+    device = _device(settings)
+    select_sizes, select_limit = _set_sizes(settings, True, device)
+    for setting in ("A", "B"):
+        grid = [m for m in merges() if m.setting == setting and selected([m.name], only)]
+        loras = [(m.name, root / "merges" / m.name / "pytorch_lora_weights.safetensors") for m in grid]
+        loras = [(name, lora) for name, lora in loras if lora.is_file()]
+        scored = []
+        for name, lora in loras:
+            item = EvalItem(name, "select", lora, curve=True)
+            merge_items.append(item)
+            if _eval_current(item, root, select_sizes, select_limit):
+                scored.append((selection_score(_read(item.path(root))), name, lora))
+        if loras and len(scored) == len(loras):  # the best point of the grid merged so far: on the final set
+            _, name, lora = max(scored)
+            merge_items.append(EvalItem(name, "final", lora))
     return finals + teacher_items + merge_items + extra + curves
 
 
@@ -647,21 +660,44 @@ def eval_stage(
     log: Any = print,
 ) -> int:
     """Score every item not scored yet on its set; returns how many are still to do (0 = all done)."""
-    from .evaluate import device_defaults, evaluate, load_pipeline
+    from .evaluate import device_defaults
 
     device = _device(settings)
     batch_size, workers = device_defaults(device, None, None)
     base = str(Path(settings.sources) / "base")
     start = time.monotonic()
-    items = eval_items(root, settings, only)
-    left = 0
-    for item in items:
+    left, done_now = 0, 1
+    while done_now and not left:  # again, for items that scoring others made due (a merge grid's best point)
+        done_now, left = _eval_items_once(root, settings, only, budget_s, start, base, batch_size, workers, log)
+    if left:
+        log(f"[study] eval: {left} evaluations left for the next call (budget spent)")
+    return left
+
+
+def _eval_items_once(
+    root: Path,
+    settings: Settings,
+    only: list[str] | None,
+    budget_s: float | None,
+    start: float,
+    base: str,
+    batch_size: int,
+    workers: int,
+    log: Any,
+) -> tuple[int, int]:
+    """One pass over the items due; returns (scored now, left for lack of time)."""
+    from .evaluate import evaluate, load_pipeline
+
+    device = _device(settings)
+    left = done = 0
+    for item in eval_items(root, settings, only):
         sizes, limit = _set_sizes(settings, item.curve, device)
         if _eval_current(item, root, sizes, limit):
             continue
         if budget_s is not None and time.monotonic() - start > budget_s:
             left += 1
             continue
+        done += 1
         guider = None
         if item.guider is not None:
             from diffusers import guiders
@@ -686,9 +722,7 @@ def eval_stage(
         _write_json(item.path(root), result)
         edit = result["edit"].get("average", float("nan"))
         log(f"[study] eval {item.name} {item.kind}: T2I {result['t2i']['overall']:.3f}, edit {edit:.2f}")
-    if left:
-        log(f"[study] eval: {left} evaluations left for the next call (budget spent)")
-    return left
+    return done, left
 
 
 # ------------------------------------------------------------------------------------------------------ collect
@@ -735,7 +769,10 @@ def collect(root: Path, settings: Settings) -> dict[str, Any]:
         if m.setting == "init":
             continue
         record = _read(root / "merges" / m.name / "study_merge.json") or {}
-        merged[m.name] = {**asdict(m), "seconds": record.get("seconds"), "final": final(m.name)}
+        select = _read(root / "evals" / m.name / "select.json")
+        if select and select.get("per_category") != {"t2i": curve_sizes[0], "edit": curve_sizes[1]}:
+            select = None
+        merged[m.name] = {**asdict(m), "seconds": record.get("seconds"), "select": select, "final": final(m.name)}
     return {
         "settings": asdict(settings),
         "runs": runs,
@@ -770,8 +807,9 @@ def _wall(seconds: float | None, jobs: int | None = None) -> str:
 
 
 def best_merge(collection: dict, setting: str) -> tuple[str, dict] | None:
-    rows = [(n, m) for n, m in collection["merges"].items() if m["setting"] == setting and m["final"]]
-    return max(rows, key=lambda row: selection_score(row[1]["final"])) if rows else None
+    """The grid point chosen on the selection set (the curve set), reported on the final set."""
+    rows = [(n, m) for n, m in collection["merges"].items() if m["setting"] == setting and m.get("select")]
+    return max(rows, key=lambda row: selection_score(row[1]["select"])) if rows else None
 
 
 def best_trained_baseline(collection: dict, setting: str) -> str | None:
@@ -888,13 +926,15 @@ def write_report(collection: dict, out: Path, backend: str = "auto", source: str
             collection, setting
         )
         grid = [
-            (m["label"], m["final"], _wall(m["seconds"]))
+            (m["label"], m.get("select"), _wall(m["seconds"]))
             for m in collection["merges"].values()
             if m["setting"] == setting
         ]
         lines += [
             "",
-            f"Weight-merging grid (setting {setting}; the table shows the best by (T2I + edit / 10) / 2):",
+            f"Weight-merging grid (setting {setting}), scored on the selection set ({s['curve_per_category']} per "
+            "category, the curve set); the point with the best (T2I + edit / 10) / 2 there is the table's row, "
+            "scored on the final set:",
             "",
         ]
         lines += _main_table(grid) + [""]
@@ -1081,7 +1121,7 @@ def ship_stage(root: Path, settings: Settings, dest: Path = SHIP_DIR, log: Any =
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
-STAGES = ("plan", "merge", "main", "ablations", "cfg", "seeds", "eval", "report", "ship")
+STAGES = ("plan", "merge", "main", "ablations", "cfg", "train", "seeds", "eval", "report", "ship")
 
 
 def _plan(root: Path, settings: Settings, only: list[str] | None, log: Any) -> None:
@@ -1153,7 +1193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "merge":
         merge_stage([m for m in merges() if selected([m.name], args.only)], root, settings)
         return 0
-    if args.stage in ("main", "ablations", "cfg", "seeds"):
+    if args.stage in ("main", "ablations", "cfg", "train", "seeds"):
         if args.stage == "seeds":
             collection = collect(root, settings)
             for setting in ("A", "B"):
@@ -1164,7 +1204,12 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 settings.best_baselines[setting] = best
             save_settings(root, settings)
-        runs = {"main": main_runs, "ablations": ablation_runs, "cfg": cfg_runs}.get(args.stage)
+        runs = {
+            "main": main_runs,
+            "ablations": ablation_runs,
+            "cfg": cfg_runs,
+            "train": lambda: main_runs() + ablation_runs() + cfg_runs(),
+        }.get(args.stage)
         runs = runs() if runs else seed_runs(settings)
         runs = [r for r in runs if selected([r.name], args.only)]
         check_inputs(root, settings, {r.data for r in runs})

@@ -668,7 +668,9 @@ def eval_stage(
     start = time.monotonic()
     left, done_now = 0, 1
     while done_now and not left:  # again, for items that scoring others made due (a merge grid's best point)
-        done_now, left = _eval_items_once(root, settings, only, budget_s, start, base, batch_size, workers, log)
+        done_now, left = _eval_items_once(
+            root, settings, only, budget_s, start, base, batch_size, workers, log
+        )
     if left:
         log(f"[study] eval: {left} evaluations left for the next call (budget spent)")
     return left
@@ -772,7 +774,12 @@ def collect(root: Path, settings: Settings) -> dict[str, Any]:
         select = _read(root / "evals" / m.name / "select.json")
         if select and select.get("per_category") != {"t2i": curve_sizes[0], "edit": curve_sizes[1]}:
             select = None
-        merged[m.name] = {**asdict(m), "seconds": record.get("seconds"), "select": select, "final": final(m.name)}
+        merged[m.name] = {
+            **asdict(m),
+            "seconds": record.get("seconds"),
+            "select": select,
+            "final": final(m.name),
+        }
     return {
         "settings": asdict(settings),
         "runs": runs,

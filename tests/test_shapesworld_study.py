@@ -107,6 +107,8 @@ def test_study_end_to_end_at_toy_size(tmp_path, capsys):
     assert re.search(r"\| weight merge \(best: linear \(cat\), λ = 0\.5\) \| \d", text)
     assert re.search(r"\| soft routing \| [+-]\d\.\d\d \[[+-]\d\.\d\d, [+-]\d\.\d\d\] \| \d\.\d{3} \|", text)
     assert "| DiffusionOPD (dense) | not run |" in text
+    assert "## Status of the runs" in text and "- done (2 steps): A-danceopd, A-soft\n" in text
+    assert "- not started: A-dense, A-offpolicy, A-joint, B-danceopd," in text
     for plot in ("length_edit_a.png", "length_t2i_a.png"):
         assert Image.open(out.parent / "study" / "plots" / plot).size == (640, 400)
 
@@ -119,8 +121,60 @@ def test_study_end_to_end_at_toy_size(tmp_path, capsys):
     ]
     with safe_open(str(dest / "A-danceopd.safetensors"), "pt") as f:
         assert all(f.get_tensor(k).dtype.itemsize == 2 for k in f.keys())
+    shipped = json.loads((dest / "results.json").read_text())
+    assert set(shipped["rescored"]) == set(shipped["shipped"])  # each file re-scored from its fp16 weights
+    assert shipped["rescored"]["A-danceopd"]["limit"] == 6
+    again_scored = study.rescore_one(dest, "A-danceopd.safetensors", limit=6)
+    assert again_scored["t2i"] == shipped["rescored"]["A-danceopd"]["t2i"]
     again = tmp_path / "again" / "STUDY.md"
     assert study.main(["report", "--dest", str(dest), "--out", str(again), "--plot_backend", "pil"]) == 0
     tables = lambda t: t.split("## Setting A", 1)[1]  # noqa: E731
-    assert tables(again.read_text()) == tables(text)  # the shipped results give the same report
+    assert "## Re-score a shipped student on a CPU" in again.read_text()
+    assert tables(again.read_text()).split("## Re-score")[0] == tables(text)  # the shipped results: the same report
     assert str(tmp_path) not in (dest / "results.json").read_text()  # no machine paths shipped
+
+
+def test_equal_updates_table_and_merge_ties(tmp_path):
+    """With unfinished runs the report compares every method at the last step all of them reached; among merges
+    with the same selection score, `eval` and the report pick the same point."""
+    point = json.loads((Path(study.SOURCES) / "results.json").read_text())["T2I base"]
+    other = json.loads(json.dumps(point))
+    other["t2i"]["overall"] = 0.5
+    settings = study.Settings(steps=600, curve_per_category=64)
+    runs = {f"A-{k}": {"done": False, "reached": 300, "curve": {"150": point, "300": point}} for k in study.METHODS}
+    runs["A-dense"]["curve"] = {"150": other}  # dense reached step 150 only
+    merges = {
+        m.name: {**study.asdict(m), "seconds": 1.0, "select": point, "final": None}
+        for m in study.merges()
+        if m.setting == "A"
+    }
+    collection = {"settings": study.asdict(settings), "runs": runs, "merges": merges, "teachers": {}}
+    best = study.best_merge(collection, "A")
+    assert best[0] == max(merges)  # ties go to the last name
+    text = "\n".join(study._equal_updates(collection, "A"))
+    assert "after the same 150 updates (setting A; curve set, 64 per category)" in text
+    assert "| DiffusionOPD (dense) | 0.500 [" in text and "| DanceOPD | 0.891 [" in text
+    assert f"| weight merge (best: {best[1]['label']}; no training) | 0.891 [" in text
+    # paired differences over the same samples: zero against every identical baseline
+    assert re.search(r"\| soft routing \| \+0\.00 \[\+0\.00, \+0\.00\] \| 1\.000 \|", text), text
+    assert study._equal_updates({**collection, "runs": {}}, "A") == []  # no shared step: no table
+    status = "\n".join(study._status_section(collection))
+    assert "- unfinished: A-danceopd (step 300), A-dense (step 300)" in status
+
+
+def test_shipped_study_report_is_current_and_a_student_rescores_to_its_numbers(tmp_path):
+    """STUDY.md is what `report` writes from the shipped results.json, and a shipped student scored from its fp16
+    file on the quick set on this CPU gives the numbers STUDY.md prints for it."""
+    out = tmp_path / "STUDY.md"
+    assert study.main(["report", "--out", str(out), "--plot_backend", "pil"]) == 0
+    assert out.read_text() == study.STUDY_MD.read_text()
+    shipped = json.loads((study.SHIP_DIR / "results.json").read_text())
+    for name, file in shipped["shipped"].items():
+        assert (study.SHIP_DIR / file).is_file(), name
+    recorded = shipped["rescored"]["B-danceopd"]
+    result = study.rescore_one(study.SHIP_DIR, shipped["shipped"]["B-danceopd"])
+    assert result["set"] == recorded["set"] == "quick" and result["nfe_per_image"] == 16
+    # another CPU may flip a borderline sample: at most 2 of the 96 prompts, a quarter point of the edit average
+    assert abs(result["t2i"]["overall"] - recorded["t2i"]["overall"]) <= 2 / 96 + 1e-9
+    assert abs(result["edit"]["average"] - recorded["edit"]["average"]) <= 0.25
+    assert f"| `B-danceopd.safetensors` | {recorded['t2i']['overall']:.3f} [" in study.STUDY_MD.read_text()

@@ -26,8 +26,10 @@ report     ``shapesworld/STUDY.md`` and its PNG plots from ``R`` (or, without ``
 ship       the main table's students (fp16 LoRAs) and every result into ``shapesworld/study/``
 =========  =================================================================================================
 
-A training stage runs ``--jobs`` train_danceopd.py processes at once (default 8 on a GPU: the model has 5.9 M
-parameters; each gets cpu_count / jobs threads), every one with ``--resume_from_checkpoint latest``. With
+A training stage runs ``--jobs`` train_danceopd.py processes at once (default on a GPU: a quarter of the CPU cores;
+each run is bound by its host thread: 14 runs at once on an H200's 16 cores, beside the merges and the scorer's
+workers, made 5,807 steps in 890 s, 6.5 steps/s in all, a DanceOPD run 0.65 steps/s where one alone makes 5.5),
+every one with ``--resume_from_checkpoint latest``. With
 ``--budget_s`` the stage stops launching and sends SIGTERM to its runs when the time is up: each saves a
 checkpoint and the next call resumes it. A run is done when its folder holds the final LoRA of ``--steps``
 steps; a larger ``--steps`` later continues done runs from their last checkpoint.
@@ -157,7 +159,7 @@ class Settings:
     rank: int = 32
     num_rollout_steps: int = 16
     source_cfg: float = 3.0
-    jobs: int | None = None  # None: 8 on a GPU, 1 on a CPU
+    jobs: int | None = None  # None: a quarter of the cores on a GPU, 1 on a CPU
     eval_preset: str | None = None  # None: large on a GPU, quick on a CPU
     eval_per_category: int | None = None
     eval_limit: int | None = None
@@ -461,7 +463,7 @@ def train_stage(
     import torch
 
     cuda = _device(settings).startswith("cuda") and torch.cuda.is_available()
-    jobs = settings.jobs or (8 if cuda else 1)
+    jobs = settings.jobs or (max(1, (os.cpu_count() or 4) // 4) if cuda else 1)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     if not TRAIN_SCRIPT.is_file():
         raise SystemExit(f"error: {TRAIN_SCRIPT} not found: run the study from a checkout of the repository.")
@@ -635,7 +637,7 @@ def eval_items(root: Path, settings: Settings, only: list[str] | None) -> list[E
             if _eval_current(item, root, select_sizes, select_limit):
                 scored.append((selection_score(_read(item.path(root))), name, lora))
         if loras and len(scored) == len(loras):  # the best point of the grid merged so far: on the final set
-            _, name, lora = max(scored)
+            _, name, lora = max(scored, key=lambda row: _merge_rank(row[0], row[1]))
             merge_items.append(EvalItem(name, "final", lora))
     return finals + teacher_items + merge_items + extra + curves
 
@@ -719,8 +721,6 @@ def _eval_items_once(
             guider=guider,
         )
         result = {k: v for k, v in result.items() if not k.startswith("_")}
-        if item.curve:
-            result.pop("samples")  # a curve point needs its headlines and intervals only
         _write_json(item.path(root), result)
         edit = result["edit"].get("average", float("nan"))
         log(f"[study] eval {item.name} {item.kind}: T2I {result['t2i']['overall']:.3f}, edit {edit:.2f}")
@@ -755,10 +755,15 @@ def collect(root: Path, settings: Settings) -> dict[str, Any]:
             result = _read(path)
             if result.get("per_category") == {"t2i": curve_sizes[0], "edit": curve_sizes[1]}:
                 curve[int(path.stem.split("-")[1])] = result
+        done = run_done(root, run, settings)
+        from ..checkpointing import checkpoint_step, list_checkpoints
+
+        steps = [checkpoint_step(c) for c in list_checkpoints(folder)]
         runs[run.name] = {
             **{k: v for k, v in asdict(run).items() if k != "flags"},
             "flags": list(run.flags),
-            "done": run_done(root, run, settings),
+            "done": done,
+            "reached": settings.steps if done else max(steps, default=0),
             "wall_s": round(sum(x["seconds"] for x in record["launches"]), 1),
             "jobs": max((x["jobs"] for x in record["launches"]), default=None),
             "launches": len(record["launches"]),
@@ -816,7 +821,13 @@ def _wall(seconds: float | None, jobs: int | None = None) -> str:
 def best_merge(collection: dict, setting: str) -> tuple[str, dict] | None:
     """The grid point chosen on the selection set (the curve set), reported on the final set."""
     rows = [(n, m) for n, m in collection["merges"].items() if m["setting"] == setting and m.get("select")]
-    return max(rows, key=lambda row: selection_score(row[1]["select"])) if rows else None
+    return max(rows, key=lambda row: _merge_rank(selection_score(row[1]["select"]), row[0])) if rows else None
+
+
+def _merge_rank(score: float, name: str) -> tuple[float, str]:
+    """Best selection score first; ties (TIES and DARE of one LoRA at one weight can be the same merge) go to the
+    last name in sort order, so `eval` and the report pick the same point."""
+    return score, name
 
 
 def best_trained_baseline(collection: dict, setting: str) -> str | None:
@@ -836,9 +847,13 @@ def _setting_rows(collection: dict, setting: str) -> list[tuple[str, dict | None
     for name, _ in sources:
         t = collection["teachers"].get(name) or {}
         rows.append((f"*source:* {t.get('label', name)}", t.get("final"), "-"))
+    steps = collection["settings"]["steps"]
     for key in METHODS:
         run = collection["runs"].get(f"{setting}-{key}") or {}
-        rows.append((METHODS[key][0], run.get("final"), _wall(run.get("wall_s"), run.get("jobs"))))
+        label = METHODS[key][0]
+        if run and not run.get("done"):
+            label += f" (unfinished: step {run.get('reached', 0)} of {steps})"
+        rows.append((label, run.get("final"), _wall(run.get("wall_s"), run.get("jobs"))))
         if key == "joint":
             best = best_merge(collection, setting)
             label = f"weight merge (best: {best[1]['label']})" if best else "weight merge"
@@ -864,13 +879,7 @@ def _main_table(rows: list[tuple[str, dict | None, str]]) -> list[str]:
 
 
 def _comparisons(collection: dict, setting: str) -> list[str]:
-    from .evaluate import compare
-
     ours = (collection["runs"].get(f"{setting}-danceopd") or {}).get("final")
-    lines = [
-        "| baseline | Δ edit avg (DanceOPD − baseline) [95 % CI] | p | Δ T2I overall [95 % CI] | p |",
-        "|---|---|---|---|---|",
-    ]
     baselines = [
         (METHODS[k][0], (collection["runs"].get(f"{setting}-{k}") or {}).get("final"))
         for k in METHODS
@@ -878,9 +887,20 @@ def _comparisons(collection: dict, setting: str) -> list[str]:
     ]
     best = best_merge(collection, setting)
     baselines.append(("weight merge (best)", best[1]["final"] if best else None))
+    return _comparison_rows(ours, baselines)
+
+
+def _comparison_rows(ours: dict | None, baselines: list[tuple[str, dict | None]]) -> list[str]:
+    """Paired-bootstrap differences (DanceOPD − baseline) over the same samples, one row per baseline."""
+    from .evaluate import compare
+
+    lines = [
+        "| baseline | Δ edit avg (DanceOPD − baseline) [95 % CI] | p | Δ T2I overall [95 % CI] | p |",
+        "|---|---|---|---|---|",
+    ]
     for label, theirs in baselines:
         if ours is None or theirs is None or "samples" not in ours or "samples" not in theirs:
-            lines.append(f"| {label} | not run | | | |")
+            lines.append(f"| {label} | no result to compare | | | |")
             continue
         try:
             diff = compare(theirs, ours)
@@ -897,6 +917,60 @@ def _comparisons(collection: dict, setting: str) -> list[str]:
             cells += [f"{d['difference']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]", f"{d['p']:.3f}"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _equal_updates(collection: dict, setting: str) -> list[str]:
+    """Every method of a setting at the last step all of them reached (their checkpoints on the curve set), beside
+    the merge grid's best point on that same set: a like-for-like table while some runs are unfinished."""
+    curves = {k: (collection["runs"].get(f"{setting}-{k}") or {}).get("curve") or {} for k in METHODS}
+    shared = set.intersection(*(set(map(int, c)) for c in curves.values())) if all(curves.values()) else set()
+    if not shared:
+        return []
+    step = max(shared)
+    size = collection["settings"]["curve_per_category"]
+    rows = [(METHODS[k][0], curves[k].get(str(step)) or curves[k].get(step), "-") for k in METHODS]
+    best = best_merge(collection, setting)
+    if best:
+        rows.append((f"weight merge (best: {best[1]['label']}; no training)", best[1]["select"], "-"))
+    lines = [
+        "",
+        f"Every method after the same {step} updates (setting {setting}; curve set, {size} per category):",
+        "",
+    ]
+    lines += _main_table(rows)
+    ours = curves["danceopd"].get(str(step)) or curves["danceopd"].get(step)
+    if ours and "samples" in ours:
+        lines += ["", f"DanceOPD against each baseline at step {step}:", ""]
+        lines += _comparison_rows(ours, [(label, r) for label, r, _ in rows[1:]])
+    return lines
+
+
+def _status_section(collection: dict) -> list[str]:
+    """Which runs are done, unfinished (and where they stopped) or not started: a partial study says so."""
+    steps = collection["settings"]["steps"]
+    done, unfinished, missing = [], [], []
+    for run in all_runs_from(collection):
+        r = collection["runs"].get(run)
+        if r and r.get("done"):
+            done.append(run)
+        elif r:
+            unfinished.append(f"{run} (step {r.get('reached', 0)})")
+        else:
+            missing.append(run)
+    if not unfinished and not missing:
+        return []
+    lines = ["## Status of the runs", ""]
+    lines.append(f"- done ({steps} steps): {', '.join(done) or 'none'}")
+    lines.append(f"- unfinished: {', '.join(unfinished) or 'none'}")
+    lines.append(f"- not started: {', '.join(missing) or 'none'}")
+    return lines + [""]
+
+
+def all_runs_from(collection: dict) -> list[str]:
+    settings = Settings(
+        **{k: v for k, v in collection["settings"].items() if k in {f.name for f in fields(Settings)}}
+    )
+    return [r.name for r in all_runs(settings)]
 
 
 def _ci(result: dict | None, task: str, name: str) -> tuple[float, float] | None:
@@ -925,6 +999,8 @@ def write_report(collection: dict, out: Path, backend: str = "auto", source: str
         "time of the run, start-up included, with the number of runs sharing the GPU.",
         "",
     ]
+    if collection.get("notes"):  # where results did not come from one study root (kept in results.json)
+        lines += ["Provenance:", ""] + [f"- {note}" for note in collection["notes"]] + [""]
     for setting in ("A", "B"):
         lines += (
             [f"## {SETTINGS_NAMES[setting]}", ""] + _main_table(_setting_rows(collection, setting)) + [""]
@@ -932,6 +1008,7 @@ def write_report(collection: dict, out: Path, backend: str = "auto", source: str
         lines += [f"DanceOPD against each baseline (setting {setting}):", ""] + _comparisons(
             collection, setting
         )
+        lines += _equal_updates(collection, setting)
         grid = [
             (m["label"], m.get("select"), _wall(m["seconds"]))
             for m in collection["merges"].values()
@@ -980,10 +1057,12 @@ def write_report(collection: dict, out: Path, backend: str = "auto", source: str
                 lines.append(f"| {label} (edit / T2I) | " + " | ".join(cells) + " |")
             lines += ["", f"![edit average vs step](study/plots/length_edit_{tag}.png) "
                       f"![T2I vs step](study/plots/length_t2i_{tag}.png)", ""]  # fmt: skip
+    lines += _status_section(collection)
     lines += _ablation_section(collection, plots, backend)
     lines += _cfg_section(collection)
     lines += _seeds_section(collection)
     lines += _compute_section(collection)
+    lines += _rescored_section(collection)
     out.write_text("\n".join(lines) + "\n")
     return out
 
@@ -1078,6 +1157,37 @@ def _seeds_section(collection: dict) -> list[str]:
     return lines + ["", "The best trained baseline of each setting is chosen by (T2I + edit / 10) / 2.", ""]
 
 
+def _rescored_section(collection: dict) -> list[str]:
+    rescored = collection.get("rescored") or {}
+    if not rescored:
+        return []
+    lines = [
+        "## Re-score a shipped student on a CPU",
+        "",
+        "The students of the main tables ship as fp16 LoRAs in `shapesworld/study/`. Scored from those files on the "
+        "quick set, on a CPU, without CFG (NFE 16), each gives the row below (a test re-scores one):",
+        "",
+        "```bash",
+        RESCORE_COMMAND.format(file=collection["shipped"][next(iter(rescored))])
+        + (
+            f" --limit {next(iter(rescored.values()))['limit']}"
+            if next(iter(rescored.values())).get("limit")
+            else ""
+        ),
+        "```",
+        "",
+        "| file | T2I overall [95 % CI] | local avg | global avg | edit avg [95 % CI] |",
+        "|---|---|---|---|---|",
+    ]
+    for name, result in rescored.items():
+        lines.append(
+            f"| `{collection['shipped'][name]}` | {_headline(result, 't2i', 'overall', 3)} | "
+            f"{_headline(result, 'edit', 'local', 2, False)} | {_headline(result, 'edit', 'global', 2, False)} | "
+            f"{_headline(result, 'edit', 'average', 2)} |"
+        )
+    return lines + [""]
+
+
 def _compute_section(collection: dict) -> list[str]:
     runs = [r for r in collection["runs"].values() if r.get("wall_s")]
     if not runs:
@@ -1124,6 +1234,41 @@ def ship_stage(root: Path, settings: Settings, dest: Path = SHIP_DIR, log: Any =
     collection["shipped"] = {name: f"{name}.safetensors" for name in shipped}
     collection["settings"] = {k: v for k, v in collection["settings"].items() if k not in ("data", "sources")}
     _write_json(dest / "results.json", collection)
+    return rescore_shipped(dest, Path(settings.sources), settings.eval_limit, log=log)
+
+
+#: the CPU re-score of each shipped student: what `evaluate` prints for anyone who runs RESCORE_COMMAND
+RESCORE_KEYS = ("t2i", "edit", "ci", "set", "per_category", "limit", "seed", "num_steps", "nfe_per_image")
+RESCORE_COMMAND = (
+    "python -m danceopd_diffusers.shapesworld.evaluate --pipeline danceopd_diffusers/shapesworld/sources/base "
+    "--lora danceopd_diffusers/shapesworld/study/{file} --device cpu"
+)
+
+
+def rescore_one(dest: Path, file: str, sources: Path = SOURCES, limit: int | None = None) -> dict:
+    """One shipped fp16 student on the quick set, on the CPU, without CFG: RESCORE_COMMAND's numbers."""
+    from .evaluate import evaluate, load_pipeline
+
+    pipe, family = load_pipeline(str(sources / "base"), str(dest / file), "cpu")
+    result = evaluate(
+        pipe, family, guidance_scale=1.0, num_steps=16, seed=0, batch_size=8, limit=limit, progress=False
+    )
+    return {k: result[k] for k in RESCORE_KEYS}
+
+
+def rescore_shipped(dest: Path, sources: Path = SOURCES, limit: int | None = None, log: Any = print) -> dict:
+    """Every shipped student re-scored from its file (``rescored`` in ``dest/results.json``; STUDY.md's last
+    table): the final tables come from the GPU on the large set, this is what a CPU user can check."""
+    path = dest / "results.json"
+    collection = json.loads(path.read_text())
+    rescored = collection.setdefault("rescored", {})
+    for name, file in collection.get("shipped", {}).items():
+        rescored[name] = rescore_one(dest, file, sources, limit)
+        edit = rescored[name]["edit"].get("average", float("nan"))
+        log(
+            f"[study] re-scored {file} on the CPU: T2I {rescored[name]['t2i']['overall']:.3f}, edit {edit:.2f}"
+        )
+    _write_json(path, collection)
     return collection
 
 

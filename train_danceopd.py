@@ -485,14 +485,21 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(input_args)
     args.demo = args.pretrained_model_name_or_path is None
     if args.demo:
+        # what the command line set, even to a parser default (e.g. --learning_rate 2e-4): the demo fills the rest
+        unset = object()
+        probe = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+        given = {k for k, v in vars(parser.parse_args(input_args, namespace=probe)).items() if v is not unset}
         args.demo_overrides = {}
-        user_fields = any(getattr(args, f) is not None for f in demo.FIELD_FLAGS)
+        user_fields = any(f in given for f in demo.FIELD_FLAGS)
         for key, value in demo.DEMO_DEFAULTS.items():
-            if getattr(args, key) == parser.get_default(key):
-                if key == "fields_config" and user_fields:
-                    continue
-                setattr(args, key, value)
-                args.demo_overrides[key] = value
+            if key in given:
+                continue
+            if key in demo.FIELDS_DEFAULTS and user_fields:
+                continue
+            if key == "student_init" and any(f in given for f in demo.FRESH_STUDENT_FLAGS):
+                continue  # a fresh LoRA of the user's rank, or a full fine-tune, from the base
+            setattr(args, key, value)
+            args.demo_overrides[key] = value
     check_flags(args)
     if args.rank is None and not args.full_finetune and not args.student_init:
         args.rank = DEFAULT_RANK  # with --student_init, a LoRA's own rank (main)

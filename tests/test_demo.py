@@ -17,7 +17,7 @@ from danceopd_diffusers import demo
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_embedded_default_fuses_the_shipped_sources_and_scores_the_student(tmp_path):
+def test_embedded_default_runs_setting_a_from_the_edit_source_and_scores_the_student(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", DANCEOPD_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "demo"
     launch = [
@@ -43,17 +43,29 @@ def test_embedded_default_fuses_the_shipped_sources_and_scores_the_student(tmp_p
     assert config["args"]["resolution"] == 64 and config["args"]["max_sequence_length"] == 32
     assert config["args"]["seed"] == 0  # the demo's fixed default seed
     routed = {r["task"]: r["field"] for r in config["fields_config"]["routes"]}
-    assert routed == {"t2i": "t2i", "local_edit": "local_cfg", "global_edit": "global_cfg"}
+    assert routed == {"t2i": "t2i", "local_edit": "edit_cfg", "global_edit": "edit_cfg"}
+    # the student starts from the edit source (its rank and alpha from the file): after 4 steps at lr 1e-4 its
+    # LoRA is still close to the edit source's, where a fresh LoRA would start from B = 0
+    assert f"'student_init': '{demo.STUDENT_INIT}'" in text and config["args"]["rank"] == 32
+    from safetensors.torch import load_file
+
+    init, student = load_file(str(demo.STUDENT_INIT)), load_file(str(out / "pytorch_lora_weights.safetensors"))
+    lora_b = [k for k in init if "lora_B" in k]
+    assert lora_b and set(lora_b) <= set(student)
+    for key in lora_b[:4]:
+        a, b = init[key].float(), student[key].float()
+        assert (a - b).norm() < 0.1 * a.norm(), key
     assert len((out / "logs" / "routes_rank0.jsonl").read_text().splitlines()) == 4  # one route per step
-    assert re.search(r"loss of route (t2i|local_cfg|global_cfg) \(\d steps\): first", text)
+    assert re.search(r"loss of route (t2i|edit_cfg) \(\d steps\): first", text)
     # the table: README.md's columns, the recorded sources, the recorded students (4 steps has no expected row)
     # and this run's student, scored on a limited set that covers every category
     assert "| model | T2I overall | local edits | global edits |" in text
     for name, recorded in demo.recorded_sources().items():
         assert f"| {name} (recorded, {recorded['set']} set) |" in text
+    assert "| the student's start (the edit source without CFG" in text
     assert (
         "| DanceOPD student, 100 steps (recorded:" in text
-        and "| DanceOPD student, 1200 steps (recorded:" in text
+        and "| DanceOPD student, 600 steps (recorded:" in text
     )
     row = re.search(
         r"\| DanceOPD student \(this run, quick set, 8 prompts / edits spread over the categories\) \|(.*)\|",
@@ -75,10 +87,11 @@ def test_shipped_sources_fit_the_budget_and_load_in_the_stock_pipeline():
 
     files = [p for p in demo.SOURCES.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 40 * 2**20
-    config = parse_fields_config(demo.FUSION_CONFIG)
-    for spec in config.fields.values():
-        if spec.path:
-            assert Path(spec.path).is_file(), spec.path
+    for path in (demo.FUSION_CONFIG, demo.SETTING_A_CONFIG):
+        for spec in parse_fields_config(path).fields.values():
+            if spec.path:
+                assert Path(spec.path).is_file(), spec.path
+    assert demo.STUDENT_INIT.is_file()
     pipe = FluxKontextPipeline.from_pretrained(demo.base_path())
     before = pipe.transformer.transformer_blocks[0].attn.to_q.weight.clone()
     pipe.load_lora_weights(str(demo.SOURCES / "local_edit_lora.safetensors"))
@@ -102,6 +115,26 @@ def test_user_fields_replace_the_demo_fusion(flag, tmp_path):
     value = "3" if flag == "--cfg_scale" else str(tmp_path / "f.yaml")
     args = train_danceopd.parse_args([flag, value])
     assert args.demo and "fields_config" not in args.demo_overrides
+    assert args.student_init is None  # the edit source belongs to the demo's setting A, not to the user's fields
+
+
+def test_a_flag_given_at_its_parser_default_is_kept_in_the_demo():
+    import train_danceopd
+
+    parser_default = train_danceopd.parse_args(["--pretrained_model_name_or_path", "x"]).learning_rate
+    assert demo.DEMO_DEFAULTS["learning_rate"] != parser_default
+    args = train_danceopd.parse_args(["--learning_rate", str(parser_default)])
+    assert args.learning_rate == parser_default and "learning_rate" not in args.demo_overrides
+    assert train_danceopd.parse_args([]).learning_rate == demo.DEMO_DEFAULTS["learning_rate"]
+
+
+@pytest.mark.parametrize("flags", [["--rank", "8"], ["--lora_alpha", "16"], ["--full_finetune"]])
+def test_a_fresh_student_in_the_demo_starts_from_the_base(flags):
+    import train_danceopd
+
+    args = train_danceopd.parse_args(flags)
+    assert args.student_init is None and args.fields_config == str(demo.SETTING_A_CONFIG)
+    assert train_danceopd.parse_args([]).student_init == str(demo.STUDENT_INIT)
 
 
 def test_demo_eval_limit_without_the_demo_is_an_error():

@@ -31,7 +31,7 @@ def test_plan_gives_every_method_of_a_setting_the_same_start_and_budget(tmp_path
         }
         for cmd in cmds.values():
             assert Path(_flag(cmd, "--student_init")).stem == init
-            for name, value in (("--max_train_steps", "2000"), ("--train_batch_size", "64"), ("--seed", "0")):
+            for name, value in (("--max_train_steps", "600"), ("--train_batch_size", "64"), ("--seed", "0")):
                 assert _flag(cmd, name) == value
             assert _flag(cmd, "--learning_rate") == "0.0005" and "--resume_from_checkpoint" in cmd
             assert _flag(cmd, "--dataset_name").endswith("all/metadata.jsonl")

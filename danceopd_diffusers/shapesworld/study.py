@@ -35,8 +35,8 @@ checkpoint and the next call resumes it. A run is done when its folder holds the
 steps; a larger ``--steps`` later continues done runs from their last checkpoint.
 
 **The grid.** All students: LoRA r32 on the shipped T2I base (``sources/base``), batch 64, AdamW lr 5e-4, constant
-after 100 warm-up steps, N = 16 rollout steps, K = 1 low-noise query, fp32 + tf32, ``--steps`` (default 2000)
-updates, a checkpoint every ``--checkpoint_every`` (250), seed 0; no CFG at inference (NFE 16).
+after 100 warm-up steps, N = 16 rollout steps, K = 1 low-noise query, fp32 + tf32, ``--steps`` (default 600)
+updates, a checkpoint every ``--checkpoint_every`` (150: the curve points), seed 0; no CFG at inference (NFE 16).
 
 - Setting A (T2I + Edit): fields base CFG 3 and the edit source (``sources/edit_lora``) with CFG 3; routes
   t2i -> base_cfg, local_edit and global_edit -> edit_cfg; init = the edit source LoRA.
@@ -151,8 +151,8 @@ MERGE_DENSITIES = (0.3, 0.7)
 class Settings:
     """What every run and evaluation of a study root shares (kept in ``R/study.json``)."""
 
-    steps: int = 2000
-    checkpoint_every: int = 250
+    steps: int = 600
+    checkpoint_every: int = 150
     batch_size: int = 64
     learning_rate: float = 5e-4
     warmup_steps: int = 100

@@ -72,20 +72,34 @@ def bar_chart(path: str | Path, title: str, ylabel: str, bars: Sequence[Bar], ba
         fig.savefig(path)
         plt.close(fig)
         return Path(path)
-    tops = [max(v, (ci or (v, v))[1]) for _, v, ci in bars] or [1.0]
-    canvas = _Canvas(title, "", ylabel, (-0.5, len(bars) - 0.5), (0.0, max(tops) or 1.0), x_ticks=False)
+    return _horizontal_bars(path, title, ylabel, bars)
+
+
+def _horizontal_bars(path: str | Path, title: str, value_label: str, bars: Sequence[Bar]) -> Path:
+    """PIL fallback: one labelled row per bar (long labels stay legible), its value and interval printed."""
+    row, label_w, plot_w, top = 22, 250, 300, 40
+    image = Image.new("RGB", (640, top + row * len(bars) + 30), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((8, 6), title, fill="black")
+    draw.text((label_w, 22), value_label, fill="black")
+    high = max([max(v, (ci or (v, v))[1]) for _, v, ci in bars] or [1.0]) or 1.0
+    x_of = lambda v: label_w + v / high * plot_w  # noqa: E731
     for i, (label, value, ci) in enumerate(bars):
-        left, top = canvas.to_pixel(i - 0.35, value)
-        right, bottom = canvas.to_pixel(i + 0.35, 0.0)
-        canvas.draw.rectangle((left, min(top, bottom), right, max(top, bottom)), fill=COLOURS[0])
+        y = top + i * row
+        draw.text((8, y + 4), label[:40], fill="black")
+        draw.rectangle((label_w, y + 3, x_of(value), y + row - 3), fill=COLOURS[0])
+        text = f"{value:.2f}"
         if ci is not None:
-            x, lo = canvas.to_pixel(i, ci[0])
-            _, hi = canvas.to_pixel(i, ci[1])
-            canvas.draw.line([(x, lo), (x, hi)], fill="black", width=1)
-            for y in (lo, hi):
-                canvas.draw.line([(x - 4, y), (x + 4, y)], fill="black", width=1)
-        canvas.draw.text((left, canvas.bottom + 4 + 12 * (i % 2)), label[:18], fill="black")
-    return canvas.save(path)
+            lo, hi = x_of(ci[0]), x_of(ci[1])
+            mid = y + row / 2
+            draw.line([(lo, mid), (hi, mid)], fill="black", width=1)
+            for x in (lo, hi):
+                draw.line([(x, mid - 4), (x, mid + 4)], fill="black", width=1)
+            text += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+        draw.text((x_of(max(value, ci[1] if ci else value)) + 6, y + 4), text, fill="black")
+    draw.line([(label_w, top - 2), (label_w, top + row * len(bars))], fill="black")
+    image.save(path)
+    return Path(path)
 
 
 class _Canvas:
@@ -99,7 +113,7 @@ class _Canvas:
         self.x0, self.x1 = x0, x1 if x1 > x0 else x0 + 1
         self.y0, self.y1 = y0, y1 if y1 > y0 else y0 + 1
         d = self.draw
-        d.text((self.left, 8), title, fill="black")
+        d.text((self.left, 2), title, fill="black")
         d.rectangle((self.left, self.top, self.right, self.bottom), outline="black")
         for k in range(6):
             y = self.y0 + (self.y1 - self.y0) * k / 5
@@ -112,7 +126,7 @@ class _Canvas:
                 d.line([(px, self.bottom), (px, self.bottom + 4)], fill="black")
                 d.text((px - 10, self.bottom + 6), f"{x:.4g}", fill="black")
         d.text(((self.left + self.right) // 2 - 20, self.bottom + 26), xlabel, fill="black")
-        d.text((4, self.top - 22), ylabel, fill="black")
+        d.text((4, self.top - 14), ylabel, fill="black")
 
     def to_pixel(self, x: float, y: float) -> tuple[float, float]:
         px = self.left + (x - self.x0) / (self.x1 - self.x0) * (self.right - self.left)

@@ -6,6 +6,9 @@ Those with a cause in this project are fixed there instead (``dtype=`` rather th
 - transformers: "`CLIPImageProcessor` requires torchvision (not installed); falling back to
   `CLIPImageProcessorPil`" (also Siglip, Siglip2), logged when diffusers resolves the image processors its pipeline
   modules name; the PIL fallback is exactly what those pipelines used before, and no training path uses them.
+- diffusers: "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'" (and T5EncoderModel,
+  'text_encoder_2'), logged by ``load_lora_weights`` for every LoRA that adapts only the transformer, which is
+  every LoRA this project writes; the message itself says it is safe to ignore then.
 - peft: "Already found a `peft_config` attribute in the model. This will lead to having multiple adapters":
   the student's LoRA and the LoRA experts are deliberately adapters of one transformer (see ``student.py``).
 """
@@ -18,6 +21,11 @@ import warnings
 
 _TRANSFORMERS_MESSAGES = (
     re.compile(r"ImageProcessor` requires torchvision \(not installed\); falling back to"),
+)
+
+
+_DIFFUSERS_MESSAGES = (
+    re.compile(r"^No LoRA keys associated to \w+ found with the prefix='text_encoder(_2)?'"),
 )
 
 
@@ -39,6 +47,10 @@ def silence_known_warnings() -> None:
         message=r"Already found a `peft_config` attribute in the model\. This will lead to having multiple adapters",
         category=UserWarning,
     )
-    logger = logging.getLogger("transformers.utils.import_utils")
-    if not any(isinstance(f, _DropMessages) for f in logger.filters):
-        logger.addFilter(_DropMessages(_TRANSFORMERS_MESSAGES))
+    for name, patterns in (
+        ("transformers.utils.import_utils", _TRANSFORMERS_MESSAGES),
+        ("diffusers.loaders.lora_base", _DIFFUSERS_MESSAGES),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(patterns))

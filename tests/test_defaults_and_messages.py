@@ -142,6 +142,34 @@ def test_known_library_warnings_are_silenced_narrowly():
     assert records == ["some other import problem"]
 
 
+def test_loading_a_transformer_lora_for_evaluation_prints_no_text_encoder_notice():
+    from diffusers.utils import logging as diffusers_logging
+
+    from danceopd_diffusers.demo import STUDENT_INIT, base_path
+    from danceopd_diffusers.shapesworld.evaluate import load_pipeline
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("diffusers.loaders.lora_base")
+    for installed in [f for f in logger.filters if type(f).__name__ == "_DropMessages"]:
+        logger.removeFilter(installed)  # earlier tests may have installed it: load_pipeline must
+    handler, verbosity = Keep(), diffusers_logging.get_verbosity()
+    logger.addHandler(handler)
+    diffusers_logging.set_verbosity_warning()  # other tests may have turned it down
+    try:
+        load_pipeline(base_path(), str(STUDENT_INIT))
+        logger.warning("No LoRA keys associated to CLIPTextModel found with the prefix='unet'. Open an issue")
+    finally:
+        logger.removeHandler(handler)
+        diffusers_logging.set_verbosity(verbosity)
+    # the text encoders' notice is dropped, anything else from that logger still shows
+    assert records == ["No LoRA keys associated to CLIPTextModel found with the prefix='unet'. Open an issue"]
+
+
 def _parser():
     import train_danceopd
 

@@ -119,6 +119,9 @@ def load_pipeline(
     # an exported folder is loaded by the stock class: its pipeline_danceopd.py is never imported
     pipe = load_stock_pipeline(family.pipeline_class(), path, dtype=dtype)
     if lora:
+        from ..known_warnings import silence_known_warnings
+
+        silence_known_warnings()  # our LoRAs adapt the transformer alone: no "no text-encoder keys" notice
         pipe.load_lora_weights(lora)
         pipe.fuse_lora()
         pipe.unload_lora_weights()

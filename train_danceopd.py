@@ -1254,6 +1254,7 @@ def main(args: argparse.Namespace) -> None:
             json.dumps(
                 {
                     "step": global_step,
+                    "loss": step_loss,  # the optimizer step's loss: curves without a tracker (multi-GPU, study)
                     "route": fields_config.routes[step_route].field,
                     "sample_routes": [fields_config.routes[r].field for r in sample_routes],
                 }

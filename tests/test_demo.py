@@ -55,7 +55,9 @@ def test_embedded_default_runs_setting_a_from_the_edit_source_and_scores_the_stu
     for key in lora_b[:4]:
         a, b = init[key].float(), student[key].float()
         assert (a - b).norm() < 0.1 * a.norm(), key
-    assert len((out / "logs" / "routes_rank0.jsonl").read_text().splitlines()) == 4  # one route per step
+    rows = [json.loads(line) for line in (out / "logs" / "routes_rank0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # one route per step, with its loss
+    assert all(isinstance(r["loss"], float) and 0 < r["loss"] < 10 for r in rows), rows
     assert re.search(r"loss of route (t2i|edit_cfg) \(\d steps\): first", text)
     # the table: README.md's columns, the recorded sources, the recorded students (4 steps has no expected row)
     # and this run's student, scored on a limited set that covers every category

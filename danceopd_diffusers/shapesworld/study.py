@@ -734,6 +734,8 @@ def _read(path: Path) -> dict | None:
 
 def collect(root: Path, settings: Settings) -> dict[str, Any]:
     """Every result of a study root in one JSON-ready mapping: what `report` reads and `ship` ships."""
+    from ..checkpointing import checkpoint_step, list_checkpoints
+
     device = _device(settings)
     final_sizes, final_limit = _set_sizes(settings, False, device)
     curve_sizes, curve_limit = _set_sizes(settings, True, device)
@@ -756,8 +758,6 @@ def collect(root: Path, settings: Settings) -> dict[str, Any]:
             if result.get("per_category") == {"t2i": curve_sizes[0], "edit": curve_sizes[1]}:
                 curve[int(path.stem.split("-")[1])] = result
         done = run_done(root, run, settings)
-        from ..checkpointing import checkpoint_step, list_checkpoints
-
         steps = [checkpoint_step(c) for c in list_checkpoints(folder)]
         runs[run.name] = {
             **{k: v for k, v in asdict(run).items() if k != "flags"},
@@ -922,13 +922,19 @@ def _comparison_rows(ours: dict | None, baselines: list[tuple[str, dict | None]]
 def _equal_updates(collection: dict, setting: str) -> list[str]:
     """Every method of a setting at the last step all of them reached (their checkpoints on the curve set), beside
     the merge grid's best point on that same set: a like-for-like table while some runs are unfinished."""
-    curves = {k: (collection["runs"].get(f"{setting}-{k}") or {}).get("curve") or {} for k in METHODS}
-    shared = set.intersection(*(set(map(int, c)) for c in curves.values())) if all(curves.values()) else set()
+    curves = {
+        k: {
+            int(step): r
+            for step, r in ((collection["runs"].get(f"{setting}-{k}") or {}).get("curve") or {}).items()
+        }
+        for k in METHODS
+    }
+    shared = set.intersection(*(set(c) for c in curves.values())) if all(curves.values()) else set()
     if not shared:
         return []
     step = max(shared)
     size = collection["settings"]["curve_per_category"]
-    rows = [(METHODS[k][0], curves[k].get(str(step)) or curves[k].get(step), "-") for k in METHODS]
+    rows = [(METHODS[k][0], curves[k][step], "-") for k in METHODS]
     best = best_merge(collection, setting)
     if best:
         rows.append((f"weight merge (best: {best[1]['label']}; no training)", best[1]["select"], "-"))
@@ -938,8 +944,8 @@ def _equal_updates(collection: dict, setting: str) -> list[str]:
         "",
     ]
     lines += _main_table(rows)
-    ours = curves["danceopd"].get(str(step)) or curves["danceopd"].get(step)
-    if ours and "samples" in ours:
+    ours = curves["danceopd"][step]
+    if "samples" in ours:
         lines += ["", f"DanceOPD against each baseline at step {step}:", ""]
         lines += _comparison_rows(ours, [(label, r) for label, r, _ in rows[1:]])
     return lines
@@ -949,7 +955,7 @@ def _status_section(collection: dict) -> list[str]:
     """Which runs are done, unfinished (and where they stopped) or not started: a partial study says so."""
     steps = collection["settings"]["steps"]
     done, unfinished, missing = [], [], []
-    for run in all_runs_from(collection):
+    for run in _run_names(collection):
         r = collection["runs"].get(run)
         if r and r.get("done"):
             done.append(run)
@@ -966,7 +972,7 @@ def _status_section(collection: dict) -> list[str]:
     return lines + [""]
 
 
-def all_runs_from(collection: dict) -> list[str]:
+def _run_names(collection: dict) -> list[str]:
     settings = Settings(
         **{k: v for k, v in collection["settings"].items() if k in {f.name for f in fields(Settings)}}
     )
@@ -1161,6 +1167,7 @@ def _rescored_section(collection: dict) -> list[str]:
     rescored = collection.get("rescored") or {}
     if not rescored:
         return []
+    first = next(iter(rescored))
     lines = [
         "## Re-score a shipped student on a CPU",
         "",
@@ -1168,12 +1175,8 @@ def _rescored_section(collection: dict) -> list[str]:
         "quick set, on a CPU, without CFG (NFE 16), each gives the row below (a test re-scores one):",
         "",
         "```bash",
-        RESCORE_COMMAND.format(file=collection["shipped"][next(iter(rescored))])
-        + (
-            f" --limit {next(iter(rescored.values()))['limit']}"
-            if next(iter(rescored.values())).get("limit")
-            else ""
-        ),
+        RESCORE_COMMAND.format(file=collection["shipped"][first])
+        + (f" --limit {rescored[first]['limit']}" if rescored[first].get("limit") else ""),
         "```",
         "",
         "| file | T2I overall [95 % CI] | local avg | global avg | edit avg [95 % CI] |",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 from PIL import Image
@@ -130,8 +131,26 @@ def test_study_end_to_end_at_toy_size(tmp_path, capsys):
     assert study.main(["report", "--dest", str(dest), "--out", str(again), "--plot_backend", "pil"]) == 0
     tables = lambda t: t.split("## Setting A", 1)[1]  # noqa: E731
     assert "## Re-score a shipped student on a CPU" in again.read_text()
-    assert tables(again.read_text()).split("## Re-score")[0] == tables(text)  # the shipped results: the same report
+    assert tables(again.read_text()).split("## Re-score")[0] == tables(
+        text
+    )  # the shipped results: the same report
     assert str(tmp_path) not in (dest / "results.json").read_text()  # no machine paths shipped
+
+    # a second root that has only A-danceopd (another machine finishing a study) ships into the same place:
+    # A-soft and the merge are kept with their files and re-scores, A-danceopd is taken from the new root
+    root2 = tmp_path / "R2"
+    shutil.copytree(root, root2, ignore=shutil.ignore_patterns("A-soft", "A-merge-*", "merges"))
+    (dest / "A-soft.safetensors").touch()  # a changed file would be re-scored: this one must not be
+    before = json.loads((dest / "results.json").read_text())
+    assert study.main(["ship", "--root", str(root2), "--dest", str(dest)]) == 0
+    after = json.loads((dest / "results.json").read_text())
+    assert after["shipped"] == before["shipped"]
+    assert after["rescored"]["A-soft"] == before["rescored"]["A-soft"]
+    assert after["runs"]["A-soft"] == before["runs"]["A-soft"] and after["merges"] == before["merges"]
+    assert [h["root"] for h in after["history"]] == ["R", "R2"] and after["history"][1]["runs"] == [
+        "A-danceopd"
+    ]
+    assert after["history"][1]["files"] == ["A-danceopd"]
 
 
 def test_equal_updates_table_and_merge_ties(tmp_path):
@@ -141,7 +160,10 @@ def test_equal_updates_table_and_merge_ties(tmp_path):
     other = json.loads(json.dumps(point))
     other["t2i"]["overall"] = 0.5
     settings = study.Settings(steps=600, curve_per_category=64)
-    runs = {f"A-{k}": {"done": False, "reached": 300, "curve": {"150": point, "300": point}} for k in study.METHODS}
+    runs = {
+        f"A-{k}": {"done": False, "reached": 300, "curve": {"150": point, "300": point}}
+        for k in study.METHODS
+    }
     runs["A-dense"]["curve"] = {"150": other}  # dense reached step 150 only
     merges = {
         m.name: {**study.asdict(m), "seconds": 1.0, "select": point, "final": None}
@@ -160,6 +182,38 @@ def test_equal_updates_table_and_merge_ties(tmp_path):
     assert study._equal_updates({**collection, "runs": {}}, "A") == []  # no shared step: no table
     status = "\n".join(study._status_section(collection))
     assert "- unfinished: A-danceopd (step 300), A-dense (step 300)" in status
+
+
+def test_merge_collections_takes_what_got_further_and_refuses_other_settings():
+    settings = study.asdict(study.Settings())
+    run = lambda done, reached, final=None: {"done": done, "reached": reached, "final": final, "wall_s": 1.0}  # noqa: E731
+    previous = {
+        "settings": {**settings, "best_baselines": {"A": "joint"}},
+        "runs": {"A-dense": run(False, 184), "A-danceopd": run(True, 600, {"x": 1}), "B-k4": run(False, 300)},
+        "teachers": {"source-base": {"final": {"x": 1}}},
+        "merges": {"A-merge-cat-w0.5": {"select": {"x": 1}, "final": None}},
+        "notes": ["earlier"],
+    }
+    new = {
+        "settings": {**settings, "jobs": 4, "best_baselines": {}},
+        "runs": {"A-dense": run(True, 600, {"y": 2}), "A-danceopd": run(False, 150), "B-k4": run(False, 150)},
+        "teachers": {"source-base": {"final": None}, "base-nocfg": {"final": {"y": 2}}},
+        "merges": {"A-merge-cat-w0.5": {"select": None, "final": None}},
+    }
+    merged, kept = study.merge_collections(previous, new)
+    assert merged["runs"]["A-dense"]["final"] == {"y": 2}  # finished now: taken
+    assert merged["runs"]["A-danceopd"]["final"] == {"x": 1} and merged["runs"]["B-k4"]["reached"] == 300
+    assert sorted(kept) == ["A-danceopd", "B-k4"]
+    assert merged["teachers"]["source-base"]["final"] == {"x": 1} and "base-nocfg" in merged["teachers"]
+    assert merged["merges"]["A-merge-cat-w0.5"]["select"] == {"x": 1}
+    assert merged["settings"]["best_baselines"] == {"A": "joint"} and merged["notes"] == ["earlier"]
+    other = {**new, "settings": {**new["settings"], "learning_rate": 1e-4}}
+    try:
+        study.merge_collections(previous, other)
+    except SystemExit as exc:
+        assert "learning_rate = 0.0005" in str(exc) and "--learning_rate 0.0005" in str(exc)
+    else:
+        raise AssertionError("a root with another learning rate was merged")
 
 
 def test_shipped_study_report_is_current_and_a_student_rescores_to_its_numbers(tmp_path):

@@ -23,7 +23,8 @@ eval       score what is finished and not scored yet: each run's final LoRA and 
            then each setting's best merge on the final set
 report     ``shapesworld/STUDY.md`` and its PNG plots from ``R`` (or, without ``--root``, from the shipped
            ``shapesworld/study/results.json``)
-ship       the main table's students (fp16 LoRAs) and every result into ``shapesworld/study/``
+ship       the main table's students (fp16 LoRAs) and every result into ``shapesworld/study/``, keeping what is
+           there where the root has nothing better (a study finished on another machine); re-scores new files
 =========  =================================================================================================
 
 A training stage runs ``--jobs`` train_danceopd.py processes at once (default on a GPU: a quarter of the CPU cores;
@@ -1005,8 +1006,14 @@ def write_report(collection: dict, out: Path, backend: str = "auto", source: str
         "time of the run, start-up included, with the number of runs sharing the GPU.",
         "",
     ]
-    if collection.get("notes"):  # where results did not come from one study root (kept in results.json)
-        lines += ["Provenance:", ""] + [f"- {note}" for note in collection["notes"]] + [""]
+    history = [
+        f"Shipped on {h['date']} from the study root `{h['root']}`: "
+        + (f"runs {', '.join(h['runs'])}" if h["runs"] else "no runs")
+        + (f"; files written: {', '.join(h['files'])}." if h["files"] else "; no files written.")
+        for h in collection.get("history", [])
+    ]
+    if collection.get("notes") or history:  # where results did not come from one study root
+        lines += ["Provenance:", ""] + [f"- {note}" for note in collection.get("notes", []) + history] + [""]
     for setting in ("A", "B"):
         lines += (
             [f"## {SETTINGS_NAMES[setting]}", ""] + _main_table(_setting_rows(collection, setting)) + [""]
@@ -1215,29 +1222,106 @@ def _compute_section(collection: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------------- ship
+#: the settings two study roots must share for their results to sit in one report
+SHARED_SETTINGS = (
+    "steps",
+    "checkpoint_every",
+    "batch_size",
+    "learning_rate",
+    "warmup_steps",
+    "rank",
+    "num_rollout_steps",
+    "source_cfg",
+    "eval_preset",
+    "eval_per_category",
+    "eval_limit",
+    "curve_per_category",
+    "eval_inference_steps",
+)
+
+
 def ship_stage(root: Path, settings: Settings, dest: Path = SHIP_DIR, log: Any = print) -> dict:
     """The main table's students (each run of settings A and B, and each setting's best merge) as fp16 LoRAs in
-    ``dest``, and the whole collection in ``dest/results.json`` (what `report` reads without ``--root``)."""
+    ``dest``, and the whole collection in ``dest/results.json`` (what `report` reads without ``--root``).
+
+    What ``dest`` already holds is kept where this root has nothing better (a run it lacks or got less far with, a
+    teacher or merge it did not score): a study can be finished on another machine, or after one was lost, and
+    shipped into the same place. Each ship is recorded in ``history``; only files written now are re-scored."""
     from .ship import _to_fp16
 
     collection = collect(root, settings)
+    previous = _read(dest / "results.json")
+    taken = {"runs": sorted(n for n, r in collection["runs"].items() if r.get("wall_s") or r.get("final"))}
+    if previous is not None:
+        collection, kept = merge_collections(previous, collection)
+        for name in kept:
+            log(
+                f"[study] {name}: kept from the earlier {dest / 'results.json'} (this root has nothing better)"
+            )
+        taken["runs"] = [n for n in taken["runs"] if n not in kept]
     dest.mkdir(parents=True, exist_ok=True)
-    shipped = {}
-    for run in main_runs():
-        lora = root / "runs" / run.name / "pytorch_lora_weights.safetensors"
-        if (collection["runs"].get(run.name) or {}).get("done") and lora.is_file():
-            shipped[run.name] = lora
-    for setting in ("A", "B"):
-        best = best_merge(collection, setting)
-        if best:
-            shipped[best[0]] = root / "merges" / best[0] / "pytorch_lora_weights.safetensors"
-    for name, lora in shipped.items():
-        _to_fp16(lora, dest / f"{name}.safetensors")
-        log(f"[study] shipped {name} -> {dest / f'{name}.safetensors'}")
-    collection["shipped"] = {name: f"{name}.safetensors" for name in shipped}
+    wanted = [r.name for r in main_runs() if (collection["runs"].get(r.name) or {}).get("done")]
+    wanted += [best[0] for best in (best_merge(collection, s) for s in ("A", "B")) if best]
+    shipped, written = {}, []
+    for name in wanted:
+        source = (root / "merges" if name in collection["merges"] else root / "runs") / name
+        lora = source / "pytorch_lora_weights.safetensors"
+        kept_file = (previous or {}).get("shipped", {}).get(name)
+        if name in taken["runs"] or (name in collection["merges"] and lora.is_file()):
+            _to_fp16(lora, dest / f"{name}.safetensors")
+            written.append(name)
+            log(f"[study] shipped {name} -> {dest / f'{name}.safetensors'}")
+        elif not (kept_file and (dest / kept_file).is_file()):
+            raise SystemExit(
+                f"error: {name} is in the results but neither {lora} nor {dest / f'{name}.safetensors'} exists."
+            )
+        shipped[name] = f"{name}.safetensors"
+    for stale in set((previous or {}).get("shipped", {})) - set(shipped):
+        (dest / previous["shipped"][stale]).unlink(missing_ok=True)
+    collection["shipped"] = shipped
+    collection["rescored"] = {
+        k: v for k, v in (collection.get("rescored") or {}).items() if k in shipped and k not in written
+    }
     collection["settings"] = {k: v for k, v in collection["settings"].items() if k not in ("data", "sources")}
+    collection.setdefault("history", []).append(
+        {"date": time.strftime("%Y-%m-%d"), "root": root.name, "runs": taken["runs"], "files": written}
+    )
     _write_json(dest / "results.json", collection)
     return rescore_shipped(dest, Path(settings.sources), settings.eval_limit, log=log)
+
+
+def merge_collections(previous: dict, new: dict) -> tuple[dict, list[str]]:
+    """``new`` on top of ``previous`` (two roots of one study): a run is taken from ``new`` when it finished there
+    or got further than before; a teacher or merge when ``new`` scored it. Returns the merge and what was kept."""
+    differ = [k for k in SHARED_SETTINGS if previous["settings"].get(k) != new["settings"].get(k)]
+    if differ:
+        k = differ[0]
+        raise SystemExit(
+            f"error: the shipped results were made with {k} = {previous['settings'].get(k)!r} and this root with "
+            f"{new['settings'].get(k)!r}: one report cannot mix them. Ship to another --dest, or run the root with "
+            f"--{k} {previous['settings'].get(k)}."
+        )
+    out = {**previous, "settings": {**previous["settings"], **new["settings"]}}
+    out["settings"]["best_baselines"] = new["settings"].get("best_baselines") or previous["settings"].get(
+        "best_baselines", {}
+    )
+    kept, runs = [], dict(previous["runs"])
+    for name, run in new["runs"].items():
+        old = runs.get(name)
+        better = (
+            old is None or run["done"] or (not old["done"] and run.get("reached", 0) > old.get("reached", 0))
+        )
+        if better:
+            runs[name] = run
+        elif run.get("wall_s") or run.get("final"):
+            kept.append(name)
+    out["runs"] = runs
+    for part, scored in (("teachers", ("final",)), ("merges", ("select", "final"))):
+        out[part] = dict(previous.get(part, {}))
+        for name, entry in new[part].items():
+            if name not in out[part] or any(entry.get(k) for k in scored):
+                out[part][name] = entry
+    return out, kept
 
 
 #: the CPU re-score of each shipped student: what `evaluate` prints for anyone who runs RESCORE_COMMAND
@@ -1266,12 +1350,14 @@ def rescore_shipped(dest: Path, sources: Path = SOURCES, limit: int | None = Non
     collection = json.loads(path.read_text())
     rescored = collection.setdefault("rescored", {})
     for name, file in collection.get("shipped", {}).items():
+        if name in rescored:  # shipped earlier and not rewritten since
+            continue
         rescored[name] = rescore_one(dest, file, sources, limit)
         edit = rescored[name]["edit"].get("average", float("nan"))
         log(
             f"[study] re-scored {file} on the CPU: T2I {rescored[name]['t2i']['overall']:.3f}, edit {edit:.2f}"
         )
-    _write_json(path, collection)
+        _write_json(path, collection)  # each one as it is done: a cut re-score keeps what it did
     return collection
 
 

@@ -268,8 +268,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cache_latents",
         action="store_true",
-        help="Keep every row's VAE latents (sft targets, edit sources) on the device after their first use, so "
-        "images are read and encoded once. Needs memory for the whole dataset's latents.",
+        help="Encode every routed row's VAE latents (sft targets, edit sources) and prompts before training, 64 per "
+        "encoder call, and keep them on the device, so images are read and encoded once. Needs memory for the whole "
+        "dataset's latents (prompt embeddings stop at 4 GiB; the rest are encoded on first use).",
     )
     parser.add_argument(
         "--max_sequence_length",
@@ -1038,6 +1039,18 @@ def main(args: argparse.Namespace) -> None:
     resolution = args.resolution or family.default_resolution(pipe)
     if args.resolution is None:
         accelerator.print(f"[danceopd] {describe_fallback_resolution(resolution)}")
+    if args.cache_latents:  # before training, in fixed chunks: one encoder call per chunk, not per row
+        from danceopd_diffusers.caches import precompute_encodings
+
+        line = precompute_encodings(
+            buckets,
+            [r.task for r in fields_config.routes],
+            resolution,
+            prompt_cache,
+            source_cache,
+            target_cache if args.method == "sft" else None,
+        )
+        accelerator.print(f"[danceopd] {line}")
     global_step = 0
     if args.resume_from_checkpoint and resume_path is None:
         accelerator.print(f"No checkpoint in {args.output_dir} to resume from; starting a new run.")

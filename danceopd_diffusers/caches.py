@@ -1,7 +1,14 @@
-"""Encodings computed once while the encoders are frozen: prompts per unique text, source images per row."""
+"""Encodings computed once while the encoders are frozen: prompts per unique text, source images per row.
+
+On first use an encoding is computed alone (one prompt or image per encoder call), so it never depends on which
+other rows happened to miss the cache with it and a resumed run is exact. ``--cache_latents`` fills the caches
+before training instead (:func:`precompute_encodings`), in fixed chunks of the data's own order: one encoder call
+per chunk where a small model spends most of its step on per-image calls, and still the same for a resumed run.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,6 +64,30 @@ class PromptCache:
             self.encoded += len(missing)
         return Conditioning.cat([self._cache[key] for key in keys])
 
+    @torch.no_grad()
+    def fill(self, prompts: Sequence[str], chunk: int = 64, max_bytes: int = 4 << 30) -> int:
+        """Encode ``prompts`` (deduplicated, first-seen order) ``chunk`` per encoder call; returns how many.
+
+        Stops once the cache holds ``max_bytes`` (text embeddings of large models are megabytes per prompt): the
+        rest are encoded on first use. Families whose prompt encoding sees the source image are not filled.
+        """
+        if self.family.prompt_uses_source:
+            return 0
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        todo = todo[: max(0, self.max_entries - len(self._cache))]
+        done = held = 0
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            cond = self.family.encode_prompts(self.pipe, part, self.device)
+            for i, prompt in enumerate(part):
+                self._cache[prompt] = cond.select([i])
+            done += len(part)
+            held += sum(t.numel() * t.element_size() for t in cond.tensors.values())
+            if held >= max_bytes:
+                break
+        self.encoded += done
+        return done
+
     def empty(
         self,
         batch_size: int,
@@ -71,6 +102,7 @@ class SourceCache:
     """Source-image conditioning per data row and edit size: each sample's image is encoded once."""
 
     encode = "encode_sources"
+    sample_per_row = False
 
     def __init__(self, pipe: Any, family: FamilyAdapter, device: torch.device, max_entries: int = 4096):
         self.pipe = pipe
@@ -111,6 +143,41 @@ class SourceCache:
             self.encoded += len(missing)
         return Conditioning.cat([self._cache[(r, height, width)] for r in rows])
 
+    @torch.no_grad()
+    def fill(
+        self,
+        rows: Sequence[int],
+        images: Callable[[list[int]], Sequence[Any]],
+        size: Callable[[int, Any], tuple[int, int]],
+        chunk: int = 64,
+    ) -> int:
+        """Encode ``rows`` ``chunk`` per VAE call, each at its own ``size(row, image)`` = (height, width); returns
+        how many. ``images(rows)`` gives the PIL images of rows; a chunk's rows of one size share a call."""
+        from .data import images_to_tensor
+
+        todo = list(dict.fromkeys(rows))[: max(0, self.max_entries - len(self._cache))]
+        done = 0
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            by_size: dict[tuple[int, int], list[tuple[int, Any]]] = {}
+            for row, image in zip(part, images(part)):
+                if image is not None:
+                    by_size.setdefault(size(row, image), []).append((row, image))
+            for (height, width), members in by_size.items():
+                pixels = images_to_tensor([img for _, img in members], height, width).to(self.device)
+                # each row draws its posterior sample as on first use (diffusers' randn_tensor takes one generator
+                # per row); source encoders take the mode, and a list would make them encode row by row
+                seeded = [torch.Generator().manual_seed(0) for _ in members]
+                generator = seeded if self.sample_per_row else seeded[0]
+                cond = getattr(self.family, self.encode)(self.pipe, pixels, generator)
+                if isinstance(cond, torch.Tensor):
+                    cond = Conditioning({"latents": cond})
+                for i, (row, _) in enumerate(members):
+                    self._cache[(row, height, width)] = cond.select([i])
+                done += len(members)
+        self.encoded += done
+        return done
+
 
 class TargetCache(SourceCache):
     """``sft`` target latents per data row and size (``--cache_latents``): the VAE sees each image once.
@@ -120,6 +187,7 @@ class TargetCache(SourceCache):
     """
 
     encode = "encode_images"
+    sample_per_row = True
 
     def __call__(
         self,
@@ -129,3 +197,47 @@ class TargetCache(SourceCache):
         width: int,
     ) -> torch.Tensor:
         return super().__call__(rows, images, height, width).tensors["latents"]
+
+
+def precompute_encodings(
+    buckets: Any,
+    tasks: Sequence[str],
+    resolution: int,
+    prompt_cache: PromptCache,
+    source_cache: SourceCache,
+    target_cache: TargetCache | None = None,
+    chunk: int = 64,
+) -> str:
+    """``--cache_latents``: every prompt (and the empty one), edit source and, for sft, target image of the routed
+    ``tasks``, encoded before training in chunks of the data's order. An edit is encoded at its own source's edit
+    size, the size the training loop uses for a batch that starts with it; a batch of mixed sizes encodes its
+    other rows on first use, as without the flag. Returns a line for the log."""
+    from .families import edit_size
+
+    start = time.monotonic()
+    tasks = list(dict.fromkeys(tasks))
+    rows = [r for task in tasks for r in buckets.buckets.get(task, [])]
+    prompts = prompt_cache.fill([""] + buckets.prompts(rows), chunk)
+    edit_rows = [r for task in tasks if buckets.is_edit_bucket(task) for r in buckets.buckets[task]]
+    column = buckets.columns
+    sizes: dict[int, tuple[int, int]] = {}
+
+    def source_size(row: int, image: Any) -> tuple[int, int]:
+        sizes[row] = edit_size(image.width, image.height, resolution)
+        return sizes[row]
+
+    sources = source_cache.fill(
+        edit_rows, lambda part: buckets.images(part, column.source_image), source_size, chunk
+    )
+    targets = 0
+    if target_cache is not None:
+        targets = target_cache.fill(
+            rows,
+            lambda part: buckets.images(part, column.target_image),
+            lambda row, image: sizes.get(row, (resolution, resolution)),
+            chunk,
+        )
+    return (
+        f"--cache_latents: {prompts} prompts, {sources} edit sources and {targets} targets encoded before training "
+        f"({chunk} per encoder call) in {time.monotonic() - start:.1f} s"
+    )

@@ -531,6 +531,39 @@ def test_kontext_sft_cache_latents_opens_fewer_images(kontext_path, tmp_path, mo
     assert counts[True] + 16 <= counts[False], counts
 
 
+def test_kontext_cache_latents_resumes_exactly(kontext_path, tmp_path, capsys):
+    """The encodings --cache_latents computes before training depend only on the data: a run cut after 2 steps
+    and resumed ends bit for bit where the uninterrupted 4-step run does, edits and t2i both trained."""
+    config = tmp_path / "fields.yaml"
+    config.write_text(
+        "fields:\n  base: {type: base}\n  base_cfg: {type: cfg, of: base, scale: 3.0}\n"
+        "  edit_cfg: {type: cfg, of: base, scale: 2.0}\n"
+        "routes:\n  - {field: base_cfg, task: t2i}\n  - {field: edit_cfg, task: edit}\n"
+    )
+    data = _write_data(tmp_path, edits=True)
+    base = ["--pretrained_model_name_or_path", kontext_path, "--dataset_name", str(data), "--cache_latents"]
+    base += ["--fields_config", str(config), "--checkpointing_steps", "2", "--skip_pipeline_export", *SHORT]
+    run_train([*base, "--output_dir", str(tmp_path / "full"), "--max_train_steps", "4"])
+    run_train([*base, "--output_dir", str(tmp_path / "cut"), "--max_train_steps", "2"])
+    run_train(
+        [
+            *base,
+            "--output_dir",
+            str(tmp_path / "cut"),
+            "--max_train_steps",
+            "4",
+            "--resume_from_checkpoint",
+            "latest",
+        ]
+    )
+    full = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
+    cut = load_file(tmp_path / "cut" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    routes = (tmp_path / "full" / "logs" / "routes_rank0.jsonl").read_text()
+    assert '"route": "base_cfg"' in routes and '"route": "edit_cfg"' in routes
+    assert capsys.readouterr().out.count("--cache_latents: 5 prompts, 2 edit sources and 0 targets") == 3
+
+
 def test_flux_full_finetune_student(flux_path, tmp_path):
     folder = tmp_path / "full"
     folder.mkdir()

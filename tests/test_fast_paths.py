@@ -140,3 +140,87 @@ def test_cuda_graphs_flag_needs_cuda(tmp_path):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match="--cuda_graphs needs a CUDA device"):
         train_danceopd.parse_args(["--cuda_graphs", "--output_dir", str(tmp_path / "o")])
+
+
+def _edit_data(folder):
+    """Kontext data: 3 t2i prompts, 5 edits of two source sizes (the chunks must split by size), one
+    repeated prompt."""
+    import json
+
+    from PIL import Image
+
+    rows = [{"prompt": p, "task": "t2i", "target_image": "t.png"} for p in ("a", "b c", "a")]
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(folder / "t.png")
+    for i, size in enumerate([(64, 32), (64, 32), (32, 32), (64, 32), (32, 32)]):
+        Image.new("RGB", size, (40 * i, 200, 30)).save(folder / f"s{i}.png")
+        rows.append(
+            {"prompt": f"edit {i}", "task": "edit", "source_image": f"s{i}.png", "target_image": "t.png"}
+        )
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_precomputed_encodings_equal_first_use_encodings(tmp_path):
+    """--cache_latents fills the caches chunk by chunk before training: the same prompt, source and target
+    encodings as one-at-a-time encoding on first use (fp32, within batching round-off), far fewer encoder calls."""
+    from diffusers import DiffusionPipeline
+
+    from danceopd_diffusers.caches import PromptCache, SourceCache, TargetCache, precompute_encodings
+    from danceopd_diffusers.data import DataColumns, TaskBuckets, fit_image, load_training_dataset
+    from danceopd_diffusers.families import edit_size
+    from danceopd_diffusers.families.flux import FluxKontextFamily
+    from danceopd_diffusers.tiny import tiny_pipeline_path
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_path("flux-kontext", tmp_path / "kontext"))
+    family = FluxKontextFamily(max_sequence_length=16)
+    dataset, base_dir = load_training_dataset(str(_edit_data(tmp_path)))
+    buckets = TaskBuckets(dataset, DataColumns(), base_dir)
+    calls = {"encode_prompts": 0, "encode_sources": 0, "encode_images": 0}
+    for name in calls:
+        original = getattr(family, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        setattr(family, name, counted)
+    filled = [
+        PromptCache(pipe, family, "cpu"),
+        SourceCache(pipe, family, "cpu"),
+        TargetCache(pipe, family, "cpu"),
+    ]
+    line = precompute_encodings(buckets, ["t2i", "edit"], 32, *filled, chunk=3)
+    assert "8 prompts, 5 edit sources and 8 targets" in line, line  # "", a, b c, edit 0-4; all 8 rows
+    # prompts: 8 unique in chunks of 3; sources: chunks (0,1,2), (3,4) split by size: 2 + 2 calls; targets:
+    # chunks (0, 1, 2) at 32 x 32, then (3, 4, 5) and (6, 7), each split by edit size: 1 + 2 + 2 calls
+    assert calls == {"encode_prompts": 3, "encode_sources": 4, "encode_images": 5}, calls
+
+    lazy = [
+        PromptCache(pipe, family, "cpu"),
+        SourceCache(pipe, family, "cpu"),
+        TargetCache(pipe, family, "cpu"),
+    ]
+    for task in ("t2i", "edit"):
+        for row in buckets.buckets[task]:
+            prompt = buckets.prompts([row])
+            for cache in (filled[0], lazy[0]):
+                got = cache(prompt)
+            assert torch.allclose(
+                filled[0](prompt).tensors["encoder_hidden_states"],
+                got.tensors["encoder_hidden_states"],
+                atol=1e-5,
+            )
+            size = (32, 32)
+            if task == "edit":
+                source = buckets.images([row], "source_image")[0]
+                size = edit_size(source.width, source.height, 32)
+                fitted = [fit_image(source, *size)]
+                a, b = filled[1]([row], fitted, *size), lazy[1]([row], fitted, *size)
+                assert torch.allclose(a.tensors["source_latents"], b.tensors["source_latents"], atol=1e-5)
+            target = [fit_image(buckets.images([row], "target_image")[0], *size)]
+            before = filled[2].encoded
+            ta, tb = filled[2]([row], target, *size), lazy[2]([row], target, *size)
+            assert torch.allclose(ta, tb, atol=1e-4), (row, size, (ta - tb).abs().max())  # same noise draw
+            assert filled[2].encoded == before  # every row's target was filled at the size it is used at
+    assert filled[0].encoded == 8 and filled[1].encoded == 5  # nothing was encoded again on use

@@ -1177,22 +1177,25 @@ def main(args: argparse.Namespace) -> None:
         route_losses: dict[str, list[float]] = {}
         step_loss = 0.0
         for micro in range(args.gradient_accumulation_steps):
-            gen = step_generator(args.seed, "sample", global_step, micro, rank)
+            # every rank draws the whole global batch from one generator and keeps its own slice, so N processes
+            # at batch B train on what one process at batch N·B does (the trailing 0 keeps 1-process runs as before)
+            gen = step_generator(args.seed, "sample", global_step, micro, 0)
+            world_batch = args.train_batch_size * accelerator.num_processes
+            mine = slice(rank * args.train_batch_size, (rank + 1) * args.train_batch_size)
             if args.per_sample_routing:
-                sample_routes = router.draw(gen, args.train_batch_size)
+                world_routes = router.draw(gen, world_batch)
             else:
-                sample_routes = [step_route] * args.train_batch_size
-            rows = []
-            for r in sample_routes:
-                rows += buckets.sample(fields_config.routes[r].task, 1, gen)
+                world_routes = [step_route] * world_batch
+            world_rows = []
+            for r in world_routes:
+                world_rows += buckets.sample(fields_config.routes[r].task, 1, gen)
+            sample_routes, rows = world_routes[mine], world_rows[mine]
             prompts = buckets.prompts(rows)
             edit = fields_config.routes[sample_routes[0]].task in edit_tasks
             with accelerator.accumulate(transformer_ddp):
                 if args.method == "sft":
-                    prompts = [
-                        "" if torch.rand((), generator=gen) < args.caption_dropout_prob else p
-                        for p in prompts
-                    ]
+                    dropped = (torch.rand(world_batch, generator=gen) < args.caption_dropout_prob)[mine]
+                    prompts = ["" if drop else p for drop, p in zip(dropped.tolist(), prompts)]
                     cond, _, height, width = encode_batch(rows, prompts, edit)
                     if args.cache_latents:
                         targets = functools.partial(_images_at_positions, buckets, rows, columns.target_image)
@@ -1202,26 +1205,31 @@ def main(args: argparse.Namespace) -> None:
                             targets = buckets.images(rows, columns.target_image)
                             pixels = images_to_tensor(targets, height, width)
                             x0 = family.encode_images(pipe, pixels, gen).to(weight_dtype)
-                    sigma = sample_sft_sigmas(sft_scheduler, len(rows), gen, args.weighting_scheme)
-                    states = sft_states(x0, sigma, gen, args.weighting_scheme)
+                    sigma = sample_sft_sigmas(sft_scheduler, world_batch, gen, args.weighting_scheme)[mine]
+                    noise = torch.randn((world_batch, *x0.shape[1:]), generator=gen)[mine]
+                    states = sft_states(x0, sigma, noise, args.weighting_scheme)
                 else:
                     cond, uncond, height, width = encode_batch(rows, prompts, edit)
                     targets = RoutedTargets(
                         [route_fields[r] for r in sample_routes], cond, uncond, args.num_rollout_steps
                     )
                     shape = family.latent_shape(pipe, len(rows), height, width)
-                    noise = torch.randn(shape, generator=gen).to(accelerator.device, weight_dtype)
+                    noise = torch.randn((world_batch, *shape[1:]), generator=gen)[mine]
+                    noise = noise.to(accelerator.device, weight_dtype)
                     if args.method == "dense":
                         indices = torch.arange(args.num_rollout_steps).repeat(len(rows), 1)
                     else:
                         indices = sample_query_indices(
-                            args.num_rollout_steps, len(rows), args.query_k, args.query_strategy, gen
-                        )
+                            args.num_rollout_steps, world_batch, args.query_k, args.query_strategy, gen
+                        )[mine]
                     # under FSDP2: gathered once for the rollout and every field (ranks differ in their calls)
                     with gathered(transformer):
                         if args.method == "offpolicy":
                             sigmas = family.sigmas(pipe, args.num_rollout_steps, shape, accelerator.device)
-                            states = off_policy_states(family, targets, noise, sigmas, indices, gen)
+                            k = indices.shape[1]  # the re-noising draws, for the global batch's K states each
+                            renoise = torch.randn((world_batch * k, *shape[1:]), generator=gen)
+                            renoise = renoise[rank * len(rows) * k : (rank + 1) * len(rows) * k]
+                            states = off_policy_states(family, targets, noise, sigmas, indices, renoise)
                         else:
                             transformer.eval()
                             states = on_policy_states(

@@ -37,6 +37,10 @@ with E[rollout steps] = E[max(q, 1)] exact for the query law (10.93 for N = 16, 
 recomputation is not charged. limit s/sample = FLOPs / ``--matmul_tflops`` (default 780 TFLOP/s, the bf16 rate
 measured on an H200; ``--measure_matmul`` measures an 8192³ bf16 matmul on the device instead).
 
+Under ``accelerate launch`` with N processes (``benchmarks/bench_multi_gpu.py`` does this) each optimizer step
+trains N times the samples, and each rank reports its own peak memory and writes ``--json`` with ``.rank<r>``
+appended; the FLOP limit is taken at N times the matmul rate. The work dir must be built first, by one process.
+
 Prints one JSON object per resolution (``--json`` also writes them as a list). ``--tiny`` runs a 2-layer model
 on any device (CPU included): it checks the script, its numbers mean nothing. The micro-benchmark that produced
 the older tables of ``benchmarks/RESULTS.md`` ran its own loop; it is in the history
@@ -48,6 +52,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -58,6 +63,8 @@ from types import SimpleNamespace
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+#: under `accelerate launch`: how many processes train together, and this one's rank
+WORLD, RANK = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
 if str(REPO) not in sys.path:
     sys.path.insert(1, str(REPO))
 
@@ -686,6 +693,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", default=None, help="also write the results to this file (a JSON list)")
     parser.add_argument(
+        "--output_dir",
+        default=None,
+        help="the training runs' folder (default: a temporary one under --work_dir)",
+    )
+    parser.add_argument(
         "--tiny", action="store_true", help="a 2-layer model on any device (CPU too): checks the script"
     )
     args, args.script_args = parser.parse_known_args(argv)
@@ -706,6 +718,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.measure_matmul:
         args.matmul_tflops = measure_matmul_tflops()
     work_dir = Path(args.work_dir).expanduser().resolve()
+    if WORLD > 1 and not (work_dir / "built.json").exists():
+        raise SystemExit(
+            f"{work_dir} is not built: build it with one process first (benchmarks/bench_multi_gpu.py does), so "
+            "that the ranks do not all write it."
+        )
     paths = build_work_dir(work_dir, args.family, args.tiny, args.expert_rank, device)
     recipes = {res: recipe_flops(args, res) for res in args.resolutions}
     code_dir = Path(args.code_dir).resolve()
@@ -744,8 +761,12 @@ def run_resolutions(args: argparse.Namespace, work_dir: Path, recipes: dict, pro
     try:
         for resolution in args.resolutions:
             probe.reset()
-            with tempfile.TemporaryDirectory(dir=work_dir) as out:
+            if getattr(args, "output_dir", None):  # shared by the ranks of a multi-process run
+                out = str(Path(args.output_dir) / f"res{resolution}")
                 run, routes = train_once(resolution, out)
+            else:
+                with tempfile.TemporaryDirectory(dir=work_dir) as out:
+                    run, routes = train_once(resolution, out)
             gc.collect()
             cuda = torch.cuda.is_available()
             times, rollout, targets, lengths = probe.measured(args.warmup)
@@ -756,22 +777,24 @@ def run_resolutions(args: argparse.Namespace, work_dir: Path, recipes: dict, pro
                 "train_batch_size": args.train_batch_size,
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "measured_routes": routes,
+                "processes": WORLD,
+                "rank": RANK,
                 **summarize(
                     times,
-                    args.train_batch_size * args.gradient_accumulation_steps,
+                    args.train_batch_size * args.gradient_accumulation_steps * WORLD,
                     rollout,
                     targets,
                     lengths,
                     torch.cuda.max_memory_allocated() if cuda else None,
                 ),
             }
-            results.append(finish(result, recipes[resolution], args.matmul_tflops, routes))
+            results.append(finish(result, recipes[resolution], args.matmul_tflops * WORLD, routes))
             if cuda:
                 torch.cuda.empty_cache()
     finally:
         probe.remove()
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json + (f".rank{RANK}" if WORLD > 1 else "")).write_text(json.dumps(results, indent=2))
     return results
 
 

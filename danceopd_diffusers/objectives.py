@@ -171,9 +171,10 @@ def off_policy_states(
     initial_latents: torch.Tensor,
     sigmas: torch.Tensor,
     query_indices: torch.Tensor,
-    generator: torch.Generator,
+    noise: torch.Generator | torch.Tensor,
 ) -> TrainingStates:
-    """The routed field's own rollout; its endpoint re-noised to the queried sigmas with fresh noise."""
+    """The routed field's own rollout; its endpoint re-noised to the queried sigmas with fresh noise (``noise``:
+    the [B·K, ...] draws, sample-major, or a generator to draw them from)."""
     all_samples = torch.arange(initial_latents.shape[0])
 
     def velocity(x: torch.Tensor, sigma: torch.Tensor, step: int) -> torch.Tensor:
@@ -184,7 +185,9 @@ def off_policy_states(
     b, k = query_indices.shape
     samples = all_samples.repeat_interleave(k)
     sigma = sigmas[query_indices.reshape(-1)].float()
-    noise = torch.randn(x0[samples].shape, generator=generator).to(x0)
+    if isinstance(noise, torch.Generator):
+        noise = torch.randn(x0[samples].shape, generator=noise)
+    noise = noise.to(x0)
     s = sigma.to(x0).reshape(-1, *([1] * (x0.dim() - 1)))
     x = ((1 - s) * x0[samples] + s * noise).to(x0.dtype)
     target = targets(samples, x, sigma, query_indices.reshape(-1))
@@ -192,14 +195,19 @@ def off_policy_states(
 
 
 def sft_states(
-    x0: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator, weighting_scheme: str = "none"
+    x0: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Generator | torch.Tensor,
+    weighting_scheme: str = "none",
 ) -> TrainingStates:
     """Flow matching on data: x_sigma = (1 - sigma) x0 + sigma noise, target v = noise - x0.
 
     ``sigma_sqrt`` and ``cosmap`` also weight each row's loss by diffusers' ``compute_loss_weighting_for_sd3``
     at its sigma, as the SD3/Flux training examples do; the other schemes leave the loss unweighted.
     """
-    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    if isinstance(noise, torch.Generator):
+        noise = torch.randn(x0.shape, generator=noise)
+    noise = noise.to(x0)
     s = sigma.to(x0).reshape(-1, *([1] * (x0.dim() - 1)))
     x = (1 - s) * x0 + s * noise
     weight = None

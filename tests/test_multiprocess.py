@@ -92,6 +92,31 @@ def test_two_processes_take_the_same_routes(ddp_run):
     assert (ddp_run / "model_index.json").exists()
 
 
+def test_two_processes_train_what_one_process_does_at_the_global_batch(ddp_run, tiny_path, tmp_path):
+    """Every rank draws the global batch and keeps its slice: 2 processes at batch 1 give, step by step, the loss
+    of 1 process at batch 2 (the mean of the ranks' losses), and the same student."""
+    from conftest import run_train
+
+    out = tmp_path / "one"
+    args = _train_args(tiny_path, tmp_path, out)
+    args[args.index("--train_batch_size") + 1] = "2"
+    run_train([*args, "--skip_pipeline_export"])
+    one = [json.loads(line) for line in (out / "logs" / "routes_rank0.jsonl").read_text().splitlines()]
+    two = _routes(ddp_run)
+    assert [e["route"] for e in one] == [e["route"] for e in two[0]]
+    for single, a, b in zip(one, *two):
+        mean = (a["loss"] + b["loss"]) / 2
+        assert abs(single["loss"] - mean) <= 1e-5 * max(1.0, abs(mean)), (
+            single["step"],
+            single["loss"],
+            mean,
+        )
+    assert len(one) == 6 and len({round(e["loss"], 6) for e in one}) > 1
+    lora, ddp = (load_file(p / "pytorch_lora_weights.safetensors") for p in (out, ddp_run))
+    for key in lora:
+        assert torch.allclose(lora[key], ddp[key], atol=1e-5), (key, (lora[key] - ddp[key]).abs().max())
+
+
 def test_fsdp2_lora_trains_as_ddp_exports_and_resumes_exactly(ddp_run, tiny_path, tmp_path):
     from diffusers import DiffusionPipeline
 
@@ -194,3 +219,32 @@ def test_fsdp2_full_finetune_exports_and_resumes_exactly(tiny_path, tmp_path):
         assert torch.equal(trained[key], resumed[key]), key
     assert any(not torch.equal(trained[k], one[k]) for k in trained)  # step 2 changed the weights
     assert any(not torch.equal(one[k], base[k]) for k in trained)  # and so did step 1
+
+
+def test_multi_gpu_benchmark_runs_and_its_loss_curves_agree(tmp_path):
+    """benchmarks/bench_multi_gpu.py on 2 gloo processes: the scaling stage reports both runs, and the 1-process
+    and 2-process loss curves at the same global batch agree (fp32 here, so to round-off)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_multi_gpu
+
+    out = tmp_path / "multi.json"
+    results = bench_multi_gpu.main(
+        [
+            "--tiny",
+            "--processes",
+            "2",
+            "--steps",
+            "1",
+            "--curve_steps",
+            "3",
+            "--work_dir",
+            str(tmp_path / "w"),
+        ]
+        + ["--json", str(out), "--port", "29621"]
+    )
+    scaling, curve = results
+    assert json.loads(out.read_text()) == results
+    assert scaling["stage"] == "scaling" and set(scaling["samples_per_s"]) == {"1", "2"}
+    assert all(v > 0 for v in scaling["samples_per_s"].values())
+    assert curve["steps"] == 3 and curve["global_batch"] == 8
+    assert curve["within_tolerance"] and curve["max_relative_difference"] < 1e-4, curve

@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -45,7 +46,7 @@ from danceopd_diffusers.data import (
     images_to_tensor,
     load_training_dataset,
 )
-from danceopd_diffusers.families import edit_size, editing_families
+from danceopd_diffusers.families import Conditioning, edit_size, editing_families
 from danceopd_diffusers.hub import HUB_STRATEGIES
 from danceopd_diffusers.lora_io import inspect_lora, load_lora_for_diffusers
 from danceopd_diffusers.objectives import (
@@ -57,6 +58,7 @@ from danceopd_diffusers.objectives import (
     sample_query_indices,
     sample_sft_sigmas,
     sft_states,
+    split_states,
     velocity_mse,
 )
 from danceopd_diffusers.output_dir import (
@@ -215,6 +217,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--per_sample_routing",
         action="store_true",
         help="Draw a route per sample instead of one per optimizer step.",
+    )
+    parser.add_argument(
+        "--batch_rollouts",
+        action="store_true",
+        help="Roll out the samples of all --gradient_accumulation_steps micro-steps of an optimizer step in one "
+        "pipeline call (danceopd, dense): fewer, larger calls where a small batch leaves the GPU idle. The "
+        "gradients are the sequential micro-steps' (to round-off); micro-steps whose edits differ in size roll "
+        "out one by one.",
     )
     parser.add_argument(
         "--weighting_scheme",
@@ -1120,6 +1130,63 @@ def main(args: argparse.Namespace) -> None:
         return cond.merge(source), uncond.merge(source), height, width
 
     sft_scheduler = copy.deepcopy(pipe.scheduler) if args.method == "sft" else None
+    batch_rollouts = (
+        args.batch_rollouts and args.method in ("danceopd", "dense") and args.gradient_accumulation_steps > 1
+    )
+
+    def draw_micro(micro: int, step_route: int) -> SimpleNamespace:
+        """One micro-step's rows, conditioning and random draws (and, for sft, its states): everything before the
+        rollout. Every rank draws the whole global batch from one generator and keeps its own slice, so N
+        processes at batch B train on what one process at batch N·B does (the trailing 0 of the generator's keys
+        keeps 1-process runs as before)."""
+        gen = step_generator(args.seed, "sample", global_step, micro, 0)
+        world_batch = args.train_batch_size * accelerator.num_processes
+        mine = slice(rank * args.train_batch_size, (rank + 1) * args.train_batch_size)
+        if args.per_sample_routing:
+            world_routes = router.draw(gen, world_batch)
+        else:
+            world_routes = [step_route] * world_batch
+        world_rows = []
+        for r in world_routes:
+            world_rows += buckets.sample(fields_config.routes[r].task, 1, gen)
+        m = SimpleNamespace(sample_routes=world_routes[mine], rows=world_rows[mine], states=None)
+        prompts = buckets.prompts(m.rows)
+        m.edit = fields_config.routes[m.sample_routes[0]].task in edit_tasks
+        if args.method == "sft":
+            dropped = (torch.rand(world_batch, generator=gen) < args.caption_dropout_prob)[mine]
+            prompts = ["" if drop else p for drop, p in zip(dropped.tolist(), prompts)]
+            m.cond, _, m.height, m.width = encode_batch(m.rows, prompts, m.edit)
+            if args.cache_latents:
+                targets = functools.partial(_images_at_positions, buckets, m.rows, columns.target_image)
+                x0 = target_cache(m.rows, targets, m.height, m.width).to(weight_dtype)
+            else:
+                with torch.no_grad():
+                    pixels = images_to_tensor(buckets.images(m.rows, columns.target_image), m.height, m.width)
+                    x0 = family.encode_images(pipe, pixels, gen).to(weight_dtype)
+            sigma = sample_sft_sigmas(sft_scheduler, world_batch, gen, args.weighting_scheme)[mine]
+            noise = torch.randn((world_batch, *x0.shape[1:]), generator=gen)[mine]
+            m.states = sft_states(x0, sigma, noise, args.weighting_scheme)
+            return m
+        m.cond, m.uncond, m.height, m.width = encode_batch(m.rows, prompts, m.edit)
+        m.targets = RoutedTargets(
+            [route_fields[r] for r in m.sample_routes], m.cond, m.uncond, args.num_rollout_steps
+        )
+        m.shape = family.latent_shape(pipe, len(m.rows), m.height, m.width)
+        noise = torch.randn((world_batch, *m.shape[1:]), generator=gen)[mine]
+        m.noise = noise.to(accelerator.device, weight_dtype)
+        if args.method == "dense":
+            m.indices = torch.arange(args.num_rollout_steps).repeat(len(m.rows), 1)
+        else:
+            m.indices = sample_query_indices(
+                args.num_rollout_steps, world_batch, args.query_k, args.query_strategy, gen
+            )[mine]
+        if args.method == "offpolicy":  # the re-noising draws, for the global batch's K states each
+            k, n = m.indices.shape[1], len(m.rows)
+            m.renoise = torch.randn((world_batch * k, *m.shape[1:]), generator=gen)[
+                rank * n * k : (rank + 1) * n * k
+            ]
+        return m
+
     loss_history: list[float] = []
     # per routed field, printed at the end: the routes' losses differ by an order of magnitude
     route_history: dict[str, list[float]] = {}
@@ -1176,72 +1243,55 @@ def main(args: argparse.Namespace) -> None:
         step_route = router.draw_step_route(args.seed, global_step, accelerator)
         route_losses: dict[str, list[float]] = {}
         step_loss = 0.0
-        for micro in range(args.gradient_accumulation_steps):
-            # every rank draws the whole global batch from one generator and keeps its own slice, so N processes
-            # at batch B train on what one process at batch N·B does (the trailing 0 keeps 1-process runs as before)
-            gen = step_generator(args.seed, "sample", global_step, micro, 0)
-            world_batch = args.train_batch_size * accelerator.num_processes
-            mine = slice(rank * args.train_batch_size, (rank + 1) * args.train_batch_size)
-            if args.per_sample_routing:
-                world_routes = router.draw(gen, world_batch)
-            else:
-                world_routes = [step_route] * world_batch
-            world_rows = []
-            for r in world_routes:
-                world_rows += buckets.sample(fields_config.routes[r].task, 1, gen)
-            sample_routes, rows = world_routes[mine], world_rows[mine]
-            prompts = buckets.prompts(rows)
-            edit = fields_config.routes[sample_routes[0]].task in edit_tasks
+        micros = [draw_micro(micro, step_route) for micro in range(args.gradient_accumulation_steps)]
+        if batch_rollouts and len({(m.edit, m.height, m.width) for m in micros}) == 1:
+            # the student is the same in every micro-step of an optimizer step: one rollout for all of them
+            with gathered(transformer):
+                transformer.eval()
+                joint = on_policy_states(
+                    pipe,
+                    family,
+                    RoutedTargets(
+                        [f for m in micros for f in m.targets.fields],
+                        Conditioning.cat([m.cond for m in micros]),
+                        Conditioning.cat([m.uncond for m in micros]),
+                        args.num_rollout_steps,
+                    ),
+                    Conditioning.cat([m.cond for m in micros]),
+                    torch.cat([m.noise for m in micros]),
+                    args.num_rollout_steps,
+                    torch.cat([m.indices for m in micros]),
+                    micros[0].height,
+                    micros[0].width,
+                    dense=args.method == "dense",
+                    dense_weighting=args.dense_weighting,
+                )
+                transformer.train()
+            for i, m in enumerate(micros):
+                m.states = split_states(joint, i * len(m.rows), len(m.rows))
+        for m in micros:
             with accelerator.accumulate(transformer_ddp):
-                if args.method == "sft":
-                    dropped = (torch.rand(world_batch, generator=gen) < args.caption_dropout_prob)[mine]
-                    prompts = ["" if drop else p for drop, p in zip(dropped.tolist(), prompts)]
-                    cond, _, height, width = encode_batch(rows, prompts, edit)
-                    if args.cache_latents:
-                        targets = functools.partial(_images_at_positions, buckets, rows, columns.target_image)
-                        x0 = target_cache(rows, targets, height, width).to(weight_dtype)
-                    else:
-                        with torch.no_grad():
-                            targets = buckets.images(rows, columns.target_image)
-                            pixels = images_to_tensor(targets, height, width)
-                            x0 = family.encode_images(pipe, pixels, gen).to(weight_dtype)
-                    sigma = sample_sft_sigmas(sft_scheduler, world_batch, gen, args.weighting_scheme)[mine]
-                    noise = torch.randn((world_batch, *x0.shape[1:]), generator=gen)[mine]
-                    states = sft_states(x0, sigma, noise, args.weighting_scheme)
-                else:
-                    cond, uncond, height, width = encode_batch(rows, prompts, edit)
-                    targets = RoutedTargets(
-                        [route_fields[r] for r in sample_routes], cond, uncond, args.num_rollout_steps
-                    )
-                    shape = family.latent_shape(pipe, len(rows), height, width)
-                    noise = torch.randn((world_batch, *shape[1:]), generator=gen)[mine]
-                    noise = noise.to(accelerator.device, weight_dtype)
-                    if args.method == "dense":
-                        indices = torch.arange(args.num_rollout_steps).repeat(len(rows), 1)
-                    else:
-                        indices = sample_query_indices(
-                            args.num_rollout_steps, world_batch, args.query_k, args.query_strategy, gen
-                        )[mine]
+                states, cond, rows = m.states, m.cond, m.rows
+                if states is None:
                     # under FSDP2: gathered once for the rollout and every field (ranks differ in their calls)
                     with gathered(transformer):
                         if args.method == "offpolicy":
-                            sigmas = family.sigmas(pipe, args.num_rollout_steps, shape, accelerator.device)
-                            k = indices.shape[1]  # the re-noising draws, for the global batch's K states each
-                            renoise = torch.randn((world_batch * k, *shape[1:]), generator=gen)
-                            renoise = renoise[rank * len(rows) * k : (rank + 1) * len(rows) * k]
-                            states = off_policy_states(family, targets, noise, sigmas, indices, renoise)
+                            sigmas = family.sigmas(pipe, args.num_rollout_steps, m.shape, accelerator.device)
+                            states = off_policy_states(
+                                family, m.targets, m.noise, sigmas, m.indices, m.renoise
+                            )
                         else:
                             transformer.eval()
                             states = on_policy_states(
                                 pipe,
                                 family,
-                                targets,
+                                m.targets,
                                 cond,
-                                noise,
+                                m.noise,
                                 args.num_rollout_steps,
-                                indices,
-                                height,
-                                width,
+                                m.indices,
+                                m.height,
+                                m.width,
                                 dense=args.method == "dense",
                                 dense_weighting=args.dense_weighting,
                             )
@@ -1270,14 +1320,14 @@ def main(args: argparse.Namespace) -> None:
                 optimizer.zero_grad(set_to_none=True)
             step_loss += on_host[0] / args.gradient_accumulation_steps
             for row, sample in zip(on_host[1:], states.samples.tolist()):
-                route_losses.setdefault(fields_config.routes[sample_routes[sample]].field, []).append(row)
+                route_losses.setdefault(fields_config.routes[m.sample_routes[sample]].field, []).append(row)
         routes_log.write(
             json.dumps(
                 {
                     "step": global_step,
                     "loss": step_loss,  # the optimizer step's loss: curves without a tracker (multi-GPU, study)
                     "route": fields_config.routes[step_route].field,
-                    "sample_routes": [fields_config.routes[r].field for r in sample_routes],
+                    "sample_routes": [fields_config.routes[r].field for r in micros[-1].sample_routes],
                 }
             )
             + "\n"

@@ -531,37 +531,74 @@ def test_kontext_sft_cache_latents_opens_fewer_images(kontext_path, tmp_path, mo
     assert counts[True] + 16 <= counts[False], counts
 
 
-def test_kontext_cache_latents_resumes_exactly(kontext_path, tmp_path, capsys):
-    """The encodings --cache_latents computes before training depend only on the data: a run cut after 2 steps
-    and resumed ends bit for bit where the uninterrupted 4-step run does, edits and t2i both trained."""
-    config = tmp_path / "fields.yaml"
+def _t2i_and_edit_args(kontext_path: str, folder: Path) -> list[str]:
+    """Kontext with one CFG field per task (the routes log tells t2i steps from edit steps), on wide edits."""
+    config = folder / "fields.yaml"
     config.write_text(
         "fields:\n  base: {type: base}\n  base_cfg: {type: cfg, of: base, scale: 3.0}\n"
         "  edit_cfg: {type: cfg, of: base, scale: 2.0}\n"
         "routes:\n  - {field: base_cfg, task: t2i}\n  - {field: edit_cfg, task: edit}\n"
     )
-    data = _write_data(tmp_path, edits=True)
-    base = ["--pretrained_model_name_or_path", kontext_path, "--dataset_name", str(data), "--cache_latents"]
-    base += ["--fields_config", str(config), "--checkpointing_steps", "2", "--skip_pipeline_export", *SHORT]
-    run_train([*base, "--output_dir", str(tmp_path / "full"), "--max_train_steps", "4"])
-    run_train([*base, "--output_dir", str(tmp_path / "cut"), "--max_train_steps", "2"])
-    run_train(
-        [
-            *base,
-            "--output_dir",
-            str(tmp_path / "cut"),
-            "--max_train_steps",
-            "4",
-            "--resume_from_checkpoint",
-            "latest",
-        ]
-    )
+    data = _write_data(folder, edits=True)
+    return [
+        "--pretrained_model_name_or_path",
+        kontext_path,
+        "--dataset_name",
+        str(data),
+        "--fields_config",
+        str(config),
+    ]
+
+
+def test_kontext_cache_latents_resumes_exactly(kontext_path, tmp_path, capsys):
+    """The encodings --cache_latents computes before training depend only on the data: a run cut after 2 steps
+    and resumed ends bit for bit where the uninterrupted 4-step run does, edits and t2i both trained."""
+    base = [
+        *_t2i_and_edit_args(kontext_path, tmp_path),
+        "--cache_latents",
+        "--checkpointing_steps",
+        "2",
+        *SHORT,
+    ]
+    resume = ["--resume_from_checkpoint", "latest"]
+    for folder, steps, extra in (("full", 4, []), ("cut", 2, []), ("cut", 4, resume)):
+        run_train(
+            [
+                *base,
+                "--skip_pipeline_export",
+                "--output_dir",
+                str(tmp_path / folder),
+                "--max_train_steps",
+                str(steps),
+                *extra,
+            ]
+        )
     full = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
     cut = load_file(tmp_path / "cut" / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(full[k], cut[k]) for k in full)
     routes = (tmp_path / "full" / "logs" / "routes_rank0.jsonl").read_text()
     assert '"route": "base_cfg"' in routes and '"route": "edit_cfg"' in routes
     assert capsys.readouterr().out.count("--cache_latents: 5 prompts, 2 edit sources and 0 targets") == 3
+
+
+def test_kontext_batched_rollouts_equal_sequential_ones(kontext_path, tmp_path):
+    """--batch_rollouts on edits: the micro-steps' sources ride along in the joint rollout, and the student is the
+    one the sequential micro-steps train."""
+    base = [
+        *_t2i_and_edit_args(kontext_path, tmp_path),
+        "--max_train_steps",
+        "3",
+        "--skip_pipeline_export",
+        *SHORT,
+    ]
+    base += ["--gradient_accumulation_steps", "2"]
+    for folder, extra in (("seq", []), ("joint", ["--batch_rollouts"])):
+        run_train([*base, "--output_dir", str(tmp_path / folder), *extra])
+    seq = load_file(tmp_path / "seq" / "pytorch_lora_weights.safetensors")
+    joint = load_file(tmp_path / "joint" / "pytorch_lora_weights.safetensors")
+    assert all(torch.allclose(seq[k], joint[k], atol=1e-6) for k in seq)
+    routes = (tmp_path / "joint" / "logs" / "routes_rank0.jsonl").read_text()
+    assert routes.count('"route"') == 3 and '"route": "edit_cfg"' in routes
 
 
 def test_flux_full_finetune_student(flux_path, tmp_path):

@@ -3,6 +3,7 @@ and the routed fields queried once per rollout on every recorded state instead o
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_lora_file
 from test_fields import FAMILY, _inputs, _perturb_student
@@ -224,3 +225,77 @@ def test_precomputed_encodings_equal_first_use_encodings(tmp_path):
             assert torch.allclose(ta, tb, atol=1e-4), (row, size, (ta - tb).abs().max())  # same noise draw
             assert filled[2].encoded == before  # every row's target was filled at the size it is used at
     assert filled[0].encoded == 8 and filled[1].encoded == 5  # nothing was encoded again on use
+
+
+@pytest.mark.parametrize("method", ["danceopd", "dense"])
+def test_batched_rollouts_give_the_sequential_micro_steps_gradients(tiny_path, tmp_path, monkeypatch, method):
+    """--batch_rollouts rolls out the 3 micro-steps of each optimizer step in one pipeline call: the same losses and
+    the same student as 3 rollouts one after the other (fp32; the only difference is the rollout's batch size)."""
+    import json
+
+    from conftest import run_train
+    from safetensors.torch import load_file
+
+    import train_danceopd
+
+    data = tmp_path / "p.csv"
+    data.write_text("prompt\na red circle\ntwo blue squares\na green star\none yellow triangle\n")
+    config = tmp_path / "f.yaml"
+    config.write_text(
+        "fields:\n  base: {type: base}\n  c2: {type: cfg, of: base, scale: 2.0}\n  c4: {type: cfg, of: base, "
+        "scale: 4.0}\nroutes:\n  - {field: c2}\n  - {field: c4}\n"
+    )
+    rollouts = []
+    original = train_danceopd.on_policy_states
+    monkeypatch.setattr(
+        train_danceopd,
+        "on_policy_states",
+        lambda *a, **k: rollouts.append(a[4].shape[0]) or original(*a, **k),
+    )
+    out = {}
+    for batched in (False, True):
+        folder = tmp_path / f"batched-{batched}"
+        rollouts.clear()
+        run_train(
+            [
+                "--pretrained_model_name_or_path",
+                tiny_path,
+                "--dataset_name",
+                str(data),
+                "--fields_config",
+                str(config),
+            ]
+            + [
+                "--output_dir",
+                str(folder),
+                "--method",
+                method,
+                "--max_train_steps",
+                "3",
+                "--num_rollout_steps",
+                "4",
+            ]
+            + ["--rank", "4", "--train_batch_size", "2", "--gradient_accumulation_steps", "3", "--seed", "11"]
+            + [
+                "--max_sequence_length",
+                "16",
+                "--per_sample_routing",
+                "--report_to",
+                "none",
+                "--skip_pipeline_export",
+            ]
+            + ["--batch_rollouts"] * batched
+        )
+        assert rollouts == ([6] * 3 if batched else [2] * 9)  # one call of 3 x 2 samples per optimizer step
+        losses = [
+            json.loads(line)["loss"]
+            for line in (folder / "logs" / "routes_rank0.jsonl").read_text().splitlines()
+        ]
+        out[batched] = losses, load_file(folder / "pytorch_lora_weights.safetensors")
+    (seq_losses, seq), (joint_losses, joint) = out[False], out[True]
+    assert len(seq_losses) == 3 and torch.allclose(
+        torch.tensor(seq_losses), torch.tensor(joint_losses), rtol=1e-5
+    )
+    assert any(v.abs().sum() > 0 for k, v in joint.items() if "lora_B" in k)
+    for key in seq:
+        assert torch.allclose(seq[key], joint[key], atol=1e-6), (key, (seq[key] - joint[key]).abs().max())

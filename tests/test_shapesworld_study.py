@@ -232,3 +232,20 @@ def test_shipped_study_report_is_current_and_a_student_rescores_to_its_numbers(t
     assert abs(result["t2i"]["overall"] - recorded["t2i"]["overall"]) <= 2 / 96 + 1e-9
     assert abs(result["edit"]["average"] - recorded["edit"]["average"]) <= 0.25
     assert f"| `B-danceopd.safetensors` | {recorded['t2i']['overall']:.3f} [" in study.STUDY_MD.read_text()
+
+
+def test_seeds_stage_counts_baselines_shipped_from_another_root(tmp_path):
+    """A new root that scored no baseline itself takes each setting's best trained baseline from the shipped
+    results (here joint training in both settings: DiffusionOPD is unfinished there, off-policy scores lower)."""
+    root = tmp_path / "R"
+    write_buckets(root, ["t2i", "local", "global", "all"], 1, workers=1)
+    args = ["seeds", "--root", str(root), "--eval_preset", "large", "--only", "no-such-run"]
+    assert study.main(args) == 0
+    settings = json.loads((root / "study.json").read_text())
+    assert settings["best_baselines"] == {"A": "joint", "B": "joint"}
+    try:
+        study.main([*args, "--dest", str(tmp_path / "nothing-shipped")])
+    except SystemExit as exc:
+        assert "no trained baseline of setting A is scored yet" in str(exc)
+    else:
+        raise AssertionError("seeds ran without any scored baseline")

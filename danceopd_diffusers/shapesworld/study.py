@@ -16,7 +16,8 @@ ablations  setting B: query mid / high, K = 4, init merged / global / base (6 ru
            hard routing are main's B-danceopd, soft is B-soft)
 cfg        CFG absorption from the T2I base, one field each: CFG α 1.5 / 3 / 5, APG and CFG-Zero* at 3 (5 runs)
 train      main, ablations and cfg in one queue (main first), ``--jobs`` at a time
-seeds      DanceOPD and each setting's best trained baseline at training seeds 1 and 2 (needs ``eval`` of main)
+seeds      DanceOPD and each setting's best trained baseline at training seeds 1 and 2 (needs ``eval`` of main;
+           baselines scored in the shipped ``results.json`` of ``--dest`` count too)
 eval       score what is finished and not scored yet: each run's final LoRA and each teacher on the final set
            (``--eval_preset``, default large on a GPU), CFG students also with CFG β = 2; every checkpoint of the
            main runs and every merge on the curve set (``--curve_per_category``, default 64 per category), and
@@ -1365,6 +1366,14 @@ def rescore_shipped(dest: Path, sources: Path = SOURCES, limit: int | None = Non
 STAGES = ("plan", "merge", "main", "ablations", "cfg", "train", "seeds", "eval", "report", "ship")
 
 
+def _record_eval_set(root: Path, settings: Settings) -> None:
+    """The final set's preset, recorded once (large on a GPU, quick on a CPU), so a report written later on another
+    machine, or results shipped from another root, read the same set."""
+    if settings.eval_preset is None and settings.eval_per_category is None:
+        settings.eval_preset = "large" if _device(settings).startswith("cuda") else "quick"
+        save_settings(root, settings)
+
+
 def _plan(root: Path, settings: Settings, only: list[str] | None, log: Any) -> None:
     import torch
 
@@ -1436,7 +1445,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.stage in ("main", "ablations", "cfg", "train", "seeds"):
         if args.stage == "seeds":
+            _record_eval_set(root, settings)
             collection = collect(root, settings)
+            shipped = _read(Path(args.dest) / "results.json")
+            if shipped is not None:  # baselines finished on another root count too
+                collection, _ = merge_collections(shipped, collection)
             for setting in ("A", "B"):
                 best = best_trained_baseline(collection, setting)
                 if best is None:
@@ -1457,10 +1470,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = train_stage(runs, root, settings, args.budget_s)
         return 1 if failed else 0
     if args.stage == "eval":
-        if settings.eval_preset is None and settings.eval_per_category is None:
-            # recorded, so a report written later on another machine reads the same set
-            settings.eval_preset = "large" if _device(settings).startswith("cuda") else "quick"
-            save_settings(root, settings)
+        _record_eval_set(root, settings)
         eval_stage(root, settings, args.only, args.budget_s)
         return 0
     if args.stage == "report":

@@ -249,3 +249,19 @@ def test_seeds_stage_counts_baselines_shipped_from_another_root(tmp_path):
         assert "no trained baseline of setting A is scored yet" in str(exc)
     else:
         raise AssertionError("seeds ran without any scored baseline")
+
+
+def test_claims_verdicts():
+    """Each claim's verdict comes from the paired difference: ahead only when positive with p < 0.05."""
+    assert study._ahead(None) == "not run"
+    assert study._ahead({"difference": 0.5, "ci": [0.2, 0.8], "p": 0.01}).startswith(
+        "ahead: +0.50 [+0.20, +0.80]"
+    )
+    assert study._ahead({"difference": 0.2, "ci": [-0.1, 0.5], "p": 0.2}).startswith("**not significant**")
+    assert study._ahead({"difference": -0.4, "ci": [-0.6, -0.2], "p": 0.001}).startswith("**behind**")
+    shipped = json.loads((study.SHIP_DIR / "results.json").read_text())
+    text = "\n".join(study._claims_section(shipped))
+    # the shipped study: B-danceopd against its own soft-routing run, the same samples as the main table's row
+    diff = study._paired(shipped["runs"]["B-danceopd"]["final"], shipped["runs"]["B-soft"]["final"])["edit"]
+    assert f"| B: hard routing > soft | soft routing | {study._ahead(diff)} |" in text
+    assert "| B: local-expert init best | init base |" in text

@@ -953,6 +953,86 @@ def _equal_updates(collection: dict, setting: str) -> list[str]:
     return lines
 
 
+def _paired(ours: dict | None, theirs: dict | None) -> dict | None:
+    """DanceOPD (``ours``) − ``theirs`` on edit average and T2I overall over the same samples, or None."""
+    from .evaluate import compare
+
+    if not ours or not theirs or "samples" not in ours or "samples" not in theirs:
+        return None
+    try:
+        diff = compare(theirs, ours)
+    except ValueError:
+        return None
+    return {"edit": diff["edit"].get("average"), "t2i": diff["t2i"].get("overall")}
+
+
+def _ahead(d: dict | None) -> str:
+    """The verdict of one paired edit-average difference: ahead / not significant / behind."""
+    if d is None:
+        return "not run"
+    lo, hi = d["ci"]
+    text = f"{d['difference']:+.2f} [{lo:+.2f}, {hi:+.2f}], p = {d['p']:.3f}"
+    if d["difference"] > 0 and d["p"] < 0.05:
+        return f"ahead: {text}"
+    if d["difference"] < 0 and d["p"] < 0.05:
+        return f"**behind**: {text}"
+    return f"**not significant**: {text}"
+
+
+def _claims_section(collection: dict) -> list[str]:
+    """The paper's claims (the issue's target), each checked on the final set with paired comparisons: what holds,
+    what does not, and what is not run yet."""
+    runs = collection["runs"]
+    final = lambda name: (runs.get(name) or {}).get("final")  # noqa: E731
+    lines = [
+        "## The paper's claims, checked",
+        "",
+        "Final set, DanceOPD minus the other row on the edit average, paired bootstrap (95 % CI, two-sided p); a "
+        "claim holds when the difference is positive with p < 0.05.",
+        "",
+        "| claim | against | verdict |",
+        "|---|---|---|",
+    ]
+    for setting in ("A", "B"):
+        ours = final(f"{setting}-danceopd")
+        rows = [(METHODS[k][0], final(f"{setting}-{k}")) for k in METHODS if k != "danceopd"]
+        best = best_merge(collection, setting)
+        rows.append(("weight merge (best)", best[1]["final"] if best else None))
+        for label, theirs in rows:
+            d = _paired(ours, theirs)
+            lines.append(f"| {setting}: DanceOPD ahead on edits | {label} | {_ahead(d and d['edit'])} |")
+        scored = [(label, r) for label, r in rows if r and "overall" in r["t2i"]]
+        if ours and scored:
+            label, strongest = max(scored, key=lambda row: row[1]["t2i"]["overall"])
+            d = (_paired(ours, strongest) or {}).get("t2i")
+            if d is not None:
+                lo, hi = d["ci"]
+                worse = hi < 0
+                verdict = (
+                    f"{'**worse**' if worse else 'no worse'}: {d['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                )
+                lines.append(
+                    f"| {setting}: T2I no worse than the best baseline | {label} (best T2I) | {verdict} |"
+                )
+    ablations = [
+        ("B: hard routing > soft", "B-soft", "soft routing"),
+        ("B: low-noise queries > mid", "B-query-mid", "mid noise"),
+        ("B: low-noise queries > high", "B-query-high", "high noise"),
+        ("B: K = 1 ≥ K = 4", "B-k4", "K = 4"),
+        ("B: local-expert init best", "B-init-merged", "init merged"),
+        ("B: local-expert init best", "B-init-global", "init global expert"),
+        ("B: local-expert init best", "B-init-base", "init base"),
+    ]
+    ours = final("B-danceopd")
+    for claim, name, label in ablations:
+        d = _paired(ours, final(name))
+        verdict = _ahead(d and d["edit"])
+        if claim.startswith("B: K = 1") and d is not None and not verdict.startswith("**behind"):
+            verdict = "holds (" + verdict.split(": ", 1)[1] + ")"  # ≥: a tie is enough
+        lines.append(f"| {claim} | {label} | {verdict} |")
+    return lines + [""]
+
+
 def _status_section(collection: dict) -> list[str]:
     """Which runs are done, unfinished (and where they stopped) or not started: a partial study says so."""
     steps = collection["settings"]["steps"]
@@ -1071,6 +1151,7 @@ def write_report(collection: dict, out: Path, backend: str = "auto", source: str
                 lines.append(f"| {label} (edit / T2I) | " + " | ".join(cells) + " |")
             lines += ["", f"![edit average vs step](study/plots/length_edit_{tag}.png) "
                       f"![T2I vs step](study/plots/length_t2i_{tag}.png)", ""]  # fmt: skip
+    lines += _claims_section(collection)
     lines += _status_section(collection)
     lines += _ablation_section(collection, plots, backend)
     lines += _cfg_section(collection)

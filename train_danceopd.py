@@ -1246,18 +1246,16 @@ def main(args: argparse.Namespace) -> None:
         micros = [draw_micro(micro, step_route) for micro in range(args.gradient_accumulation_steps)]
         if batch_rollouts and len({(m.edit, m.height, m.width) for m in micros}) == 1:
             # the student is the same in every micro-step of an optimizer step: one rollout for all of them
+            cond = Conditioning.cat([m.cond for m in micros])
+            uncond = Conditioning.cat([m.uncond for m in micros])
+            fields_of_rows = [f for m in micros for f in m.targets.fields]
             with gathered(transformer):
                 transformer.eval()
                 joint = on_policy_states(
                     pipe,
                     family,
-                    RoutedTargets(
-                        [f for m in micros for f in m.targets.fields],
-                        Conditioning.cat([m.cond for m in micros]),
-                        Conditioning.cat([m.uncond for m in micros]),
-                        args.num_rollout_steps,
-                    ),
-                    Conditioning.cat([m.cond for m in micros]),
+                    RoutedTargets(fields_of_rows, cond, uncond, args.num_rollout_steps),
+                    cond,
                     torch.cat([m.noise for m in micros]),
                     args.num_rollout_steps,
                     torch.cat([m.indices for m in micros]),

@@ -1036,6 +1036,9 @@ def main(args: argparse.Namespace) -> None:
         from danceopd_diffusers.cuda_graphs import GraphedNoGradForward
 
         graphed = GraphedNoGradForward(transformer)
+    from danceopd_diffusers.student import mode_switch
+
+    set_training = mode_switch(transformer)  # train()/eval() around each rollout without the recursive walk
 
     # ---------------------------------------------------------------- state before the loop
     from danceopd_diffusers.caches import PromptCache, SourceCache, TargetCache
@@ -1250,7 +1253,7 @@ def main(args: argparse.Namespace) -> None:
             uncond = Conditioning.cat([m.uncond for m in micros])
             fields_of_rows = [f for m in micros for f in m.targets.fields]
             with gathered(transformer):
-                transformer.eval()
+                set_training(False)
                 joint = on_policy_states(
                     pipe,
                     family,
@@ -1264,7 +1267,7 @@ def main(args: argparse.Namespace) -> None:
                     dense=args.method == "dense",
                     dense_weighting=args.dense_weighting,
                 )
-                transformer.train()
+                set_training(True)
             for i, m in enumerate(micros):
                 m.states = split_states(joint, i * len(m.rows), len(m.rows))
         for m in micros:
@@ -1279,7 +1282,7 @@ def main(args: argparse.Namespace) -> None:
                                 family, m.targets, m.noise, sigmas, m.indices, m.renoise
                             )
                         else:
-                            transformer.eval()
+                            set_training(False)
                             states = on_policy_states(
                                 pipe,
                                 family,
@@ -1293,7 +1296,7 @@ def main(args: argparse.Namespace) -> None:
                                 dense=args.method == "dense",
                                 dense_weighting=args.dense_weighting,
                             )
-                            transformer.train()
+                            set_training(True)
                 cond_rows = cond.select(states.samples)
                 with accelerator.autocast():
                     pred = family.velocity(

@@ -299,3 +299,23 @@ def test_batched_rollouts_give_the_sequential_micro_steps_gradients(tiny_path, t
     assert any(v.abs().sum() > 0 for k, v in joint.items() if "lora_B" in k)
     for key in seq:
         assert torch.allclose(seq[key], joint[key], atol=1e-6), (key, (seq[key] - joint[key]).abs().max())
+
+
+def test_mode_switch_sets_every_module_as_train_does(tiny_pipe):
+    from danceopd_diffusers.student import mode_switch
+
+    transformer = tiny_pipe.transformer
+    add_student_lora(transformer, 4, 4, FAMILY.default_lora_targets)
+    switch = mode_switch(transformer)
+    assert switch is not transformer.train  # the flat loop
+    for mode in (False, True, False):
+        transformer.train(not mode)
+        switch(mode)
+        assert all(m.training is mode for m in transformer.modules())
+
+    class Own(torch.nn.Module):
+        def train(self, mode: bool = True):  # an override must still run
+            return super().train(mode)
+
+    wrapper = torch.nn.Sequential(torch.nn.Linear(2, 2), Own())
+    assert mode_switch(wrapper) == wrapper.train

@@ -28,10 +28,10 @@ ship       the main table's students (fp16 LoRAs) and every result into ``shapes
            there where the root has nothing better (a study finished on another machine); re-scores new files
 =========  =================================================================================================
 
-A training stage runs ``--jobs`` train_danceopd.py processes at once (default on a GPU: a quarter of the CPU cores;
-each run is bound by its host thread: 14 runs at once on an H200's 16 cores, beside the merges and the scorer's
-workers, made 5,807 steps in 890 s, 6.5 steps/s in all, a DanceOPD run 0.65 steps/s where one alone makes 5.5),
-every one with ``--resume_from_checkpoint latest``. With
+A training stage runs ``--jobs`` train_danceopd.py processes at once, every one with ``--resume_from_checkpoint
+latest``. The default on a GPU is 3/8 of the CPU cores, 6 on an H200's 16: each run is bound by its host thread.
+On the study's data, one DanceOPD run alone made 2.53 steps/s, 3 at once 6.33 in all and 6 at once 8.46
+(``benchmarks/RESULTS.md``). 14 at once, beside the merges and the scorer's workers, made 6.5. With
 ``--budget_s`` the stage stops launching and sends SIGTERM to its runs when the time is up: each saves a
 checkpoint and the next call resumes it. A run is done when its folder holds the final LoRA of ``--steps``
 steps; a larger ``--steps`` later continues done runs from their last checkpoint.
@@ -161,7 +161,7 @@ class Settings:
     rank: int = 32
     num_rollout_steps: int = 16
     source_cfg: float = 3.0
-    jobs: int | None = None  # None: a quarter of the cores on a GPU, 1 on a CPU
+    jobs: int | None = None  # None: 3/8 of the cores on a GPU (6 of 16), 1 on a CPU
     eval_preset: str | None = None  # None: large on a GPU, quick on a CPU
     eval_per_category: int | None = None
     eval_limit: int | None = None
@@ -465,7 +465,7 @@ def train_stage(
     import torch
 
     cuda = _device(settings).startswith("cuda") and torch.cuda.is_available()
-    jobs = settings.jobs or (max(1, (os.cpu_count() or 4) // 4) if cuda else 1)
+    jobs = settings.jobs or (max(1, (os.cpu_count() or 4) * 3 // 8) if cuda else 1)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     if not TRAIN_SCRIPT.is_file():
         raise SystemExit(f"error: {TRAIN_SCRIPT} not found: run the study from a checkout of the repository.")

@@ -19,7 +19,13 @@ import torch
 
 from .families import Conditioning, FamilyAdapter
 from .fields import Field, FieldQuery
-from .rollout import OnPolicyQueryCallback, field_rollout, gather_records, sample_query_indices
+from .rollout import (
+    OnPolicyQueryCallback,
+    execution_device,
+    field_rollout,
+    gather_records,
+    sample_query_indices,
+)
 
 METHODS = ("danceopd", "dense", "offpolicy", "sft")
 DENSE_WEIGHTINGS = ("uniform", "step")
@@ -161,17 +167,18 @@ def on_policy_states(
     ``dense`` weights each state by :func:`dense_weights` of ``dense_weighting`` (DiffusionOPD).
     """
     callback = OnPolicyQueryCallback(query_indices, initial_latents)
-    pipe(
-        **family.pipeline_condition_kwargs(cond),
-        **family.unguided_call_kwargs(),
-        latents=initial_latents,
-        num_inference_steps=num_steps,
-        height=height,
-        width=width,
-        output_type="latent",
-        callback_on_step_end=callback,
-        callback_on_step_end_tensor_inputs=callback.tensor_inputs,
-    )
+    with execution_device(pipe, initial_latents.device):  # no module walk per call
+        pipe(
+            **family.pipeline_condition_kwargs(cond),
+            **family.unguided_call_kwargs(),
+            latents=initial_latents,
+            num_inference_steps=num_steps,
+            height=height,
+            width=width,
+            output_type="latent",
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=callback.tensor_inputs,
+        )
     samples, x, sigma, index = gather_records(callback.records)
     target = targets(samples, x, sigma, index, max_rows=initial_latents.shape[0])
     weight = None

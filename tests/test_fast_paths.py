@@ -319,3 +319,31 @@ def test_mode_switch_sets_every_module_as_train_does(tiny_pipe):
 
     wrapper = torch.nn.Sequential(torch.nn.Linear(2, 2), Own())
     assert mode_switch(wrapper) == wrapper.train
+
+
+def test_pinned_execution_device_skips_the_module_walks_and_restores_the_class(tiny_pipe):
+    """Inside `execution_device` a pipeline call walks no module tree for its device; the pipeline keeps its class
+    name (save_pretrained writes it) and gets its own class back, also after an error."""
+    import diffusers.hooks.group_offloading as offloading
+
+    from danceopd_diffusers.rollout import execution_device
+
+    walks = []
+    original = offloading._get_top_level_group_offload_hook
+    offloading._get_top_level_group_offload_hook = lambda m: walks.append(1) or original(m)
+    try:
+        cls = type(tiny_pipe)
+        assert tiny_pipe._execution_device == torch.device("cpu") and walks
+        walks.clear()
+        with execution_device(tiny_pipe, "cpu") as pipe:
+            assert type(pipe).__name__ == cls.__name__ and isinstance(pipe, cls)
+            assert pipe._execution_device == torch.device("cpu")
+            with execution_device(pipe, "cpu"):  # nested: still pinned
+                assert pipe._execution_device == torch.device("cpu")
+        assert walks == [] and type(tiny_pipe) is cls
+        with pytest.raises(RuntimeError):
+            with execution_device(tiny_pipe, "cpu"):
+                raise RuntimeError("a failed rollout")
+        assert type(tiny_pipe) is cls and "_danceopd_execution_device" not in vars(tiny_pipe)
+    finally:
+        offloading._get_top_level_group_offload_hook = original

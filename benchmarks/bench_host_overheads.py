@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Host time of switching the ShapesWorld student's transformer between eval and train, as the training loop does
-around every rollout: ``nn.Module.train`` (recursive) against ``student.mode_switch`` (one flat loop).
+"""Host time of two things the training loop does around every rollout, on the ShapesWorld pipeline with its
+r32 student: switching the transformer between eval and train (``nn.Module.train``, recursive, against
+``student.mode_switch``, one flat loop), and the pipeline's ``_execution_device`` (diffusers' module walk against
+``rollout.execution_device``'s pinned value). Milliseconds per call, averaged over ``--repeats``; CPU only needed.
 
-    python benchmarks/bench_mode_switch.py --repeats 200
+    python benchmarks/bench_host_overheads.py --repeats 200
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def main() -> None:
     from diffusers import DiffusionPipeline
 
     from danceopd_diffusers.families.flux import FluxKontextFamily
+    from danceopd_diffusers.rollout import execution_device
     from danceopd_diffusers.student import add_student_lora, mode_switch
 
     pipe = DiffusionPipeline.from_pretrained(
@@ -36,6 +39,16 @@ def main() -> None:
             switch(False)
             switch(True)
         result[name] = (time.perf_counter() - start) / args.repeats * 1e3  # one eval + train pair
+
+    def device_ms() -> float:
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            _ = pipe._execution_device
+        return (time.perf_counter() - start) / args.repeats * 1e3
+
+    result["execution_device_ms"] = device_ms()
+    with execution_device(pipe, "cpu"):
+        result["execution_device_pinned_ms"] = device_ms()
     print(json.dumps(result))
 
 

@@ -26,9 +26,8 @@ def mode_switch(module: torch.nn.Module) -> Callable[[bool], object]:
     if any(type(m).train is not torch.nn.Module.train for m in modules):
         return module.train
 
-    flags = [
-        vars(m) for m in modules
-    ]  # `training` lives in each module's __dict__; skip nn.Module.__setattr__
+    # `training` lives in each module's __dict__: writing it there skips nn.Module.__setattr__
+    flags = [vars(m) for m in modules]
 
     def switch(mode: bool) -> None:
         for flag in flags:

@@ -1145,6 +1145,12 @@ def main(args: argparse.Namespace) -> None:
         gen = step_generator(args.seed, "sample", global_step, micro, 0)
         world_batch = args.train_batch_size * accelerator.num_processes
         mine = slice(rank * args.train_batch_size, (rank + 1) * args.train_batch_size)
+
+        def my_noise(shape: tuple[int, ...], per_sample: int = 1) -> torch.Tensor:
+            """Gaussian draws for the global batch (``per_sample`` rows each, sample-major); this rank's rows."""
+            n = args.train_batch_size * per_sample
+            return torch.randn((world_batch * per_sample, *shape), generator=gen)[rank * n : (rank + 1) * n]
+
         if args.per_sample_routing:
             world_routes = router.draw(gen, world_batch)
         else:
@@ -1167,16 +1173,14 @@ def main(args: argparse.Namespace) -> None:
                     pixels = images_to_tensor(buckets.images(m.rows, columns.target_image), m.height, m.width)
                     x0 = family.encode_images(pipe, pixels, gen).to(weight_dtype)
             sigma = sample_sft_sigmas(sft_scheduler, world_batch, gen, args.weighting_scheme)[mine]
-            noise = torch.randn((world_batch, *x0.shape[1:]), generator=gen)[mine]
-            m.states = sft_states(x0, sigma, noise, args.weighting_scheme)
+            m.states = sft_states(x0, sigma, my_noise(x0.shape[1:]), args.weighting_scheme)
             return m
         m.cond, m.uncond, m.height, m.width = encode_batch(m.rows, prompts, m.edit)
         m.targets = RoutedTargets(
             [route_fields[r] for r in m.sample_routes], m.cond, m.uncond, args.num_rollout_steps
         )
         m.shape = family.latent_shape(pipe, len(m.rows), m.height, m.width)
-        noise = torch.randn((world_batch, *m.shape[1:]), generator=gen)[mine]
-        m.noise = noise.to(accelerator.device, weight_dtype)
+        m.noise = my_noise(m.shape[1:]).to(accelerator.device, weight_dtype)
         if args.method == "dense":
             m.indices = torch.arange(args.num_rollout_steps).repeat(len(m.rows), 1)
         else:
@@ -1184,10 +1188,7 @@ def main(args: argparse.Namespace) -> None:
                 args.num_rollout_steps, world_batch, args.query_k, args.query_strategy, gen
             )[mine]
         if args.method == "offpolicy":  # the re-noising draws, for the global batch's K states each
-            k, n = m.indices.shape[1], len(m.rows)
-            m.renoise = torch.randn((world_batch * k, *m.shape[1:]), generator=gen)[
-                rank * n * k : (rank + 1) * n * k
-            ]
+            m.renoise = my_noise(m.shape[1:], per_sample=m.indices.shape[1])
         return m
 
     loss_history: list[float] = []

@@ -120,8 +120,6 @@ class SourceCache:
         height: int,
         width: int,
     ) -> Conditioning:
-        from .data import images_to_tensor
-
         first = {}  # row -> its first batch position, for the rows not cached yet
         for i, r in enumerate(rows):
             if (r, height, width) not in self._cache:
@@ -134,14 +132,21 @@ class SourceCache:
                 row,
                 img,
             ) in missing:  # one image per call, like prompts: the result never depends on the batch
-                pixels = images_to_tensor([img], height, width).to(self.device)
-                generator = torch.Generator().manual_seed(0)  # the encoding of a sample never changes
-                cond = getattr(self.family, self.encode)(self.pipe, pixels, generator)
-                if isinstance(cond, torch.Tensor):
-                    cond = Conditioning({"latents": cond})
-                self._cache[(row, height, width)] = cond
+                self._cache[(row, height, width)] = self._encode([img], height, width)
             self.encoded += len(missing)
         return Conditioning.cat([self._cache[(r, height, width)] for r in rows])
+
+    def _encode(self, images: Sequence[Any], height: int, width: int) -> Conditioning:
+        """PIL images -> their conditioning, each with the posterior draw of a generator seeded 0 (the encoding of
+        a row never changes). For several images, diffusers' randn_tensor takes one generator per row; source
+        encoders take the mode, and a list would make them encode row by row, so they get one."""
+        from .data import images_to_tensor
+
+        pixels = images_to_tensor(images, height, width).to(self.device)
+        seeded = [torch.Generator().manual_seed(0) for _ in images]
+        generator = seeded if self.sample_per_row and len(images) > 1 else seeded[0]
+        cond = getattr(self.family, self.encode)(self.pipe, pixels, generator)
+        return Conditioning({"latents": cond}) if isinstance(cond, torch.Tensor) else cond
 
     @torch.no_grad()
     def fill(
@@ -153,8 +158,6 @@ class SourceCache:
     ) -> int:
         """Encode ``rows`` ``chunk`` per VAE call, each at its own ``size(row, image)`` = (height, width); returns
         how many. ``images(rows)`` gives the PIL images of rows; a chunk's rows of one size share a call."""
-        from .data import images_to_tensor
-
         todo = list(dict.fromkeys(rows))[: max(0, self.max_entries - len(self._cache))]
         done = 0
         for start in range(0, len(todo), chunk):
@@ -164,14 +167,7 @@ class SourceCache:
                 if image is not None:
                     by_size.setdefault(size(row, image), []).append((row, image))
             for (height, width), members in by_size.items():
-                pixels = images_to_tensor([img for _, img in members], height, width).to(self.device)
-                # each row draws its posterior sample as on first use (diffusers' randn_tensor takes one generator
-                # per row); source encoders take the mode, and a list would make them encode row by row
-                seeded = [torch.Generator().manual_seed(0) for _ in members]
-                generator = seeded if self.sample_per_row else seeded[0]
-                cond = getattr(self.family, self.encode)(self.pipe, pixels, generator)
-                if isinstance(cond, torch.Tensor):
-                    cond = Conditioning({"latents": cond})
+                cond = self._encode([img for _, img in members], height, width)
                 for i, (row, _) in enumerate(members):
                     self._cache[(row, height, width)] = cond.select([i])
                 done += len(members)

@@ -556,10 +556,10 @@ def finish(result: dict, recipe: dict, matmul_tflops: float, routes: list[str]) 
 # ------------------------------------------------------------------------------------------- the training run
 def measured_window(
     stamps: list[float],
-    calls: list[tuple[int, str, float, int | None]],
+    calls: list[tuple[int, str, float, float | None]],
     warmup: int,
     targets_inside_rollout: bool = True,
-) -> tuple[list[float], float, float, list[int]]:
+) -> tuple[list[float], float, float, list[float]]:
     """Step times after ``warmup`` optimizer steps, and the rollout (without the targets inside it) and targets
     seconds and the rollout lengths of the calls made in them; ``calls``: (step, "rollout" | "targets", seconds,
     rollout steps), ``step`` being the number of optimizer steps done when the call ran. Our rollout queries the
@@ -580,7 +580,8 @@ class Probe:
 
         self.script = script
         self.stamps: list[float] = []
-        self.calls: list[tuple[int, str, float, int | None]] = []  # (step, kind, seconds, rollout steps)
+        # (step, kind, seconds, rollout steps per sample)
+        self.calls: list[tuple[int, str, float, float | None]] = []
         self.memory_reset = False
         original_states, original_targets = script.on_policy_states, script.RoutedTargets
         probe = self
@@ -593,9 +594,12 @@ class Probe:
             t0 = time.perf_counter()
             states = original_states(*args, **kwargs)
             sync()
-            probe.calls.append(
-                (len(probe.stamps), "rollout", time.perf_counter() - t0, getattr(states, "steps_run", None))
+            latents = args[4] if len(args) > 4 else kwargs["initial_latents"]
+            # transformer steps per sample: a joint (--batch_rollouts) rollout drops each sample after its query
+            per_sample = getattr(states, "sample_steps", 0) / len(latents) or getattr(
+                states, "steps_run", None
             )
+            probe.calls.append((len(probe.stamps), "rollout", time.perf_counter() - t0, per_sample))
             return states
 
         class TimedRoutedTargets(original_targets):
@@ -620,7 +624,7 @@ class Probe:
         self.calls.clear()
         self.memory_reset = False
 
-    def measured(self, warmup: int) -> tuple[list[float], float, float, list[int]]:
+    def measured(self, warmup: int) -> tuple[list[float], float, float, list[float]]:
         return measured_window(self.stamps, self.calls, warmup)
 
     def remove(self) -> None:

@@ -43,6 +43,9 @@ class TrainingStates:
     target: torch.Tensor
     weight: torch.Tensor | None = None
     steps_run: int = 0
+    sample_steps: int = (
+        0  # transformer rows the rollout ran (less than steps_run x batch when it drops samples)
+    )
 
 
 def split_states(states: TrainingStates, start: int, count: int) -> TrainingStates:
@@ -57,6 +60,7 @@ def split_states(states: TrainingStates, start: int, count: int) -> TrainingStat
         states.target[on_device],
         None if states.weight is None else states.weight[keep.to(states.weight.device)],
         states.steps_run,
+        states.sample_steps,
     )
 
 
@@ -161,12 +165,14 @@ def on_policy_states(
     width: int,
     dense: bool = False,
     dense_weighting: str = "uniform",
+    ragged: bool = True,
 ) -> TrainingStates:
     """Roll the student out through ``pipe`` and query the routed fields at ``query_indices`` ([B, K]).
 
-    ``dense`` weights each state by :func:`dense_weights` of ``dense_weighting`` (DiffusionOPD).
+    ``dense`` weights each state by :func:`dense_weights` of ``dense_weighting`` (DiffusionOPD). ``ragged``: each
+    sample leaves the rollout's batch after its last query, where the family's pipeline allows it.
     """
-    callback = OnPolicyQueryCallback(query_indices, initial_latents)
+    callback = OnPolicyQueryCallback(query_indices, initial_latents, family.ragged_inputs if ragged else None)
     with execution_device(pipe, initial_latents.device):  # no module walk per call
         pipe(
             **family.pipeline_condition_kwargs(cond),
@@ -184,7 +190,9 @@ def on_policy_states(
     weight = None
     if dense:
         weight = dense_weights(pipe.scheduler.sigmas.float().cpu(), dense_weighting)[index]
-    return TrainingStates(samples, x, sigma, target, weight, steps_run=callback.steps_run)
+    return TrainingStates(
+        samples, x, sigma, target, weight, steps_run=callback.steps_run, sample_steps=callback.sample_steps
+    )
 
 
 def off_policy_states(

@@ -125,31 +125,48 @@ class OnPolicyQueryCallback(PipelineCallback):
     The fields are queried after the rollout, on every recorded state at once (:func:`gather_records`): one call
     per field instead of one per state index, with the same states. A sample that lists the same index several
     times is recorded once per listing (:func:`sample_query_indices` itself draws distinct indices).
+
+    ``ragged_inputs`` (the family's :attr:`~danceopd_diffusers.families.base.FamilyAdapter.ragged_inputs`): the
+    pipeline's other per-sample loop tensors that a callback may replace. When given, a sample leaves the batch
+    once its last query state is recorded, so a batch costs the sum of its samples' rollouts rather than batch
+    size x the largest index. Every row's arithmetic is unchanged: only the batch it shares a call with shrinks.
     """
 
     tensor_inputs = ["latents"]
 
-    def __init__(self, query_indices: torch.Tensor, initial_latents: torch.Tensor):
+    def __init__(
+        self,
+        query_indices: torch.Tensor,
+        initial_latents: torch.Tensor,
+        ragged_inputs: tuple[str, ...] | None = None,
+    ):
         super().__init__(cutoff_step_ratio=1.0)
         self.query_indices = query_indices.cpu()
         self.initial_latents = initial_latents
         self.last_index = int(self.query_indices.max())
+        self.ragged_inputs = ragged_inputs
+        if ragged_inputs:
+            self.tensor_inputs = ["latents", *ragged_inputs]
+        self.rows = torch.arange(len(self.query_indices))  # the sample each row of the shrinking batch holds
+        self.row_last = self.query_indices.max(dim=1).values
         self.records: list[QueryRecord] = []
         self.steps_run = 0
+        self.sample_steps = 0  # transformer rows run: steps_run x batch without dropping, less with it
 
     def _record(self, pipeline: Any, state_index: int, latents: torch.Tensor) -> None:
-        hits = (self.query_indices == state_index).nonzero()
+        hits = (self.query_indices[self.rows] == state_index).nonzero()
         if len(hits) == 0:
             return
-        samples = hits[:, 0]
+        positions = hits[:, 0]
         sigma = float(pipeline.scheduler.sigmas[state_index])
         # accelerate's mixed precision returns the student's output in fp32, which drifts the pipeline's latents
         # to fp32 after the first step: keep states in the rollout's own dtype
-        x = latents[samples.to(latents.device)].detach().to(self.initial_latents.dtype, copy=True)
-        self.records.append(QueryRecord(samples, state_index, sigma, x))
+        x = latents[positions.to(latents.device)].detach().to(self.initial_latents.dtype, copy=True)
+        self.records.append(QueryRecord(self.rows[positions], state_index, sigma, x))
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict) -> dict:
         self.steps_run = step_index + 1
+        self.sample_steps += len(self.rows)
         if step_index == 0:
             self._record(pipeline, 0, self.initial_latents)
         state_index = step_index + 1  # the callback runs after scheduler.step
@@ -161,7 +178,20 @@ class OnPolicyQueryCallback(PipelineCallback):
             self._record(pipeline, state_index, callback_kwargs["latents"])
         if state_index >= self.last_index:
             pipeline._interrupt = True
+        elif self.ragged_inputs:
+            keep = (self.row_last[self.rows] > state_index).nonzero()[:, 0]
+            if len(keep) < len(self.rows):
+                for name in ("latents", *self.ragged_inputs):
+                    callback_kwargs[name] = _take_rows(callback_kwargs[name], keep)
+                self.rows = self.rows[keep]
         return callback_kwargs
+
+
+def _take_rows(value: Any, rows: torch.Tensor) -> Any:
+    """Rows of a batched pipeline tensor, or items of a per-sample list (Z-Image's unpadded prompts)."""
+    if isinstance(value, (list, tuple)):
+        return [value[i] for i in rows.tolist()]
+    return value[rows.to(value.device)]
 
 
 def gather_records(

@@ -448,3 +448,21 @@ def test_omni_without_siglip_trains_and_edits(omni_no_siglip_path, tmp_path):
         max_sequence_length=MAX_LEN,
     ).images
     assert len(calls) == 2 and edited.shape == (1, 4, 16, 24) and torch.isfinite(edited).all()
+
+
+def test_ragged_rollout_drops_finished_samples_from_z_image_prompt_lists(z_image_path):
+    """Z-Image's loop holds the prompts as a list of unpadded tensors: dropping a finished sample drops its entry,
+    and the recorded states are those of the full-batch rollout."""
+    from diffusers import ZImagePipeline
+    from test_fast_paths import assert_same_states, ragged_and_full_rollouts
+
+    pipe = _quiet(ZImagePipeline.from_pretrained(z_image_path))
+    family = ZImageFamily(max_sequence_length=MAX_LEN)
+    cond = family.encode_prompts(pipe, ["a red circle", "two blue squares", "a green cross"], "cpu")
+    noise = torch.randn(family.latent_shape(pipe, 3, RES, RES), generator=torch.Generator().manual_seed(3))
+    indices = torch.tensor([[4], [1], [2]])
+    (ragged, ragged_sizes), (full, full_sizes) = ragged_and_full_rollouts(
+        pipe, family, cond, noise, indices, STEPS, RES
+    )
+    assert full_sizes == [3] * 4 and ragged_sizes == [3, 2, 1, 1]
+    assert_same_states(ragged, full)

@@ -347,3 +347,52 @@ def test_pinned_execution_device_skips_the_module_walks_and_restores_the_class(t
         assert type(tiny_pipe) is cls and "_danceopd_execution_device" not in vars(tiny_pipe)
     finally:
         offloading._get_top_level_group_offload_hook = original
+
+
+def ragged_and_full_rollouts(pipe, family, cond, noise, indices, num_steps, size):
+    """The same rollout with and without dropping finished samples: (states, transformer batch sizes) of each."""
+    targets = lambda samples, x, sigma, index, max_rows=None: 2 * x  # noqa: E731 (any function of the state)
+    out = []
+    for ragged in (True, False):
+        sizes: list[int] = []
+
+        def count(module, args, kwargs, sizes=sizes):
+            x = kwargs.get("hidden_states", args[0] if args else kwargs.get("x"))
+            sizes.append(len(x))
+
+        hook = pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                states = on_policy_states(
+                    pipe, family, targets, cond, noise, num_steps, indices, size, size, ragged=ragged
+                )
+        finally:
+            hook.remove()
+        out.append((states, sizes))
+    return out
+
+
+def assert_same_states(ragged, full):
+    order_r, order_f = ragged.samples.argsort(stable=True), full.samples.argsort(stable=True)
+    assert torch.equal(ragged.samples[order_r], full.samples[order_f])
+    torch.testing.assert_close(ragged.x[order_r], full.x[order_f], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ragged.sigma[order_r], full.sigma[order_f])
+    assert ragged.steps_run == full.steps_run
+
+
+def test_ragged_rollout_drops_each_sample_after_its_last_query(tiny_pipe):
+    """A sample leaves the rollout's batch once its last state is recorded; every recorded state is the one the
+    full-batch rollout records (K = 2 rows included)."""
+    prompts = ("a red circle", "two blue squares", "a green cross", "a small star")
+    with torch.no_grad():
+        cond, _, _ = _inputs(tiny_pipe, prompts)
+    noise = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    indices = torch.tensor([[1, 3], [2, 5], [0, 3], [1, 1]])
+    (ragged, ragged_sizes), (full, full_sizes) = ragged_and_full_rollouts(
+        tiny_pipe, FAMILY, cond, noise, indices, 6, 128
+    )
+    assert full_sizes == [4] * 5 and full.sample_steps == 20
+    # after state 1 sample 3 is done, after state 3 samples 0 and 2: only sample 1 runs the last two steps
+    assert ragged_sizes == [4, 3, 3, 1, 1] and ragged.sample_steps == 12
+    assert_same_states(ragged, full)
+    assert len(ragged.samples) == 8

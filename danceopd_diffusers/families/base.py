@@ -88,6 +88,10 @@ class FamilyAdapter:
     prompt_uses_source: bool = False
     #: True when the transformer takes an embedded guidance input (guidance-distilled checkpoints)
     has_embedded_guidance: bool = False
+    #: the pipeline's per-sample loop tensors besides ``latents``, all in its ``_callback_tensor_inputs`` (with
+    #: guidance off), so a rollout callback can drop finished samples; None where the loop holds others
+    #: (Flux's pooled embeddings and guidance, Kontext's source latents, Qwen's prompt mask)
+    ragged_inputs: tuple[str, ...] | None = None
 
     # -- classes (imported lazily so that `import danceopd_diffusers` stays cheap) --------------------------
     def pipeline_class(self) -> type:

@@ -15,6 +15,7 @@ class SD3Family(FamilyAdapter):
     transformer_class_name = "SD3Transformer2DModel"
     custom_pipeline_class_name = "DanceOPDStableDiffusion3Pipeline"
     can_edit = False
+    ragged_inputs = ("prompt_embeds", "pooled_prompt_embeds")
     # Suffixes, so that they also match the second self-attention (`attn2`) of SD3.5's dual-attention blocks,
     # as the official toolkit's list does; diffusers' SD3 example names `attn.` only and misses those.
     default_lora_targets = (

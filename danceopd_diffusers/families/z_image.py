@@ -98,6 +98,7 @@ class ZImageFamily(FamilyAdapter):
     custom_pipeline_class_name = "DanceOPDZImagePipeline"
     can_edit = False
     default_lora_targets = _Z_IMAGE_LORA_TARGETS
+    ragged_inputs = ("prompt_embeds",)  # a list of unpadded per-sample prompts
 
     def __init__(self, max_sequence_length: int = 256):
         self.max_sequence_length = max_sequence_length
@@ -237,6 +238,7 @@ class ZImageOmniFamily(ZImageFamily):
     pipeline_class_names = ("ZImageOmniPipeline", "DanceOPDZImageOmniPipeline")
     custom_pipeline_class_name = "DanceOPDZImageOmniPipeline"
     can_edit = True
+    ragged_inputs = None  # the omni loop also holds per-sample source latents and features
 
     def pipeline_class(self) -> type:
         if not _OMNI_SOURCE_PIPELINE:

@@ -200,8 +200,11 @@ def test_merge_collections_takes_what_got_further_and_refuses_other_settings():
         "teachers": {"source-base": {"final": None}, "base-nocfg": {"final": {"y": 2}}},
         "merges": {"A-merge-cat-w0.5": {"select": None, "final": None}},
     }
+    previous["runs"]["A-dense"]["curve"] = {"150": {"old": 150}, "600": {"old": 600}}
+    new["runs"]["A-dense"]["curve"] = {600: {"new": 600}}  # resumed from the other root's checkpoint
     merged, kept = study.merge_collections(previous, new)
     assert merged["runs"]["A-dense"]["final"] == {"y": 2}  # finished now: taken
+    assert merged["runs"]["A-dense"]["curve"] == {"150": {"old": 150}, "600": {"new": 600}}
     assert merged["runs"]["A-danceopd"]["final"] == {"x": 1} and merged["runs"]["B-k4"]["reached"] == 300
     assert sorted(kept) == ["A-danceopd", "B-k4"]
     assert merged["teachers"]["source-base"]["final"] == {"x": 1} and "base-nocfg" in merged["teachers"]

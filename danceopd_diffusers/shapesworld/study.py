@@ -1394,7 +1394,11 @@ def merge_collections(previous: dict, new: dict) -> tuple[dict, list[str]]:
             old is None or run["done"] or (not old["done"] and run.get("reached", 0) > old.get("reached", 0))
         )
         if better:
-            runs[name] = run
+            # a run resumed on this root from another's checkpoint keeps the other's earlier curve points (same
+            # steps, same keys: a run restarted from 0 that got this far overwrites every one of them)
+            curve = {str(k): v for k, v in ((old or {}).get("curve") or {}).items()}
+            curve.update({str(k): v for k, v in (run.get("curve") or {}).items()})
+            runs[name] = {**run, "curve": curve}
         elif run.get("wall_s") or run.get("final"):
             kept.append(name)
     out["runs"] = runs

@@ -1232,13 +1232,16 @@ def _seeds_section(collection: dict) -> list[str]:
     if not best:
         return lines + ["Not run yet (`study seeds`, after `eval` of the main runs).", ""]
     lines += [
-        "| setting | method | seeds | T2I overall, mean ± sd | edit avg, mean ± sd |",
-        "|---|---|---|---|---|",
+        "| setting | method | seeds | T2I overall, mean ± sd | edit avg, mean ± sd | edit avg of seed 0 / 1 / 2 |",
+        "|---|---|---|---|---|---|",
     ]
     for setting, baseline in sorted(best.items()):
         for key in ("danceopd", baseline):
             names = [f"{setting}-{key}"] + [f"{setting}-{key}-seed{i}" for i in (1, 2)]
             results = [(runs.get(n) or {}).get("final") for n in names]
+            per_seed = " / ".join(
+                f"{r['edit']['average']:.2f}" if r and "average" in r["edit"] else "not run" for r in results
+            )
             results = [r for r in results if r and "average" in r["edit"]]
             if not results:
                 continue
@@ -1247,7 +1250,7 @@ def _seeds_section(collection: dict) -> list[str]:
             sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
             lines.append(
                 f"| {setting} | {METHODS[key][0]} | {len(results)} | {statistics.mean(t2i):.3f} ± {sd(t2i):.3f} | "
-                f"{statistics.mean(edit):.2f} ± {sd(edit):.2f} |"
+                f"{statistics.mean(edit):.2f} ± {sd(edit):.2f} | {per_seed} |"
             )
     return lines + ["", "The best trained baseline of each setting is chosen by (T2I + edit / 10) / 2.", ""]
 

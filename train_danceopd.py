@@ -53,6 +53,7 @@ from danceopd_diffusers.objectives import (
     DENSE_WEIGHTINGS,
     METHODS,
     RoutedTargets,
+    TrainingStates,
     off_policy_states,
     on_policy_states,
     sample_query_indices,
@@ -222,9 +223,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--batch_rollouts",
         action="store_true",
         help="Roll out the samples of all --gradient_accumulation_steps micro-steps of an optimizer step in one "
-        "pipeline call (danceopd, dense): fewer, larger calls where a small batch leaves the GPU idle. The "
-        "gradients are the sequential micro-steps' (to round-off); micro-steps whose edits differ in size roll "
-        "out one by one.",
+        "pipeline call, and train the student on all their states in one forward and backward (danceopd, dense): "
+        "fewer, larger calls where a small batch leaves the GPU idle. The gradients are the sequential "
+        "micro-steps' (to round-off); micro-steps whose edits differ in size run one by one.",
     )
     parser.add_argument(
         "--weighting_scheme",
@@ -1240,6 +1241,66 @@ def main(args: argparse.Namespace) -> None:
 
     run_validation = bool(args.validation_prompt or edit_tasks)
 
+    def micro_states(m: SimpleNamespace) -> TrainingStates:
+        """A micro-step's training states: its own rollout (or the fields' own, off-policy)."""
+        # under FSDP2: gathered once for the rollout and every field (ranks differ in their calls)
+        with gathered(transformer):
+            if args.method == "offpolicy":
+                sigmas = family.sigmas(pipe, args.num_rollout_steps, m.shape, accelerator.device)
+                return off_policy_states(family, m.targets, m.noise, sigmas, m.indices, m.renoise)
+            set_training(False)
+            states = on_policy_states(
+                pipe,
+                family,
+                m.targets,
+                m.cond,
+                m.noise,
+                args.num_rollout_steps,
+                m.indices,
+                m.height,
+                m.width,
+                dense=args.method == "dense",
+                dense_weighting=args.dense_weighting,
+            )
+            set_training(True)
+            return states
+
+    def student_backward(
+        states: TrainingStates, cond: Conditioning, parts: list[SimpleNamespace]
+    ) -> list[list[float]]:
+        """One student forward and backward over ``states`` (rows of ``cond``), whose samples are those of
+        ``parts`` (micro-steps, in order): the loss is the sum of each part's velocity MSE. Returns, per part,
+        [its loss, each row's error] on the host, in one sync."""
+        with accelerator.autocast():
+            pred = family.velocity(
+                transformer_ddp,
+                states.x.to(weight_dtype),
+                states.sigma.to(accelerator.device),
+                cond.select(states.samples),
+            )
+        losses, masks, start = [], [], 0
+        for part in parts:
+            mask = (states.samples >= start) & (states.samples < start + len(part.rows))
+            start += len(part.rows)
+            rows = mask.nonzero()[:, 0].to(pred.device)
+            weight = None if states.weight is None else states.weight[mask.to(states.weight.device)]
+            losses.append(velocity_mse(pred[rows], states.target[rows], weight, num_samples=len(part.rows)))
+            masks.append(mask)
+        loss = torch.stack(losses).sum()
+        with torch.no_grad():  # the losses and each row's error reach the host in one sync
+            per_row = (pred.detach().float() - states.target.float()).pow(2).flatten(1).mean(1)
+            on_host = torch.cat([torch.stack(losses).detach().float(), per_row]).cpu().tolist()
+        if not math.isfinite(sum(on_host[: len(parts)])):  # a non-finite target makes the loss non-finite too
+            route_name = fields_config.routes[step_route].field
+            check_finite("target", states.target, global_step, route_name)
+            check_finite("loss", loss, global_step, route_name)
+        accelerator.backward(loss)
+        errors = on_host[len(parts) :]
+        return [
+            [on_host[i]] + [e for e, keep in zip(errors, mask.tolist()) if keep]
+            for i, mask in enumerate(masks)
+        ]
+
     # ---------------------------------------------------------------- training loop
     transformer.train()
     stop = StopOnSignal().start()
@@ -1248,9 +1309,10 @@ def main(args: argparse.Namespace) -> None:
         route_losses: dict[str, list[float]] = {}
         step_loss = 0.0
         micros = [draw_micro(micro, step_route) for micro in range(args.gradient_accumulation_steps)]
+        joint = None
         if batch_rollouts and len({(m.edit, m.height, m.width) for m in micros}) == 1:
             # the student is the same in every micro-step of an optimizer step: one rollout for all of them
-            cond = Conditioning.cat([m.cond for m in micros])
+            joint_cond = Conditioning.cat([m.cond for m in micros])
             uncond = Conditioning.cat([m.uncond for m in micros])
             fields_of_rows = [f for m in micros for f in m.targets.fields]
             with gathered(transformer):
@@ -1258,8 +1320,8 @@ def main(args: argparse.Namespace) -> None:
                 joint = on_policy_states(
                     pipe,
                     family,
-                    RoutedTargets(fields_of_rows, cond, uncond, args.num_rollout_steps),
-                    cond,
+                    RoutedTargets(fields_of_rows, joint_cond, uncond, args.num_rollout_steps),
+                    joint_cond,
                     torch.cat([m.noise for m in micros]),
                     args.num_rollout_steps,
                     torch.cat([m.indices for m in micros]),
@@ -1271,57 +1333,25 @@ def main(args: argparse.Namespace) -> None:
                 set_training(True)
             for i, m in enumerate(micros):
                 m.states = split_states(joint, i * len(m.rows), len(m.rows))
-        for m in micros:
+        for i, m in enumerate(micros):
             with accelerator.accumulate(transformer_ddp):
-                states, cond, rows = m.states, m.cond, m.rows
-                if states is None:
-                    # under FSDP2: gathered once for the rollout and every field (ranks differ in their calls)
-                    with gathered(transformer):
-                        if args.method == "offpolicy":
-                            sigmas = family.sigmas(pipe, args.num_rollout_steps, m.shape, accelerator.device)
-                            states = off_policy_states(
-                                family, m.targets, m.noise, sigmas, m.indices, m.renoise
-                            )
-                        else:
-                            set_training(False)
-                            states = on_policy_states(
-                                pipe,
-                                family,
-                                m.targets,
-                                cond,
-                                m.noise,
-                                args.num_rollout_steps,
-                                m.indices,
-                                m.height,
-                                m.width,
-                                dense=args.method == "dense",
-                                dense_weighting=args.dense_weighting,
-                            )
-                            set_training(True)
-                cond_rows = cond.select(states.samples)
-                with accelerator.autocast():
-                    pred = family.velocity(
-                        transformer_ddp,
-                        states.x.to(weight_dtype),
-                        states.sigma.to(accelerator.device),
-                        cond_rows,
-                    )
-                loss = velocity_mse(pred, states.target, states.weight, num_samples=len(rows))
-                with torch.no_grad():  # the loss and each row's error reach the host in one sync
-                    per_row = (pred.detach().float() - states.target.float()).pow(2).flatten(1).mean(1)
-                    on_host = torch.cat([loss.detach().float().reshape(1), per_row]).cpu().tolist()
-                if not math.isfinite(on_host[0]):  # a non-finite target makes the loss non-finite too
-                    route_name = fields_config.routes[step_route].field
-                    check_finite("target", states.target, global_step, route_name)
-                    check_finite("loss", loss, global_step, route_name)
-                accelerator.backward(loss)
+                if joint is None:
+                    if m.states is None:
+                        m.states = micro_states(m)
+                    m.on_host = student_backward(m.states, m.cond, [m])[0]
+                elif i == len(micros) - 1:
+                    # and one student forward and backward: the sum of the micro-steps' losses, so the
+                    # gradient is the accumulated one (accelerate scales by 1 / accumulation either way)
+                    for micro, on_host in zip(micros, student_backward(joint, joint_cond, micros)):
+                        micro.on_host = on_host
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_loss += on_host[0] / args.gradient_accumulation_steps
-            for row, sample in zip(on_host[1:], states.samples.tolist()):
+        for m in micros:
+            step_loss += m.on_host[0] / args.gradient_accumulation_steps
+            for row, sample in zip(m.on_host[1:], m.states.samples.tolist()):
                 route_losses.setdefault(fields_config.routes[m.sample_routes[sample]].field, []).append(row)
         routes_log.write(
             json.dumps(

@@ -229,8 +229,9 @@ def test_precomputed_encodings_equal_first_use_encodings(tmp_path):
 
 @pytest.mark.parametrize("method", ["danceopd", "dense"])
 def test_batched_rollouts_give_the_sequential_micro_steps_gradients(tiny_path, tmp_path, monkeypatch, method):
-    """--batch_rollouts rolls out the 3 micro-steps of each optimizer step in one pipeline call: the same losses and
-    the same student as 3 rollouts one after the other (fp32; the only difference is the rollout's batch size)."""
+    """--batch_rollouts rolls out the 3 micro-steps of each optimizer step in one pipeline call and trains the student
+    on all their states in one forward and backward: the same losses and the same student as 3 micro-steps one
+    after the other (fp32; the only differences are the batch sizes)."""
     import json
 
     from conftest import run_train
@@ -245,17 +246,28 @@ def test_batched_rollouts_give_the_sequential_micro_steps_gradients(tiny_path, t
         "fields:\n  base: {type: base}\n  c2: {type: cfg, of: base, scale: 2.0}\n  c4: {type: cfg, of: base, "
         "scale: 4.0}\nroutes:\n  - {field: c2}\n  - {field: c4}\n"
     )
-    rollouts = []
+    from danceopd_diffusers.families import SD3Family
+
+    rollouts, student_rows = [], []
     original = train_danceopd.on_policy_states
     monkeypatch.setattr(
         train_danceopd,
         "on_policy_states",
         lambda *a, **k: rollouts.append(a[4].shape[0]) or original(*a, **k),
     )
+    velocity = SD3Family.velocity
+
+    def counted(self, transformer, x, sigma, cond):
+        if torch.is_grad_enabled():  # the student's forward (fields and rollouts run without gradients)
+            student_rows.append(len(x))
+        return velocity(self, transformer, x, sigma, cond)
+
+    monkeypatch.setattr(SD3Family, "velocity", counted)
     out = {}
     for batched in (False, True):
         folder = tmp_path / f"batched-{batched}"
         rollouts.clear()
+        student_rows.clear()
         run_train(
             [
                 "--pretrained_model_name_or_path",
@@ -287,6 +299,9 @@ def test_batched_rollouts_give_the_sequential_micro_steps_gradients(tiny_path, t
             + ["--batch_rollouts"] * batched
         )
         assert rollouts == ([6] * 3 if batched else [2] * 9)  # one call of 3 x 2 samples per optimizer step
+        rows = 2 * (4 if method == "dense" else 1)  # a micro-step's rows: K = 1, or all 4 states
+        # and one student forward (and backward) of all the optimizer step's rows
+        assert student_rows == ([3 * rows] * 3 if batched else [rows] * 9)
         losses = [
             json.loads(line)["loss"]
             for line in (folder / "logs" / "routes_rank0.jsonl").read_text().splitlines()

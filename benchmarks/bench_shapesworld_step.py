@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from profiling import device_profile_text, start_device_profile
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,9 +84,7 @@ def main() -> None:
             profiler.enable()
         elif n == args.steps - args.profile_steps - 1:
             profiler.disable()
-            device_profile["prof"] = torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-            ).__enter__()
+            device_profile["prof"] = start_device_profile()
             device_profile["start"] = time.perf_counter()
         elif n == args.steps - 1 and "prof" in device_profile:
             device_profile["wall"] = time.perf_counter() - device_profile["start"]
@@ -117,16 +116,7 @@ def write_profile(path: Path, profiler: cProfile.Profile, device_profile: dict, 
     stats.sort_stats("cumulative").print_stats(70)
     prof = device_profile.get("prof")
     if prof is not None:
-        events = prof.key_averages()
-        busy = sum(e.self_device_time_total for e in events) / 1e6
-        wall = device_profile["wall"]
-        text.write(
-            f"\ntorch.profiler over {steps} steps: wall {wall:.3f} s, kernels {busy:.3f} s "
-            f"({100 * busy / wall:.1f} % busy), {sum(e.count for e in events if e.device_type.name == 'CUDA')} "
-            "device events\n"
-        )
-        text.write(events.table(sort_by="self_device_time_total", row_limit=30))
-        text.write(events.table(sort_by="self_cpu_time_total", row_limit=30))
+        text.write(device_profile_text(prof, device_profile["wall"], steps))
     path.write_text(text.getvalue())
 
 

@@ -61,6 +61,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from profiling import device_profile_text, start_device_profile
 
 REPO = Path(__file__).resolve().parents[1]
 #: under `accelerate launch`: how many processes train together, and this one's rank
@@ -575,10 +576,12 @@ def measured_window(
 class Probe:
     """Timing wrappers on the training script's names; the optimizer post-hook marks the optimizer steps."""
 
-    def __init__(self, script):
+    def __init__(self, script, profile_from: int | None = None):
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         self.script = script
+        self.profile_from = profile_from  # optimizer steps done when the device profile starts
+        self.device_profile = None
         self.stamps: list[float] = []
         # (step, kind, seconds, rollout steps per sample)
         self.calls: list[tuple[int, str, float, float | None]] = []
@@ -618,11 +621,30 @@ class Probe:
     def _stamp(self, *_):
         sync()
         self.stamps.append(time.perf_counter())
+        if (
+            self.profile_from is not None
+            and len(self.stamps) == self.profile_from
+            and self.device_profile is None
+        ):
+            self.device_profile = start_device_profile()  # from the first measured step to the run's end
 
     def reset(self) -> None:
         self.stamps.clear()
         self.calls.clear()
         self.memory_reset = False
+        self.device_profile = None
+
+    def profile_text(self) -> str | None:
+        """Stops the device profile (if one runs) and returns its tables."""
+        if self.device_profile is None:
+            return None
+        sync()
+        self.device_profile.__exit__(None, None, None)
+        steps = len(self.stamps) - self.profile_from
+        wall = self.stamps[-1] - self.stamps[self.profile_from - 1]
+        text = device_profile_text(self.device_profile, wall, steps)
+        self.device_profile = None
+        return text
 
     def measured(self, warmup: int) -> tuple[list[float], float, float, list[float]]:
         return measured_window(self.stamps, self.calls, warmup)
@@ -691,6 +713,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--code_dir", default=str(REPO), help="the checkout whose train_danceopd.py runs")
     parser.add_argument("--label", default="this checkout")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="write torch.profiler's tables of the measured steps to PROFILE.<resolution> (GPU busy time, top ops)",
+    )
     parser.add_argument("--matmul_tflops", type=float, default=780.0, help="the rate the limit is taken at")
     parser.add_argument(
         "--measure_matmul", action="store_true", help="measure the bf16 8192³ matmul rate instead"
@@ -755,7 +782,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         }
         return run, measured_routes(out, args.warmup)
 
-    return run_resolutions(args, work_dir, recipes, Probe(train_danceopd), train_once)
+    probe = Probe(train_danceopd, profile_from=args.warmup if args.profile else None)
+    return run_resolutions(args, work_dir, recipes, probe, train_once)
 
 
 def run_resolutions(args: argparse.Namespace, work_dir: Path, recipes: dict, probe, train_once) -> list[dict]:
@@ -774,6 +802,9 @@ def run_resolutions(args: argparse.Namespace, work_dir: Path, recipes: dict, pro
             gc.collect()
             cuda = torch.cuda.is_available()
             times, rollout, targets, lengths = probe.measured(args.warmup)
+            profile = probe.profile_text() if hasattr(probe, "profile_text") else None
+            if profile is not None:
+                Path(f"{args.profile}.{resolution}").write_text(profile)
             result = {
                 **run,
                 "device": torch.cuda.get_device_name() if cuda else "cpu",

@@ -50,12 +50,15 @@ def test_tiny_run_through_the_training_script(tmp_path, capsys):
     try:
         results = bench.main(
             ["--tiny", "--resolutions", "64", "--steps", "1", "--warmup", "1"]
-            + ["--work_dir", str(tmp_path / "work"), "--json", str(out)]
+            + ["--work_dir", str(tmp_path / "work"), "--json", str(out), "--profile", str(tmp_path / "prof")]
         )
     finally:
         _reset_accelerate()
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert printed == results == json.loads(out.read_text())
+    # the profile of the measured step: its wall time, then the ops (host only on a CPU)
+    profile = (tmp_path / "prof.64").read_text()
+    assert "torch.profiler over 1 steps" in profile and "aten::" in profile
     (r,) = results
     for field in TIMING_FIELDS + LIMIT_FIELDS + ("resolution", "measured_routes", "toolkit"):
         assert field in r, field

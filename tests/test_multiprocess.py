@@ -117,6 +117,22 @@ def test_two_processes_train_what_one_process_does_at_the_global_batch(ddp_run, 
         assert torch.allclose(lora[key], ddp[key], atol=1e-5), (key, (lora[key] - ddp[key]).abs().max())
 
 
+def test_batched_micro_steps_under_ddp_train_what_sequential_ones_do(ddp_run, tiny_path, tmp_path):
+    """--batch_rollouts under DDP: one rollout and one student forward / backward per optimizer step (gradients
+    exchanged once, in the step's last micro-step) give the sequential micro-steps' losses and student."""
+    out = tmp_path / "batched"
+    args = [*_train_args(tiny_path, tmp_path, out), "--batch_rollouts", "--skip_pipeline_export"]
+    proc = _launch(["--multi_gpu"], REPO / "train_danceopd.py", args, tmp_path, 29539)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for batched, sequential in zip(_routes(out), _routes(ddp_run)):
+        assert [e["route"] for e in batched] == [e["route"] for e in sequential]
+        for a, b in zip(batched, sequential):
+            assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(b["loss"])), (a["step"], a["loss"], b["loss"])
+    joint, ddp = (load_file(p / "pytorch_lora_weights.safetensors") for p in (out, ddp_run))
+    for key in ddp:
+        assert torch.allclose(joint[key], ddp[key], atol=1e-5), (key, (joint[key] - ddp[key]).abs().max())
+
+
 def test_fsdp2_lora_trains_as_ddp_exports_and_resumes_exactly(ddp_run, tiny_path, tmp_path):
     from diffusers import DiffusionPipeline
 

@@ -117,12 +117,18 @@ def test_two_processes_train_what_one_process_does_at_the_global_batch(ddp_run, 
         assert torch.allclose(lora[key], ddp[key], atol=1e-5), (key, (lora[key] - ddp[key]).abs().max())
 
 
-def test_batched_micro_steps_under_ddp_train_what_sequential_ones_do(ddp_run, tiny_path, tmp_path):
-    """--batch_rollouts under DDP: one rollout and one student forward / backward per optimizer step (gradients
-    exchanged once, in the step's last micro-step) give the sequential micro-steps' losses and student."""
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_batched_micro_steps_train_what_sequential_ones_do(engine, ddp_run, tiny_path, tmp_path):
+    """--batch_rollouts under DDP and FSDP2: one rollout and one student forward / backward per optimizer step
+    (gradients exchanged once, in the step's last micro-step) give the sequential micro-steps' losses and student."""
     out = tmp_path / "batched"
     args = [*_train_args(tiny_path, tmp_path, out), "--batch_rollouts", "--skip_pipeline_export"]
-    proc = _launch(["--multi_gpu"], REPO / "train_danceopd.py", args, tmp_path, 29539)
+    if engine == "ddp":
+        launcher, script, port = ["--multi_gpu"], REPO / "train_danceopd.py", 29539
+    else:
+        launcher = ["--config_file", str(REPO / "accelerate_configs" / "fsdp2_lora.yaml")]
+        script, port = FSDP_ON_CPU, 29540
+    proc = _launch(launcher, script, args, tmp_path, port)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for batched, sequential in zip(_routes(out), _routes(ddp_run)):
         assert [e["route"] for e in batched] == [e["route"] for e in sequential]

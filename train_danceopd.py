@@ -15,6 +15,7 @@ regresses the student's velocity onto it.
 from __future__ import annotations
 
 import argparse
+import bisect
 import copy
 import functools
 import json
@@ -59,7 +60,6 @@ from danceopd_diffusers.objectives import (
     sample_query_indices,
     sample_sft_sigmas,
     sft_states,
-    split_states,
     velocity_mse,
 )
 from danceopd_diffusers.output_dir import (
@@ -1241,36 +1241,48 @@ def main(args: argparse.Namespace) -> None:
 
     run_validation = bool(args.validation_prompt or edit_tasks)
 
-    def micro_states(m: SimpleNamespace) -> TrainingStates:
-        """A micro-step's training states: its own rollout (or the fields' own, off-policy)."""
+    def student_rollout(
+        targets: RoutedTargets,
+        cond: Conditioning,
+        noise: torch.Tensor,
+        indices: torch.Tensor,
+        height: int,
+        width: int,
+    ) -> TrainingStates:
+        """The student's on-policy rollout, in eval mode, and the routed fields' targets at its queried states."""
         # under FSDP2: gathered once for the rollout and every field (ranks differ in their calls)
         with gathered(transformer):
-            if args.method == "offpolicy":
-                sigmas = family.sigmas(pipe, args.num_rollout_steps, m.shape, accelerator.device)
-                return off_policy_states(family, m.targets, m.noise, sigmas, m.indices, m.renoise)
             set_training(False)
             states = on_policy_states(
                 pipe,
                 family,
-                m.targets,
-                m.cond,
-                m.noise,
+                targets,
+                cond,
+                noise,
                 args.num_rollout_steps,
-                m.indices,
-                m.height,
-                m.width,
+                indices,
+                height,
+                width,
                 dense=args.method == "dense",
                 dense_weighting=args.dense_weighting,
             )
             set_training(True)
-            return states
+        return states
+
+    def micro_states(m: SimpleNamespace) -> TrainingStates:
+        """A micro-step's training states: its own rollout (or the fields' own, off-policy)."""
+        if args.method == "offpolicy":
+            with gathered(transformer):
+                sigmas = family.sigmas(pipe, args.num_rollout_steps, m.shape, accelerator.device)
+                return off_policy_states(family, m.targets, m.noise, sigmas, m.indices, m.renoise)
+        return student_rollout(m.targets, m.cond, m.noise, m.indices, m.height, m.width)
 
     def student_backward(
         states: TrainingStates, cond: Conditioning, parts: list[SimpleNamespace]
-    ) -> list[list[float]]:
+    ) -> list[tuple[float, list[tuple[int, float]]]]:
         """One student forward and backward over ``states`` (rows of ``cond``), whose samples are those of
         ``parts`` (micro-steps, in order): the loss is the sum of each part's velocity MSE. Returns, per part,
-        [its loss, each row's error] on the host, in one sync."""
+        its loss and (sample within the part, error) of each of its rows, brought to the host in one sync."""
         with accelerator.autocast():
             pred = family.velocity(
                 transformer_ddp,
@@ -1278,14 +1290,14 @@ def main(args: argparse.Namespace) -> None:
                 states.sigma.to(accelerator.device),
                 cond.select(states.samples),
             )
-        losses, masks, start = [], [], 0
+        losses, starts, start = [], [], 0
         for part in parts:
             mask = (states.samples >= start) & (states.samples < start + len(part.rows))
-            start += len(part.rows)
             rows = mask.nonzero()[:, 0].to(pred.device)
             weight = None if states.weight is None else states.weight[mask.to(states.weight.device)]
             losses.append(velocity_mse(pred[rows], states.target[rows], weight, num_samples=len(part.rows)))
-            masks.append(mask)
+            starts.append(start)
+            start += len(part.rows)
         loss = torch.stack(losses).sum()
         with torch.no_grad():  # the losses and each row's error reach the host in one sync
             per_row = (pred.detach().float() - states.target.float()).pow(2).flatten(1).mean(1)
@@ -1295,11 +1307,11 @@ def main(args: argparse.Namespace) -> None:
             check_finite("target", states.target, global_step, route_name)
             check_finite("loss", loss, global_step, route_name)
         accelerator.backward(loss)
-        errors = on_host[len(parts) :]
-        return [
-            [on_host[i]] + [e for e, keep in zip(errors, mask.tolist()) if keep]
-            for i, mask in enumerate(masks)
-        ]
+        out: list[tuple[float, list[tuple[int, float]]]] = [(value, []) for value in on_host[: len(parts)]]
+        for sample, error in zip(states.samples.tolist(), on_host[len(parts) :]):
+            part = bisect.bisect_right(starts, sample) - 1
+            out[part][1].append((sample - starts[part], error))
+        return out
 
     # ---------------------------------------------------------------- training loop
     transformer.train()
@@ -1313,46 +1325,40 @@ def main(args: argparse.Namespace) -> None:
         if batch_rollouts and len({(m.edit, m.height, m.width) for m in micros}) == 1:
             # the student is the same in every micro-step of an optimizer step: one rollout for all of them
             joint_cond = Conditioning.cat([m.cond for m in micros])
-            uncond = Conditioning.cat([m.uncond for m in micros])
-            fields_of_rows = [f for m in micros for f in m.targets.fields]
-            with gathered(transformer):
-                set_training(False)
-                joint = on_policy_states(
-                    pipe,
-                    family,
-                    RoutedTargets(fields_of_rows, joint_cond, uncond, args.num_rollout_steps),
+            joint = student_rollout(
+                RoutedTargets(
+                    [f for m in micros for f in m.targets.fields],
                     joint_cond,
-                    torch.cat([m.noise for m in micros]),
+                    Conditioning.cat([m.uncond for m in micros]),
                     args.num_rollout_steps,
-                    torch.cat([m.indices for m in micros]),
-                    micros[0].height,
-                    micros[0].width,
-                    dense=args.method == "dense",
-                    dense_weighting=args.dense_weighting,
-                )
-                set_training(True)
-            for i, m in enumerate(micros):
-                m.states = split_states(joint, i * len(m.rows), len(m.rows))
+                ),
+                joint_cond,
+                torch.cat([m.noise for m in micros]),
+                torch.cat([m.indices for m in micros]),
+                micros[0].height,
+                micros[0].width,
+            )
         for i, m in enumerate(micros):
             with accelerator.accumulate(transformer_ddp):
                 if joint is None:
                     if m.states is None:
                         m.states = micro_states(m)
-                    m.on_host = student_backward(m.states, m.cond, [m])[0]
+                    (m.result,) = student_backward(m.states, m.cond, [m])
                 elif i == len(micros) - 1:
                     # and one student forward and backward: the sum of the micro-steps' losses, so the
                     # gradient is the accumulated one (accelerate scales by 1 / accumulation either way)
-                    for micro, on_host in zip(micros, student_backward(joint, joint_cond, micros)):
-                        micro.on_host = on_host
+                    for micro, result in zip(micros, student_backward(joint, joint_cond, micros)):
+                        micro.result = result
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         for m in micros:
-            step_loss += m.on_host[0] / args.gradient_accumulation_steps
-            for row, sample in zip(m.on_host[1:], m.states.samples.tolist()):
-                route_losses.setdefault(fields_config.routes[m.sample_routes[sample]].field, []).append(row)
+            loss, errors = m.result
+            step_loss += loss / args.gradient_accumulation_steps
+            for sample, error in errors:
+                route_losses.setdefault(fields_config.routes[m.sample_routes[sample]].field, []).append(error)
         routes_log.write(
             json.dumps(
                 {

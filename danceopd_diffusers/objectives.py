@@ -43,25 +43,8 @@ class TrainingStates:
     target: torch.Tensor
     weight: torch.Tensor | None = None
     steps_run: int = 0
-    sample_steps: int = (
-        0  # transformer rows the rollout ran (less than steps_run x batch when it drops samples)
-    )
-
-
-def split_states(states: TrainingStates, start: int, count: int) -> TrainingStates:
-    """The states of samples ``start`` .. ``start + count - 1`` of a joint rollout, renumbered from 0: one
-    micro-step's share when several were rolled out in one call."""
-    keep = (states.samples >= start) & (states.samples < start + count)
-    on_device = keep.to(states.x.device)
-    return TrainingStates(
-        states.samples[keep] - start,
-        states.x[on_device],
-        states.sigma[keep.to(states.sigma.device)],
-        states.target[on_device],
-        None if states.weight is None else states.weight[keep.to(states.weight.device)],
-        states.steps_run,
-        states.sample_steps,
-    )
+    #: transformer rows the rollout ran (less than steps_run x batch where it drops finished samples)
+    sample_steps: int = 0
 
 
 def velocity_mse(
@@ -280,6 +263,5 @@ __all__ = [
     "sample_query_indices",
     "sample_sft_sigmas",
     "sft_states",
-    "split_states",
     "velocity_mse",
 ]

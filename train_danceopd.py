@@ -828,7 +828,13 @@ def main(args: argparse.Namespace) -> None:
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir)),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
-    from danceopd_diffusers.distributed import check_engine, full_state_dict, gathered, unsharded_copy
+    from danceopd_diffusers.distributed import (
+        check_engine,
+        end_training,
+        full_state_dict,
+        gathered,
+        unsharded_copy,
+    )
 
     check_engine(accelerator, args.full_finetune, args.cuda_graphs)
     log = get_logger("danceopd")
@@ -1397,7 +1403,7 @@ def main(args: argparse.Namespace) -> None:
             stop.stop()
             routes_log.close()
             progress_bar.close()
-            accelerator.end_training()
+            end_training(accelerator)
             unlock_output_dir(args.output_dir)
             raise Interrupted(
                 f"stopped by {signal.Signals(signum).name} after step {global_step}; its state is saved in {path}. "
@@ -1504,7 +1510,7 @@ def main(args: argparse.Namespace) -> None:
         if hub_pusher is not None:
             hub_pusher.wait()
             print(f"[danceopd] pushed to https://huggingface.co/{repo_id}", flush=True)
-    accelerator.end_training()
+    end_training(accelerator)
     unlock_output_dir(args.output_dir)
 
 

@@ -99,6 +99,17 @@ def gathered(model: torch.nn.Module) -> Iterator[None]:
             unit.reshard()
 
 
+def end_training(accelerator: Any) -> None:
+    """Every process reaches a barrier before any of them tears its process group down.
+
+    Without it a rank that finished first destroys its gloo group while the main process is still exporting and
+    holds the connection open; that rank can then abort on exit ("terminate called without an active exception",
+    seen once in a CI run of the FSDP2 resume test) and the launcher reports the whole run as failed.
+    """
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
 def full_state_dict(accelerator: Any, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The full (unsharded) state dict of a sharded ``model`` on the main process; every rank must call it.
 

@@ -9,7 +9,13 @@ import torch
 from accelerate.utils import DistributedType
 
 from danceopd_diffusers.config import ConfigError
-from danceopd_diffusers.distributed import check_engine, gathered, is_sharded, unsharded_copy
+from danceopd_diffusers.distributed import (
+    check_engine,
+    end_training,
+    gathered,
+    is_sharded,
+    unsharded_copy,
+)
 
 
 def _accelerator(kind, fsdp_version=2, zero_stage=2):
@@ -76,3 +82,12 @@ def test_unsharded_copy_rebuilds_class_adapters_and_buffers(tiny_pipe):
         assert torch.equal(copy(**kwargs)[0], transformer(**kwargs)[0])
     with pytest.raises(RuntimeError, match="does not fit"):
         unsharded_copy(transformer, {k: v for k, v in transformer.state_dict().items() if "lora_A" not in k})
+
+
+def test_end_training_waits_for_every_process_before_the_teardown():
+    calls = []
+    accelerator = SimpleNamespace(
+        wait_for_everyone=lambda: calls.append("barrier"), end_training=lambda: calls.append("teardown")
+    )
+    end_training(accelerator)
+    assert calls == ["barrier", "teardown"]

@@ -178,6 +178,14 @@ def on_policy_states(
     )
 
 
+def _gaussian(noise: torch.Generator | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``noise`` as given (draws made by the caller for its global batch), or drawn from it with ``like``'s shape;
+    on ``like``'s device and dtype."""
+    if isinstance(noise, torch.Generator):
+        noise = torch.randn(like.shape, generator=noise)
+    return noise.to(like)
+
+
 def off_policy_states(
     family: FamilyAdapter,
     targets: RoutedTargets,
@@ -198,9 +206,7 @@ def off_policy_states(
     b, k = query_indices.shape
     samples = all_samples.repeat_interleave(k)
     sigma = sigmas[query_indices.reshape(-1)].float()
-    if isinstance(noise, torch.Generator):
-        noise = torch.randn(x0[samples].shape, generator=noise)
-    noise = noise.to(x0)
+    noise = _gaussian(noise, x0[samples])
     s = sigma.to(x0).reshape(-1, *([1] * (x0.dim() - 1)))
     x = ((1 - s) * x0[samples] + s * noise).to(x0.dtype)
     target = targets(samples, x, sigma, query_indices.reshape(-1))
@@ -218,9 +224,7 @@ def sft_states(
     ``sigma_sqrt`` and ``cosmap`` also weight each row's loss by diffusers' ``compute_loss_weighting_for_sd3``
     at its sigma, as the SD3/Flux training examples do; the other schemes leave the loss unweighted.
     """
-    if isinstance(noise, torch.Generator):
-        noise = torch.randn(x0.shape, generator=noise)
-    noise = noise.to(x0)
+    noise = _gaussian(noise, x0)
     s = sigma.to(x0).reshape(-1, *([1] * (x0.dim() - 1)))
     x = (1 - s) * x0 + s * noise
     weight = None

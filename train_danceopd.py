@@ -1124,7 +1124,13 @@ def main(args: argparse.Namespace) -> None:
         """Conditioning (+ the empty-prompt one for CFG), and the size to train at: an edit's keeps its
         source's aspect ratio and both branches keep the source image."""
         if not edit:
-            return prompt_cache(prompts), prompt_cache.empty(len(prompts)), resolution, resolution
+            size = family.size_conditioning(pipe, len(prompts), resolution, resolution)
+            return (
+                prompt_cache(prompts).merge(size),
+                prompt_cache.empty(len(prompts)).merge(size),
+                resolution,
+                resolution,
+            )
         if rows[0] not in source_sizes:
             first = buckets.images(rows[:1], columns.source_image)[0]
             source_sizes[rows[0]] = (first.width, first.height)
@@ -1136,7 +1142,10 @@ def main(args: argparse.Namespace) -> None:
             return [fit_image(img, height, width) for img in images]
 
         cond, uncond = prompt_cache(prompts, keys, fitted), prompt_cache.empty(len(prompts), keys, fitted)
-        source = source_cache(rows, fitted, height, width)
+        # the state's size travels with each sample (packed families cannot read it off the tokens)
+        source = source_cache(rows, fitted, height, width).merge(
+            family.size_conditioning(pipe, len(rows), height, width)
+        )
         return cond.merge(source), uncond.merge(source), height, width
 
     sft_scheduler = copy.deepcopy(pipe.scheduler) if args.method == "sft" else None

@@ -160,6 +160,7 @@ def on_policy_states(
         pipe(
             **family.pipeline_condition_kwargs(cond),
             **family.unguided_call_kwargs(),
+            **family.size_call_kwargs(height, width),
             latents=initial_latents,
             num_inference_steps=num_steps,
             height=height,

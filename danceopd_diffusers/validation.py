@@ -124,12 +124,15 @@ def validation_grid(
             source = source_cache(keys, [fitted], height, width)
             cond, uncond = cond.merge(source), uncond.merge(source)
             row_head = [fitted]
+        size = family.size_conditioning(pipe, 1, height, width)
+        cond, uncond = cond.merge(size), uncond.merge(size)
         shape = family.latent_shape(pipe, 1, height, width)
         for seed in seeds:
             noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
             latents = pipe(
                 **family.pipeline_condition_kwargs(cond),
                 **family.unguided_call_kwargs(),
+                **family.size_call_kwargs(height, width),
                 latents=noise,
                 num_inference_steps=num_steps,
                 height=height,

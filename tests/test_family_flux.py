@@ -54,7 +54,8 @@ def _prompt_conds(family, pipe) -> tuple[Conditioning, Conditioning]:
     cond = family.encode_prompts(pipe, PROMPTS, "cpu")
     empty = family.encode_prompts(pipe, [""], "cpu")
     uncond = Conditioning({k: v.expand(len(PROMPTS), *v.shape[1:]) for k, v in empty.tensors.items()})
-    return cond, uncond
+    size = family.size_conditioning(pipe, len(PROMPTS), HEIGHT, WIDTH)  # states are HEIGHT x WIDTH, not square
+    return cond.merge(size), uncond.merge(size)
 
 
 def _our_rollout(field, family, pipe, x, cond, uncond) -> torch.Tensor:
@@ -108,10 +109,12 @@ def test_latent_layout_and_vae_round_trip(flux_path):
     # the same grid the pipeline unpacks: pack(unpack(x)) is the identity
     unpacked = pipe._unpack_latents(x0, HEIGHT, WIDTH, pipe.vae_scale_factor)
     assert torch.equal(pipe._pack_latents(unpacked, 2, 4, HEIGHT // 2, WIDTH // 2), x0)
-    assert family.token_grid(shape[1], Conditioning()) == (HEIGHT // 4, WIDTH // 4)
-    assert FluxFamily().token_grid(64, Conditioning()) == (8, 8)  # undeclared: square
-    with pytest.raises(ValueError, match="latent_shape"):
-        FluxFamily().token_grid(24, Conditioning())  # undeclared and not square
+    size = family.size_conditioning(pipe, 2, HEIGHT, WIDTH)
+    assert family.token_grid(shape[1], size) == (HEIGHT // 4, WIDTH // 4)
+    # the adapter remembers no size between calls: without the sample's own, a square or an error
+    assert FluxFamily().token_grid(64, Conditioning()) == (8, 8)
+    with pytest.raises(ValueError, match="size_conditioning"):
+        family.token_grid(shape[1], Conditioning())  # 24 tokens: not square, size not given
 
 
 # ------------------------------------------------------------------------------------------------ equivalence
@@ -133,7 +136,10 @@ def test_t2i_fields_reproduce_the_stock_pipeline(family_name, flux_path, kontext
     with torch.no_grad():
         # the student's rollout call of the training loop
         rollout = pipe(
-            **family.pipeline_condition_kwargs(cond), **family.unguided_call_kwargs(), **common
+            **family.pipeline_condition_kwargs(cond),
+            **family.unguided_call_kwargs(),
+            **family.size_call_kwargs(HEIGHT, WIDTH),
+            **common,
         ).images
         stock = pipe(guidance_scale=2.5, **stock_kw).images
         stock_cfg = pipe(
@@ -230,7 +236,11 @@ def test_kontext_edit_fields_reproduce_the_stock_pipeline(kontext_path):
     x = torch.randn(family.latent_shape(pipe, 2, HEIGHT, WIDTH), generator=torch.Generator().manual_seed(2))
     base = TransformerField("base", family, pipe.transformer)
     common = dict(height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, output_type="latent")
-    kwargs = {**family.pipeline_condition_kwargs(cond), **family.unguided_call_kwargs()}
+    kwargs = {
+        **family.pipeline_condition_kwargs(cond),
+        **family.unguided_call_kwargs(),
+        **family.size_call_kwargs(HEIGHT, WIDTH),
+    }
     assert kwargs["max_area"] == HEIGHT * WIDTH and kwargs["_auto_resize"] is False
     assert kwargs["image"] is source.tensors[SOURCE_LATENTS]
     with torch.no_grad():

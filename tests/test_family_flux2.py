@@ -56,7 +56,8 @@ def _prompt_conds(family, pipe) -> tuple[Conditioning, Conditioning]:
     cond = family.encode_prompts(pipe, PROMPTS, "cpu")
     empty = family.encode_prompts(pipe, [""], "cpu")
     uncond = Conditioning({k: v.expand(len(PROMPTS), *v.shape[1:]) for k, v in empty.tensors.items()})
-    return cond, uncond
+    size = family.size_conditioning(pipe, len(PROMPTS), HEIGHT, WIDTH)  # states are HEIGHT x WIDTH, not square
+    return cond.merge(size), uncond.merge(size)
 
 
 def _our_rollout(field, family, pipe, x, cond, uncond) -> torch.Tensor:
@@ -123,10 +124,12 @@ def test_latent_layout_batch_norm_and_vae_round_trip(klein_path):
     _close(vae_latents, raw)  # states undo exactly to the VAE's latents (patchify + batch norm inverted)
     assert not torch.allclose(pipe._patchify_latents(raw), unpack(x0, HEIGHT // 8, WIDTH // 8), atol=1e-2)
     assert [im.size for im in images] == [(WIDTH, HEIGHT)] * 2
-    assert family.token_grid(shape[1], Conditioning()) == (HEIGHT // 8, WIDTH // 8)
-    assert Flux2KleinFamily().token_grid(64, Conditioning()) == (8, 8)  # undeclared: square
-    with pytest.raises(ValueError, match="latent_shape"):
-        Flux2KleinFamily().token_grid(24, Conditioning())  # undeclared and not square
+    size = family.size_conditioning(pipe, 2, HEIGHT, WIDTH)
+    assert family.token_grid(shape[1], size) == (HEIGHT // 8, WIDTH // 8)
+    # the adapter remembers no size between calls: without the sample's own, a square or an error
+    assert Flux2KleinFamily().token_grid(64, Conditioning()) == (8, 8)
+    with pytest.raises(ValueError, match="size_conditioning"):
+        family.token_grid(shape[1], Conditioning())  # not square, size not given
 
 
 # ------------------------------------------------------------------------------------------------ equivalence

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import importlib
 
-from .base import EMBEDDED_GUIDANCE, SOURCE_PREFIX, Conditioning, FamilyAdapter, edit_size, euler_step
+from .base import (
+    EMBEDDED_GUIDANCE,
+    SOURCE_PREFIX,
+    TOKEN_GRID,
+    Conditioning,
+    FamilyAdapter,
+    edit_size,
+    euler_step,
+)
 from .sd3 import SD3Family
 
 #: module (in this package) -> adapter class names it defines
@@ -57,6 +65,7 @@ def editing_families() -> list[str]:
 
 __all__ = [
     "EMBEDDED_GUIDANCE",
+    "TOKEN_GRID",
     "FAMILIES",
     "SOURCE_PREFIX",
     "Conditioning",

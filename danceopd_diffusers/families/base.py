@@ -33,10 +33,15 @@ class Conditioning:
         return Conditioning({k: v[index.to(v.device)] for k, v in self.tensors.items()})
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
-        def move(t: torch.Tensor) -> torch.Tensor:
+        """Moved (floating tensors also cast); host-side sizes (:data:`HOST_KEYS`) stay on the CPU, where reading
+        them costs no device sync."""
+
+        def move(k: str, t: torch.Tensor) -> torch.Tensor:
+            if k in HOST_KEYS:
+                return t
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
-        return Conditioning({k: move(v) for k, v in self.tensors.items()})
+        return Conditioning({k: move(k, v) for k, v in self.tensors.items()})
 
     @staticmethod
     def cat(items: list[Conditioning]) -> Conditioning:
@@ -60,6 +65,13 @@ class Conditioning:
 SOURCE_PREFIX = "source_"
 #: a Conditioning entry ([B] or [B, 1]) that overrides the embedded guidance input of guidance-distilled models
 EMBEDDED_GUIDANCE = "embedded_guidance"
+#: a Conditioning entry ([B, 2], rows and columns) with the token grid of a packed state. Packed tokens do not carry
+#: their 2-D layout, and two grids of one area (32x64 and 64x32) have the same token count: the grid travels with
+#: the sample (no source-prefix, so the image-free branch of image guidance keeps it) instead of being remembered
+#: by the adapter, whose answer would then depend on the order of its calls.
+TOKEN_GRID = "token_grid"
+#: integer size entries read on the host (``int(...)``): :meth:`Conditioning.to` leaves them on the CPU
+HOST_KEYS = frozenset({TOKEN_GRID, "edit_grid"})
 
 
 def edit_size(width: int, height: int, resolution: int, multiple: int = 16) -> tuple[int, int]:
@@ -130,6 +142,19 @@ class FamilyAdapter:
     def default_resolution(self, pipe: Any) -> int:
         raise NotImplementedError
 
+    def size_call_kwargs(self, height: int, width: int) -> dict[str, Any]:
+        """Pipeline ``__call__`` arguments that make it run at exactly ``height`` x ``width`` (besides those two).
+
+        Derived from the call's own size, never from earlier calls: a rollout of one size and a rollout of another
+        may be prepared in any order (gradient accumulation prepares all micro-steps before rolling any out).
+        """
+        return {}
+
+    def size_conditioning(self, pipe: Any, batch_size: int, height: int, width: int) -> Conditioning:
+        """Conditioning that tells :meth:`velocity` the layout of states of this size (empty where the state's
+        shape already says it, as for channel-first latents)."""
+        return Conditioning()
+
     def sigmas(
         self, pipe: Any, num_steps: int, latent_shape: tuple[int, ...], device: torch.device
     ) -> torch.Tensor:
@@ -167,21 +192,29 @@ class FamilyAdapter:
         raise NotImplementedError(f"The {self.name} family cannot edit.")
 
 
+def token_grid_conditioning(batch_size: int, grid_h: int, grid_w: int) -> Conditioning:
+    """A :data:`TOKEN_GRID` entry for ``batch_size`` samples whose states are ``grid_h`` x ``grid_w`` tokens."""
+    return Conditioning({TOKEN_GRID: torch.tensor([[grid_h, grid_w]] * batch_size, dtype=torch.long)})
+
+
 def token_grid_of(
-    num_tokens: int, source_grid: tuple[int, int] | None, declared: dict[int, tuple[int, int]], what: str
+    num_tokens: int, cond: Conditioning, source_grid: tuple[int, int] | None, what: str
 ) -> tuple[int, int]:
-    """The (rows, cols) of a packed state with ``num_tokens`` tokens: its source image's grid when that has as
-    many tokens, else a size declared by ``latent_shape``, else a square."""
+    """The (rows, cols) of a packed state with ``num_tokens`` tokens, from the sample's own conditioning only:
+    its :data:`TOKEN_GRID` entry, else its source image's grid when that has as many tokens, else a square."""
+    grid = cond.tensors.get(TOKEN_GRID)
+    if grid is not None:
+        rows, cols = (int(v) for v in grid[0])
+        if rows * cols == num_tokens:
+            return rows, cols
     if source_grid is not None and source_grid[0] * source_grid[1] == num_tokens:
         return source_grid
-    if num_tokens in declared:
-        return declared[num_tokens]
     side = math.isqrt(num_tokens)
     if side * side == num_tokens:
         return side, side
     raise ValueError(
-        f"Cannot tell the latent grid of a {what} state with {num_tokens} tokens: declare its size with "
-        "family.latent_shape(pipe, batch, height, width) first."
+        f"Cannot tell the latent grid of a {what} state with {num_tokens} tokens: pass its size in the "
+        "conditioning, cond.merge(family.size_conditioning(pipe, batch, height, width))."
     )
 
 

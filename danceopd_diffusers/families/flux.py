@@ -2,9 +2,11 @@
 
 The state layout is the pipelines' packed ``latents``: ``[B, (h/2)·(w/2), 4·C]`` for a latent grid h x w. The
 transformer also needs each token's position (``img_ids``), which a packed tensor does not carry, so the adapter
-recovers the grid from, in order: the source latents of an edit (same size as the target in every DanceOPD edit),
-the size last declared for that token count (every state the core makes is declared first: rollouts through
-:meth:`FluxFamily.latent_shape`, data latents through :meth:`FluxFamily.encode_images`), or a square grid.
+recovers the grid from the sample's own conditioning, in order: its ``token_grid`` entry
+(:meth:`~danceopd_diffusers.families.base.FamilyAdapter.size_conditioning`, which the training loop merges into
+every sample's conditioning, so the image-free branch of image guidance keeps it), the source latents of an edit (same size as the target in every DanceOPD edit),
+or a square grid. The adapter remembers nothing between calls: one object serves the student and every field, and
+gradient accumulation prepares states of several sizes before any is used.
 
 Guidance-distilled checkpoints (``transformer.config.guidance_embeds``: FLUX.1-dev, FLUX.1-Kontext-dev) take the
 distilled guidance strength as an input. It is an option of the adapter (``embedded_guidance``), passed identically
@@ -31,6 +33,7 @@ from .base import (
     linspace_grid,
     scheduler_sigmas,
     token_count_mu,
+    token_grid_conditioning,
     token_grid_of,
 )
 
@@ -102,8 +105,6 @@ class FluxFamily(FamilyAdapter):
             raise ValueError(f"Flux's T5 prompt length must be in [1, 512], got {max_sequence_length}.")
         self.max_sequence_length = max_sequence_length
         self.embedded_guidance = float(embedded_guidance)
-        self._grids: dict[int, tuple[int, int]] = {}  # token count -> token grid of the last state declared
-        self._last_size: tuple[int, int] | None = None  # (height, width) in pixels of the last latent_shape
 
     def pipeline_class(self) -> type:
         from diffusers import FluxPipeline
@@ -135,13 +136,16 @@ class FluxFamily(FamilyAdapter):
         """The (rows, cols) of packed tokens of a state with ``num_tokens`` tokens (see the module docstring)."""
         source = cond.tensors.get(SOURCE_LATENTS)
         source_grid = None if source is None else (source.shape[-2] // 2, source.shape[-1] // 2)
-        return token_grid_of(num_tokens, source_grid, self._grids, "packed Flux")
+        return token_grid_of(num_tokens, cond, source_grid, "packed Flux")
 
-    def _declare_grid(self, latent_height: int, latent_width: int) -> int:
-        """Remember the token grid of states of this latent size; returns their token count."""
-        grid = (latent_height // 2, latent_width // 2)
-        self._grids[grid[0] * grid[1]] = grid
-        return grid[0] * grid[1]
+    @staticmethod
+    def _latent_grid(pipe: Any, height: int, width: int) -> tuple[int, int]:
+        """The token grid of states of ``height`` x ``width`` pixels (as FluxPipeline.prepare_latents: the latent
+        grid must be even for the 2x2 packing)."""
+        return int(height) // (pipe.vae_scale_factor * 2), int(width) // (pipe.vae_scale_factor * 2)
+
+    def size_conditioning(self, pipe: Any, batch_size: int, height: int, width: int) -> Conditioning:
+        return token_grid_conditioning(batch_size, *self._latent_grid(pipe, height, width))
 
     def velocity(
         self, transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning
@@ -186,13 +190,9 @@ class FluxFamily(FamilyAdapter):
         return pipe.default_sample_size * pipe.vae_scale_factor
 
     def latent_shape(self, pipe: Any, batch_size: int, height: int, width: int) -> tuple[int, ...]:
-        """Packed ``(B, tokens, 4C)``; also declares this size so :meth:`velocity` knows the token grid."""
-        # as FluxPipeline.prepare_latents: the latent grid must be even for the 2x2 packing
-        h = 2 * (int(height) // (pipe.vae_scale_factor * 2))
-        w = 2 * (int(width) // (pipe.vae_scale_factor * 2))
-        num_tokens = self._declare_grid(h, w)
-        self._last_size = (int(height), int(width))
-        return (batch_size, num_tokens, pipe.transformer.config.in_channels)
+        """Packed ``(B, tokens, 4C)``."""
+        grid_h, grid_w = self._latent_grid(pipe, height, width)
+        return (batch_size, grid_h * grid_w, pipe.transformer.config.in_channels)
 
     def sigmas(
         self, pipe: Any, num_steps: int, latent_shape: tuple[int, ...], device: torch.device
@@ -209,7 +209,6 @@ class FluxFamily(FamilyAdapter):
         vae = pipe.vae
         latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample(generator)
         latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-        self._declare_grid(latents.shape[-2], latents.shape[-1])
         return pack_latents(latents)
 
     def decode_latents(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> list:
@@ -226,15 +225,14 @@ class FluxKontextFamily(FluxFamily):
     Edits are conditioned on the source's clean latents (``source_latents``, encoded once per sample with the
     pipeline's own ``_encode_vae_image``: the VAE mode, shifted and scaled), given to the pipeline as ``image=``
     (a latent tensor is used as is: never resized or re-encoded). The pipeline's rescaling of the output to
-    ``max_area`` (1024² by default) is neutralised with ``max_area = height·width`` of the call and
-    ``_auto_resize=False``, so the student's rollout runs at exactly the size the core asked for.
+    ``max_area`` (1024² by default) is neutralised with ``max_area = height·width`` of the call
+    (:meth:`size_call_kwargs`) and ``_auto_resize=False``, so the student's rollout runs at exactly the size the core asked for.
     """
 
     name = "flux-kontext"
     pipeline_class_names = ("FluxKontextPipeline", "DanceOPDFluxKontextPipeline")
     custom_pipeline_class_name = "DanceOPDFluxKontextPipeline"
     can_edit = True
-    _vae_scale_factor = 8  # the real VAE's; set from the pipeline when a source is encoded
     #: what diffusers' train_dreambooth_lora_flux_kontext.py targets by default (Flux's + the single blocks' MLP)
     default_lora_targets = FLUX_LORA_TARGETS + ("proj_mlp",)
 
@@ -248,18 +246,11 @@ class FluxKontextFamily(FluxFamily):
         source = cond.tensors.get(SOURCE_LATENTS)
         if source is not None:
             kwargs["image"] = source
-        area = self._max_area(source)
-        if area is not None:
-            kwargs["max_area"] = area
         return kwargs
 
-    def _max_area(self, source: torch.Tensor | None) -> int | None:
-        """``height·width`` of the coming call: the size last declared by latent_shape, else the source's size."""
-        if self._last_size is not None:
-            return self._last_size[0] * self._last_size[1]
-        if source is not None:
-            return source.shape[-2] * source.shape[-1] * self._vae_scale_factor**2
-        return None
+    def size_call_kwargs(self, height: int, width: int) -> dict[str, Any]:
+        # the pipeline rescales its output to max_area (1024² by default) unless told the call's own area
+        return {"max_area": int(height) * int(width)}
 
     def unguided_call_kwargs(self) -> dict[str, Any]:
         return {**super().unguided_call_kwargs(), "_auto_resize": False}
@@ -267,7 +258,6 @@ class FluxKontextFamily(FluxFamily):
     def encode_sources(
         self, pipe: Any, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> Conditioning:
-        self._vae_scale_factor = pipe.vae_scale_factor
         vae = pipe.vae
         latents = pipe._encode_vae_image(images.to(vae.device, vae.dtype), generator)
         return Conditioning({SOURCE_LATENTS: latents})

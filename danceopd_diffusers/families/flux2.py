@@ -6,8 +6,9 @@ What the edge hides (diffusers 0.42 ``pipelines/flux2``):
 - Latents: the VAE's latents are 2x2-*patchified* into channels (``[B, 4C, h, w]``), normalised by the VAE's
   batch-norm statistics (``vae.bn``), then flattened into tokens ``[B, h·w, 4C]``. The state layout is these tokens,
   the pipelines' ``latents`` inside the loop. Position ids have four coordinates ``(t, h, w, l)``; a packed state
-  does not carry its grid, so the adapter recovers it as the Flux.1 adapter does: from the source latents of an edit,
-  else from the size last declared for that token count (:meth:`latent_shape`, :meth:`encode_images`), else square.
+  does not carry its grid, so the adapter recovers it as the Flux.1 adapter does, from the sample's conditioning only:
+  its ``token_grid`` entry (:meth:`size_conditioning`, merged by the training loop into every sample's), else
+  the source latents of an edit, else a square.
 - The pipelines' ``latents=`` argument takes the *unpacked* ``[B, 4C, h, w]`` tensor while their callbacks expose
   packed tokens; the pipeline classes used for training (:meth:`pipeline_class`) also accept packed tokens, so the
   rollout's initial state and its recorded states share one layout.
@@ -35,6 +36,7 @@ from .base import (
     FamilyAdapter,
     linspace_grid,
     scheduler_sigmas,
+    token_grid_conditioning,
     token_grid_of,
 )
 from .flux import FLUX_LORA_TARGETS, _unwrap
@@ -145,7 +147,6 @@ class _Flux2Base(FamilyAdapter):
         if not 1 <= max_sequence_length <= 512:
             raise ValueError(f"Flux.2's prompt length must be in [1, 512], got {max_sequence_length}.")
         self.max_sequence_length = max_sequence_length
-        self._grids: dict[int, tuple[int, int]] = {}  # token count -> token grid of the last state declared
 
     def pipeline_class(self) -> type:
         if self._stock_pipeline_name not in _SOURCE_PIPELINES:
@@ -176,11 +177,16 @@ class _Flux2Base(FamilyAdapter):
         """The (rows, cols) of the tokens of a state with ``num_tokens`` tokens (see the module docstring)."""
         source = cond.tensors.get(SOURCE_LATENTS)
         source_grid = None if source is None else (source.shape[-2], source.shape[-1])
-        return token_grid_of(num_tokens, source_grid, self._grids, "Flux.2")
+        return token_grid_of(num_tokens, cond, source_grid, "Flux.2")
 
-    def _declare_grid(self, grid_h: int, grid_w: int) -> int:
-        self._grids[grid_h * grid_w] = (grid_h, grid_w)
-        return grid_h * grid_w
+    @staticmethod
+    def _latent_grid(pipe: Any, height: int, width: int) -> tuple[int, int]:
+        """The token grid of ``height`` x ``width`` pixels: as prepare_latents, VAE factor x the 2x2 patch."""
+        multiple = pipe.vae_scale_factor * 2
+        return int(height) // multiple, int(width) // multiple
+
+    def size_conditioning(self, pipe: Any, batch_size: int, height: int, width: int) -> Conditioning:
+        return token_grid_conditioning(batch_size, *self._latent_grid(pipe, height, width))
 
     def _guidance(
         self, transformer: torch.nn.Module, cond: Conditioning, batch: int, device
@@ -223,10 +229,9 @@ class _Flux2Base(FamilyAdapter):
         return pipe.default_sample_size * pipe.vae_scale_factor
 
     def latent_shape(self, pipe: Any, batch_size: int, height: int, width: int) -> tuple[int, ...]:
-        """Packed ``(B, tokens, 4C)``; also declares this size so :meth:`velocity` knows the token grid."""
-        multiple = pipe.vae_scale_factor * 2  # as the pipelines' prepare_latents: VAE factor x the 2x2 patch
-        num_tokens = self._declare_grid(int(height) // multiple, int(width) // multiple)
-        return (batch_size, num_tokens, pipe.transformer.config.in_channels)
+        """Packed ``(B, tokens, 4C)``."""
+        grid_h, grid_w = self._latent_grid(pipe, height, width)
+        return (batch_size, grid_h * grid_w, pipe.transformer.config.in_channels)
 
     def sigmas(
         self, pipe: Any, num_steps: int, latent_shape: tuple[int, ...], device: torch.device
@@ -248,7 +253,6 @@ class _Flux2Base(FamilyAdapter):
             vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample(generator)
         )
         mean, std = _bn_stats(vae, latents)
-        self._declare_grid(latents.shape[-2], latents.shape[-1])
         return pack((latents - mean) / std)
 
     def vae_latents(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:

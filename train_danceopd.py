@@ -57,7 +57,6 @@ from danceopd_diffusers.objectives import (
     TrainingStates,
     off_policy_states,
     on_policy_states,
-    sample_query_indices,
     sample_sft_sigmas,
     sft_states,
     velocity_mse,
@@ -81,7 +80,13 @@ from danceopd_diffusers.preflight import (
     lora_base_rank,
     student_init_lora_config,
 )
-from danceopd_diffusers.rollout import QUERY_STRATEGIES
+from danceopd_diffusers.rollout import (
+    LOW_QUERY_SIGMA,
+    PAPER_REFERENCE_SHIFT,
+    QUERY_SPACES,
+    QUERY_STRATEGIES,
+    QueryLaw,
+)
 from danceopd_diffusers.routing import ROUTINGS, Router, soft_routes, step_generator
 from danceopd_diffusers.stopping import Interrupted, NonFiniteError, StopOnSignal, check_finite
 from danceopd_diffusers.student import STUDENT_ADAPTER
@@ -191,6 +196,23 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default="low",
         choices=QUERY_STRATEGIES,
         help="low = Beta(5,2) (paper), mid = Beta(5,5), high = Beta(2,5), uniform.",
+    )
+    parser.add_argument(
+        "--query_space",
+        type=str,
+        default="step",
+        choices=QUERY_SPACES,
+        help="step (the paper's sampler): --query_strategy is drawn over this run's N states, so the noise level it "
+        "reaches depends on the pipeline's sigma grid (shift, resolution); sigma: the same law read on a reference "
+        "grid of shift --query_reference_shift, queried at that sigma on this run's grid, so it means the same noise "
+        "levels on every pipeline. The start-up log prints the queried sigma either way.",
+    )
+    parser.add_argument(
+        "--query_reference_shift",
+        type=float,
+        default=PAPER_REFERENCE_SHIFT,
+        help="--query_space sigma only: the static shift of the reference grid; 3.0 is the paper's Z-Image grid "
+        "(mean queried sigma 0.55 for low).",
     )
     parser.add_argument(
         "--query_k",
@@ -573,6 +595,16 @@ def check_numbers(args: argparse.Namespace) -> None:
     for seed in args.validation_seeds or []:
         if not 0 <= seed < 2**32:
             raise ConfigError(f"--validation_seeds {seed}: seeds must be between 0 and {2**32 - 1}.")
+    if not 0 < args.query_reference_shift <= 100:
+        raise ConfigError(
+            f"--query_reference_shift is {args.query_reference_shift}; it must be in (0, 100] (3.0 is the paper's)."
+        )
+    if args.query_space != "step" and args.method not in ("danceopd", "offpolicy"):
+        raise ConfigError(
+            f"--query_space {args.query_space} chooses which states are queried; --method {args.method} queries "
+            + ("every state of the rollout" if args.method == "dense" else "no rollout")
+            + ". Drop --query_space."
+        )
     if args.query_k > args.num_rollout_steps:
         raise ConfigError(
             f"--query_k {args.query_k} is more than --num_rollout_steps {args.num_rollout_steps}: a rollout has only "
@@ -802,6 +834,10 @@ def main(args: argparse.Namespace) -> None:
         "targets": None if args.full_finetune else sorted(student_targets),
         "fields_config": _public(fields_config.to_dict()),  # no machine paths: checkpoints may be pushed
     }
+    if (
+        args.query_space != "step"
+    ):  # (absent for the paper's law: checkpoints of earlier versions still resume)
+        run_settings["query_law"] = [args.query_space, args.query_reference_shift]
     resume_path = None
     if hub_resume is None:  # a Hub checkpoint is checked once downloaded, still before any weights load
         resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, run_settings)
@@ -1057,6 +1093,7 @@ def main(args: argparse.Namespace) -> None:
     router = Router(fields_config.routes)
     route_fields = [fields[r.field] for r in fields_config.routes]
     resolution = args.resolution or family.default_resolution(pipe)
+    query_law = QueryLaw(args.query_strategy, args.query_space, args.query_reference_shift)
     if args.resolution is None:
         accelerator.print(f"[danceopd] {describe_fallback_resolution(resolution)}")
     if args.cache_latents:  # before training, in fixed chunks: one encoder call per chunk, not per row
@@ -1081,10 +1118,31 @@ def main(args: argparse.Namespace) -> None:
         except Exception as exc:  # its files matched their recorded sizes, so the damage is in their content
             raise ConfigError(f"Cannot resume from {resume_path}: {type(exc).__name__}: {exc}") from exc
         global_step = checkpoint_step(resume_path)
+    queried_sigma = None
+    if args.method in ("danceopd", "offpolicy"):
+        # what the query law means on this run's own grid (at the training resolution): the paper's index law
+        # reaches sigma 0.55 on its shift-3 grid and far less on an unshifted or small dynamic-shift one
+        grid = family.sigmas(
+            pipe, args.num_rollout_steps, family.latent_shape(pipe, 1, resolution, resolution), "cpu"
+        )
+        queried_sigma = {k: round(v, 4) for k, v in query_law.describe(grid).items()}
+        accelerator.print(
+            f"[danceopd] query law: {query_law.label()}; queried sigma on this run's grid: mean "
+            f"{queried_sigma['mean']:.3f}, p10 / p50 / p90 = {queried_sigma['p10']:.3f} / "
+            f"{queried_sigma['p50']:.3f} / {queried_sigma['p90']:.3f}"
+        )
+        if queried_sigma["mean"] < LOW_QUERY_SIGMA and args.query_strategy == "low":
+            accelerator.print(
+                f"[danceopd] warning: the queries reach a mean sigma of {queried_sigma['mean']:.2f}, a less noisy "
+                "regime than the paper's 0.55 on its shift-3 grid; pass --query_space sigma to query the paper's "
+                "noise levels on this grid."
+            )
     if accelerator.is_main_process:
         tracker_config = {  # never the token: tracker configs are written to disk (hparams.yml) and shared
             k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
         }
+        if queried_sigma is not None:
+            tracker_config.update({f"queried_sigma_{k}": v for k, v in queried_sigma.items()})
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
     logging_dir.mkdir(parents=True, exist_ok=True)
     routes_log = open(logging_dir / f"routes_rank{accelerator.process_index}.jsonl", "a")
@@ -1100,7 +1158,7 @@ def main(args: argparse.Namespace) -> None:
         log.info(f"  routes = {[(r.field, r.task, r.weight) for r in fields_config.routes]}")
         rollout = f"N = {args.num_rollout_steps}"
         if args.method != "dense":
-            rollout += f", K = {args.query_k}, query = {args.query_strategy}"
+            rollout += f", K = {args.query_k}, query = {query_law.label()}"
         else:
             rollout += f", every state, weighting = {args.dense_weighting}"
     log.info(
@@ -1197,12 +1255,13 @@ def main(args: argparse.Namespace) -> None:
         )
         m.shape = family.latent_shape(pipe, len(m.rows), m.height, m.width)
         m.noise = my_noise(m.shape[1:]).to(accelerator.device, weight_dtype)
+        m.query_sigmas = None
         if args.method == "dense":
             m.indices = torch.arange(args.num_rollout_steps).repeat(len(m.rows), 1)
         else:
-            m.indices = sample_query_indices(
-                args.num_rollout_steps, world_batch, args.query_k, args.query_strategy, gen
-            )[mine]
+            m.indices, query_sigmas = query_law.sample(args.num_rollout_steps, world_batch, args.query_k, gen)
+            m.indices = m.indices[mine]
+            m.query_sigmas = None if query_sigmas is None else query_sigmas[mine]
         if args.method == "offpolicy":  # the re-noising draws, for the global batch's K states each
             m.renoise = my_noise(m.shape[1:], per_sample=m.indices.shape[1])
         return m
@@ -1261,6 +1320,7 @@ def main(args: argparse.Namespace) -> None:
         cond: Conditioning,
         noise: torch.Tensor,
         indices: torch.Tensor,
+        query_sigmas: torch.Tensor | None,
         height: int,
         width: int,
     ) -> TrainingStates:
@@ -1280,6 +1340,7 @@ def main(args: argparse.Namespace) -> None:
                 width,
                 dense=args.method == "dense",
                 dense_weighting=args.dense_weighting,
+                query_sigmas=query_sigmas,
             )
             set_training(True)
         return states
@@ -1289,8 +1350,10 @@ def main(args: argparse.Namespace) -> None:
         if args.method == "offpolicy":
             with gathered(transformer):
                 sigmas = family.sigmas(pipe, args.num_rollout_steps, m.shape, accelerator.device)
-                return off_policy_states(family, m.targets, m.noise, sigmas, m.indices, m.renoise)
-        return student_rollout(m.targets, m.cond, m.noise, m.indices, m.height, m.width)
+                return off_policy_states(
+                    family, m.targets, m.noise, sigmas, m.indices, m.renoise, m.query_sigmas
+                )
+        return student_rollout(m.targets, m.cond, m.noise, m.indices, m.query_sigmas, m.height, m.width)
 
     def student_backward(
         states: TrainingStates, cond: Conditioning, parts: list[SimpleNamespace]
@@ -1350,6 +1413,7 @@ def main(args: argparse.Namespace) -> None:
                 joint_cond,
                 torch.cat([m.noise for m in micros]),
                 torch.cat([m.indices for m in micros]),
+                None if micros[0].query_sigmas is None else torch.cat([m.query_sigmas for m in micros]),
                 micros[0].height,
                 micros[0].width,
             )
@@ -1494,7 +1558,7 @@ def main(args: argparse.Namespace) -> None:
                 f"| `{r.field}` | `{r.task}` | {r.weight} |" for r in fields_config.routes
             ),
             method=args.method,
-            hyperparameters=_hyperparameters(args, resolution),
+            hyperparameters=_hyperparameters(args, resolution, queried_sigma),
             absorbed_guidance_scale=absorbed,
             has_lora=not args.full_finetune,
             has_pipeline=not args.skip_pipeline_export,
@@ -1504,7 +1568,7 @@ def main(args: argparse.Namespace) -> None:
             export_dir,
             base_model=args.pretrained_model_name_or_path,
             fields_config=fields_config,
-            hyperparameters=_hyperparameters(args, resolution),
+            hyperparameters=_hyperparameters(args, resolution, queried_sigma),
             call_kwargs=call,
         )
         publish(export_dir, args.output_dir)
@@ -1544,7 +1608,7 @@ def _absorbed_scale(config: FieldsConfig) -> float | None:
     return max(scales) if scales else None
 
 
-def _hyperparameters(args: argparse.Namespace, resolution: int) -> dict:
+def _hyperparameters(args: argparse.Namespace, resolution: int, queried_sigma: dict | None = None) -> dict:
     keys = [
         "method",
         "num_rollout_steps",
@@ -1566,6 +1630,11 @@ def _hyperparameters(args: argparse.Namespace, resolution: int) -> dict:
     ]
     out = {k: getattr(args, k) for k in keys}
     out["resolution"] = resolution
+    if args.query_space != "step":
+        out["query_space"] = args.query_space
+        out["query_reference_shift"] = args.query_reference_shift
+    if queried_sigma is not None:  # the noise levels the queries reached on the run's grid
+        out["queried_sigma"] = queried_sigma
     if args.routing != "hard":
         out["routing"] = args.routing
     method_option = {"dense": "dense_weighting", "sft": "weighting_scheme"}.get(args.method)

@@ -24,6 +24,8 @@ from .rollout import (
     execution_device,
     field_rollout,
     gather_records,
+    interpolate_records,
+    locate_sigmas,
     sample_query_indices,
 )
 
@@ -149,13 +151,21 @@ def on_policy_states(
     dense: bool = False,
     dense_weighting: str = "uniform",
     ragged: bool = True,
+    query_sigmas: torch.Tensor | None = None,
 ) -> TrainingStates:
     """Roll the student out through ``pipe`` and query the routed fields at ``query_indices`` ([B, K]).
 
     ``dense`` weights each state by :func:`dense_weights` of ``dense_weighting`` (DiffusionOPD). ``ragged``: each
     sample leaves the rollout's batch after its last query, where the family's pipeline allows it.
+    ``query_sigmas`` ([B, K], a σ-space :class:`~danceopd_diffusers.rollout.QueryLaw`): query at these σ instead,
+    on the student's own Euler step wherever a σ falls between two states of the grid.
     """
-    callback = OnPolicyQueryCallback(query_indices, initial_latents, family.ragged_inputs if ragged else None)
+    needed = query_indices
+    if query_sigmas is not None:
+        grid = family.sigmas(pipe, num_steps, tuple(initial_latents.shape), initial_latents.device)
+        lower, frac = locate_sigmas(query_sigmas, grid)
+        needed = torch.cat([lower, torch.where(frac > 0, lower + 1, lower)], dim=1)
+    callback = OnPolicyQueryCallback(needed, initial_latents, family.ragged_inputs if ragged else None)
     with execution_device(pipe, initial_latents.device):  # no module walk per call
         pipe(
             **family.pipeline_condition_kwargs(cond),
@@ -169,7 +179,10 @@ def on_policy_states(
             callback_on_step_end=callback,
             callback_on_step_end_tensor_inputs=callback.tensor_inputs,
         )
-    samples, x, sigma, index = gather_records(callback.records)
+    if query_sigmas is None:
+        samples, x, sigma, index = gather_records(callback.records)
+    else:
+        samples, x, sigma, index = interpolate_records(callback.records, lower, frac, query_sigmas)
     target = targets(samples, x, sigma, index, max_rows=initial_latents.shape[0])
     weight = None
     if dense:
@@ -194,9 +207,11 @@ def off_policy_states(
     sigmas: torch.Tensor,
     query_indices: torch.Tensor,
     noise: torch.Generator | torch.Tensor,
+    query_sigmas: torch.Tensor | None = None,
 ) -> TrainingStates:
     """The routed field's own rollout; its endpoint re-noised to the queried sigmas with fresh noise (``noise``:
-    the [B·K, ...] draws, sample-major, or a generator to draw them from)."""
+    the [B·K, ...] draws, sample-major, or a generator to draw them from). ``query_sigmas`` ([B, K]): the σ of a
+    σ-space query law, instead of the grid's σ at ``query_indices``."""
     all_samples = torch.arange(initial_latents.shape[0])
 
     def velocity(x: torch.Tensor, sigma: torch.Tensor, step: int) -> torch.Tensor:
@@ -206,11 +221,15 @@ def off_policy_states(
         x0 = field_rollout(velocity, initial_latents, sigmas)[-1]
     b, k = query_indices.shape
     samples = all_samples.repeat_interleave(k)
-    sigma = sigmas[query_indices.reshape(-1)].float()
+    index = query_indices.reshape(-1)
+    sigma = sigmas[index].float()
+    if query_sigmas is not None:
+        sigma = query_sigmas.reshape(-1).float()
+        index = locate_sigmas(sigma, sigmas)[0]
     noise = _gaussian(noise, x0[samples])
     s = sigma.to(x0).reshape(-1, *([1] * (x0.dim() - 1)))
     x = ((1 - s) * x0[samples] + s * noise).to(x0.dtype)
-    target = targets(samples, x, sigma, query_indices.reshape(-1))
+    target = targets(samples, x, sigma, index)
     return TrainingStates(samples, x, sigma, target)
 
 

@@ -74,6 +74,129 @@ def sample_query_indices(
     return torch.cat([first, rest], dim=1).sort(dim=1).values
 
 
+#: where a query law is drawn: over the rollout's step index (the paper's sampler), or over σ as the index law reaches
+#: it on a reference grid, so that it queries the same noise levels on every pipeline's grid
+QUERY_SPACES = ("step", "sigma")
+#: the paper's grid: Z-Image's linspace(1, 1/N, N) with the static shift 3 (SD3.5 uses 3 as well)
+PAPER_REFERENCE_SHIFT = 3.0
+#: below this mean queried σ a run queries a less noisy regime than the paper (0.55 on its Z-Image grid)
+LOW_QUERY_SIGMA = 0.4
+
+
+def reference_sigmas(num_steps: int, shift: float = PAPER_REFERENCE_SHIFT) -> torch.Tensor:
+    """σ of the N pre-step states of ``linspace(1, 1/N, N)`` under the static shift ``σ' = sσ / (1 + (s - 1)σ)``
+    (FlowMatchEulerDiscreteScheduler's ``shift``), float64: the grid the paper's index law is read on."""
+    t = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+@dataclass(frozen=True)
+class QueryLaw:
+    """Which state(s) of a rollout are queried.
+
+    ``strategy`` is the Beta law of the paper's sampler, binned over N indices (:func:`sample_query_indices`). In
+    ``space="step"`` (the paper's, the default) the index is a state of the run's own grid, so the σ it means
+    depends on the pipeline's shift and resolution (σ ≈ 0.55 on the paper's shift-3 grid, 0.32 on an unshifted
+    one). In ``space="sigma"`` the same index is read on the reference grid of shift ``reference_shift`` and the
+    rollout is queried at that σ on whatever grid it runs: between two states of the grid, the query is the point
+    of the student's own Euler step at that σ (see :func:`locate_sigmas`). Both spaces draw the same numbers from
+    the generator.
+    """
+
+    strategy: str = "low"
+    space: str = "step"
+    reference_shift: float = PAPER_REFERENCE_SHIFT
+
+    def __post_init__(self):
+        if self.strategy not in QUERY_STRATEGIES:
+            raise ValueError(f"Unknown query strategy {self.strategy!r}; use one of {QUERY_STRATEGIES}.")
+        if self.space not in QUERY_SPACES:
+            raise ValueError(f"Unknown query space {self.space!r}; use one of {QUERY_SPACES}.")
+        if not (math.isfinite(self.reference_shift) and self.reference_shift > 0):
+            raise ValueError(f"The reference shift must be a positive number, got {self.reference_shift}.")
+
+    def sample(
+        self, num_steps: int, batch_size: int, k: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B, K] indices of the law, and in σ space the [B, K] σ they mean (None in step space)."""
+        indices = sample_query_indices(num_steps, batch_size, k, self.strategy, generator)
+        if self.space == "step":
+            return indices, None
+        return indices, reference_sigmas(num_steps, self.reference_shift)[indices].float()
+
+    def distribution(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queried σ (values, probabilities) of one draw on a run whose grid is ``grid`` (N + 1 sigmas)."""
+        num_steps = len(grid) - 1
+        probs = query_index_probabilities(num_steps, self.strategy)
+        if self.space == "step":
+            return grid[:num_steps].double(), probs
+        return reference_sigmas(num_steps, self.reference_shift), probs
+
+    def describe(self, grid: torch.Tensor) -> dict[str, float]:
+        """Mean, p10, p50 and p90 of the queried σ on ``grid`` (exact, from the binned law)."""
+        values, probs = self.distribution(grid)
+        order = values.argsort()
+        values, cdf = values[order], probs[order].cumsum(0)
+
+        def quantile(q: float) -> float:
+            return float(values[int(torch.searchsorted(cdf, torch.tensor(q, dtype=cdf.dtype) - 1e-12))])
+
+        return {
+            "mean": float((values * probs[order]).sum()),
+            "p10": quantile(0.1),
+            "p50": quantile(0.5),
+            "p90": quantile(0.9),
+        }
+
+    def label(self) -> str:
+        beta = {"low": "Beta(5, 2)", "mid": "Beta(5, 5)", "high": "Beta(2, 5)", "uniform": "uniform"}
+        where = (
+            "over the run's steps"
+            if self.space == "step"
+            else f"in σ, as on a shift-{self.reference_shift:g} grid"
+        )
+        return f"{self.strategy} {beta[self.strategy]} {where}"
+
+
+def locate_sigmas(query_sigmas: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each queried σ lies on a rollout's grid (N + 1 decreasing sigmas, N pre-step states).
+
+    Returns the index i of the state before it (σ_i >= σ > σ_{i+1}) and the fraction f = (σ_i - σ) / (σ_i -
+    σ_{i+1}) of that Euler step: the queried state is x_i + f (x_{i+1} - x_i), the point of the student's step
+    x_i + (σ - σ_i) v_i. f = 0 exactly where σ is a state of the grid.
+    """
+    grid = grid.double().cpu()
+    num_steps = len(grid) - 1
+    sigma = query_sigmas.double().cpu()
+    lower = ((grid[:num_steps] >= sigma.unsqueeze(-1)).sum(-1) - 1).clamp(0, num_steps - 1)
+    hi, lo = grid[lower], grid[lower + 1]
+    frac = ((hi - sigma) / (hi - lo)).clamp(0, 1)
+    frac = torch.where(sigma >= hi, torch.zeros_like(frac), frac)
+    return lower, frac
+
+
+def interpolate_records(
+    records: list[QueryRecord], lower: torch.Tensor, frac: torch.Tensor, sigma: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sample, x, sigma, state index) rows of σ-space queries ([B, K] each), from the recorded states on both
+    sides of each queried σ; rows are sample-major."""
+    states: dict[tuple[int, int], torch.Tensor] = {}
+    for record in records:
+        for j, sample in enumerate(record.samples.tolist()):
+            states.setdefault((sample, record.state_index), record.x[j])
+    xs, samples = [], []
+    for b in range(lower.shape[0]):
+        for j in range(lower.shape[1]):
+            i, f = int(lower[b, j]), float(frac[b, j])
+            x = states[(b, i)]
+            if f > 0:
+                nxt = states[(b, i + 1)]
+                x = (x.float() + f * (nxt.float() - x.float())).to(x.dtype)
+            xs.append(x)
+            samples.append(b)
+    return torch.tensor(samples), torch.stack(xs), sigma.reshape(-1).float(), lower.reshape(-1)
+
+
 _PINNED: dict[type, type] = {}  # pipeline class -> its subclass with a fixed _execution_device
 
 

@@ -214,7 +214,7 @@ def test_sft_loss_weighting(scheme):
     [
         ("dense", ["--dense_weighting", "step"], "on_policy_states", "dense_weighting"),
         ("sft", ["--weighting_scheme", "sigma_sqrt"], "sft_states", "weighting"),
-        ("danceopd", ["--query_k", "4"], "sample_query_indices", "every_state"),
+        ("danceopd", ["--query_k", "4"], "on_policy_states", "every_state"),
     ],
 )
 def test_script_passes_the_choices_to_the_library(
@@ -247,4 +247,6 @@ def test_script_passes_the_choices_to_the_library(
     elif check == "weighting":
         assert torch.allclose(out.weight, out.sigma.float() ** -2)
     else:  # K = N = 4: every state once (K > N is refused before weights load)
-        assert torch.equal(out, torch.arange(4).repeat(len(out), 1))
+        indices = args[6]  # on_policy_states(pipe, family, targets, cond, noise, N, query_indices, ...)
+        assert torch.equal(indices, torch.arange(4).repeat(len(indices), 1))
+        assert kwargs["query_sigmas"] is None  # the paper's index law unless --query_space sigma

@@ -277,3 +277,17 @@ def test_claims_verdicts():
     diff = study._paired(shipped["runs"]["B-danceopd"]["final"], shipped["runs"]["B-soft"]["final"])["edit"]
     assert f"| B: hard routing > soft | soft routing | {study._ahead(diff)} |" in text
     assert "| B: local-expert init best | init base |" in text
+
+
+def test_calibrated_study_queries_in_sigma_where_a_run_chooses_its_states(tmp_path):
+    """The second edition (``--query_space sigma``): every run that draws a query state reads the paper's law on a
+    shift-3 grid; dense (every state), joint (no rollout) and the first edition's runs are unchanged."""
+    settings = study.Settings(query_space="sigma")
+    runs = study.all_runs(settings)
+    spaces = {r.name: _flag(study.train_command(r, tmp_path, settings, False), "--query_space") for r in runs}
+    for run in runs:
+        chooses = run.method in ("danceopd", "offpolicy")
+        assert spaces[run.name] == ("sigma" if chooses else None), run.name
+    assert spaces["B-query-mid"] == "sigma" and spaces["cfg-3"] == "sigma" and spaces["A-dense"] is None
+    first = study.Settings()
+    assert not any("--query_space" in study.train_command(r, tmp_path, first, False) for r in runs)

@@ -171,6 +171,10 @@ class Settings:
     data: str | None = None  # default R/data
     sources: str = str(SOURCES)
     best_baselines: dict[str, str] = field(default_factory=dict)  # written by `seeds`
+    #: where the runs that choose a state draw their query (``--query_space`` of the script): ``step`` is the
+    #: paper's index law on ShapesWorld's unshifted grid (the first edition, mean σ 0.32); ``sigma`` reads it on
+    #: the paper's shift-3 grid (mean σ 0.55, the second edition's calibration)
+    query_space: str = "step"
 
 
 @dataclass(frozen=True)
@@ -437,6 +441,8 @@ def train_command(run: Run, root: Path, settings: Settings, cuda: bool) -> list[
     cmd += ["--skip_pipeline_export", "--resume_from_checkpoint", "latest"]
     if cuda:
         cmd.append("--cuda_graphs")
+    if s.query_space != "step" and run.method in ("danceopd", "offpolicy"):
+        cmd += ["--query_space", s.query_space]
     return cmd + list(run.flags)
 
 

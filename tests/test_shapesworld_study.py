@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from safetensors import safe_open
 
@@ -291,3 +292,23 @@ def test_calibrated_study_queries_in_sigma_where_a_run_chooses_its_states(tmp_pa
     assert spaces["B-query-mid"] == "sigma" and spaces["cfg-3"] == "sigma" and spaces["A-dense"] is None
     first = study.Settings()
     assert not any("--query_space" in study.train_command(r, tmp_path, first, False) for r in runs)
+
+
+def test_carry_starts_a_second_edition_from_the_query_free_results(tmp_path):
+    """Dense, joint, merges and teachers draw no query state: a sigma-space edition on the same grid takes them from
+    the shipped first edition (files too), and nothing that queries; a second carry into the same place is refused."""
+    dest = tmp_path / "study2"
+    carried = study.carry_stage(study.SHIP_DIR, dest, "sigma", log=lambda *a: None)
+    assert {r["method"] for r in carried["runs"].values()} == {"dense", "sft"}
+    assert not any(n.endswith(("danceopd", "offpolicy", "soft")) for n in carried["runs"])
+    assert carried["settings"]["query_space"] == "sigma" and carried["merges"]
+    assert all((dest / f).is_file() for f in carried["shipped"].values())
+    with pytest.raises(SystemExit, match="exists already"):
+        study.carry_stage(study.SHIP_DIR, dest, "sigma", log=lambda *a: None)
+    # a root of the other space cannot be shipped on top of it
+    first = json.loads((study.SHIP_DIR / "results.json").read_text())
+    with pytest.raises(SystemExit, match="query_space"):
+        study.merge_collections(carried, first)
+    out = tmp_path / "STUDY.md"
+    study.write_report(carried, out, "pil", source="test")
+    assert study.QUERY_REGIMES["sigma"] in out.read_text()

@@ -24,6 +24,8 @@ eval       score what is finished and not scored yet: each run's final LoRA and 
            then each setting's best merge on the final set
 report     ``shapesworld/STUDY.md`` and its PNG plots from ``R`` (or, without ``--root``, from the shipped
            ``shapesworld/study/results.json``)
+carry      start a new ``--dest`` (another query space on the same grid) from ``--carry_from``'s results that the
+           query law does not change: dense, joint, merges, teachers (``--query_space`` names the new space)
 ship       the main table's students (fp16 LoRAs) and every result into ``shapesworld/study/``, keeping what is
            there where the root has nothing better (a study finished on another machine); re-scores new files
 =========  =================================================================================================
@@ -1092,6 +1094,8 @@ def write_report(collection: dict, out: Path, backend: str = "auto", source: str
         "stratified bootstrap; p: paired bootstrap over the same samples (`evaluate compare`). Wall time: training "
         "time of the run, start-up included, with the number of runs sharing the GPU.",
         "",
+        QUERY_REGIMES[s.get("query_space", "step")],
+        "",
     ]
     history = [
         f"Shipped on {h['date']} from the study root `{h['root']}`: "
@@ -1328,6 +1332,7 @@ SHARED_SETTINGS = (
     "eval_limit",
     "curve_per_category",
     "eval_inference_steps",
+    "query_space",
 )
 
 
@@ -1381,16 +1386,82 @@ def ship_stage(root: Path, settings: Settings, dest: Path = SHIP_DIR, log: Any =
     return rescore_shipped(dest, Path(settings.sources), settings.eval_limit, log=log)
 
 
+#: what each query space means on ShapesWorld's unshifted grid (``../shared/audits/query_sigma.md``)
+QUERY_REGIMES = {
+    "step": "Queries: the paper's index law over the 16 states of ShapesWorld's unshifted grid (`--query_space "
+    "step`): the default low-noise query reaches a mean σ of 0.32 (p10 / p50 / p90 = 0.125 / 0.312 / 0.562), a less "
+    "noisy regime than the paper's 0.55 on its shift-3 Z-Image grid.",
+    "sigma": "Queries: the paper's law read in σ on a shift-3 grid (`--query_space sigma`): the default low-noise "
+    "query reaches a mean σ of 0.55 (p10 / p50 / p90 = 0.30 / 0.58 / 0.79), the paper's regime; mid and high are "
+    "the paper's mid_t and high_t in σ as well.",
+}
+#: settings a root may lack because it predates them, and the value it had
+SETTING_DEFAULTS = {"query_space": "step"}
+#: methods whose training draws no query state (dense queries every state, sft rolls nothing out): their runs are
+#: the same under either query space on the same grid
+QUERY_FREE_METHODS = ("dense", "sft")
+
+
+def query_free_part(collection: dict, query_space: str) -> dict:
+    """What of a shipped collection holds under another query space on the same grid: the runs of
+    :data:`QUERY_FREE_METHODS`, the merges and the teachers, with their shipped files; the rest is to be run again.
+    The result is a collection of ``query_space`` that records where these rows come from."""
+    runs = {n: r for n, r in collection["runs"].items() if r.get("method") in QUERY_FREE_METHODS}
+    shipped = {
+        n: f for n, f in collection.get("shipped", {}).items() if n in runs or n in collection["merges"]
+    }
+    settings = {**collection["settings"], "query_space": query_space}
+    first = collection["settings"].get("query_space", "step")
+    note = (
+        f"Carried over from the {first}-space study: {', '.join(sorted(runs))}, the weight merges and the teachers. "
+        "Their training draws no query state (DiffusionOPD queries all 16 states, joint training rolls nothing "
+        "out, merges and teachers are not trained), so the query law does not change them; every run that draws "
+        f"a query was trained again with --query_space {query_space}."
+    )
+    return {
+        "settings": settings,
+        "runs": runs,
+        "merges": collection["merges"],
+        "teachers": collection["teachers"],
+        "shipped": shipped,
+        "notes": [note],
+        "rescored": {k: v for k, v in (collection.get("rescored") or {}).items() if k in shipped},
+        "history": [],
+    }
+
+
+def carry_stage(source: Path, dest: Path, query_space: str, log: Any = print) -> dict:
+    """Start ``dest`` (a new edition of the study on the same grid) from ``source``'s query-free results."""
+    previous = _read(source / "results.json")
+    if previous is None:
+        raise SystemExit(
+            f"error: {source / 'results.json'} does not exist: pass --carry_from a shipped study folder."
+        )
+    if _read(dest / "results.json") is not None:
+        raise SystemExit(f"error: {dest / 'results.json'} exists already: carry starts a new --dest only.")
+    carried = query_free_part(previous, query_space)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, file in carried["shipped"].items():
+        (dest / file).write_bytes((source / file).read_bytes())
+        log(f"[study] carried {name} -> {dest / file}")
+    _write_json(dest / "results.json", carried)
+    return carried
+
+
 def merge_collections(previous: dict, new: dict) -> tuple[dict, list[str]]:
     """``new`` on top of ``previous`` (two roots of one study): a run is taken from ``new`` when it finished there
     or got further than before; a teacher or merge when ``new`` scored it. Returns the merge and what was kept."""
-    differ = [k for k in SHARED_SETTINGS if previous["settings"].get(k) != new["settings"].get(k)]
+
+    def setting(collection: dict, k: str) -> Any:
+        return collection["settings"].get(k, SETTING_DEFAULTS.get(k))
+
+    differ = [k for k in SHARED_SETTINGS if setting(previous, k) != setting(new, k)]
     if differ:
         k = differ[0]
         raise SystemExit(
-            f"error: the shipped results were made with {k} = {previous['settings'].get(k)!r} and this root with "
-            f"{new['settings'].get(k)!r}: one report cannot mix them. Ship to another --dest, or run the root with "
-            f"--{k} {previous['settings'].get(k)}."
+            f"error: the shipped results were made with {k} = {setting(previous, k)!r} and this root with "
+            f"{setting(new, k)!r}: one report cannot mix them. Ship to another --dest, or run the root with "
+            f"--{k} {setting(previous, k)}."
         )
     out = {**previous, "settings": {**previous["settings"], **new["settings"]}}
     out["settings"]["best_baselines"] = new["settings"].get("best_baselines") or previous["settings"].get(
@@ -1457,7 +1528,7 @@ def rescore_shipped(dest: Path, sources: Path = SOURCES, limit: int | None = Non
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
-STAGES = ("plan", "merge", "main", "ablations", "cfg", "train", "seeds", "eval", "report", "ship")
+STAGES = ("plan", "merge", "main", "ablations", "cfg", "train", "seeds", "eval", "report", "ship", "carry")
 
 
 def _record_eval_set(root: Path, settings: Settings) -> None:
@@ -1506,6 +1577,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(STUDY_MD), help="report: where STUDY.md goes (plots beside it)")
     parser.add_argument("--dest", default=str(SHIP_DIR), help="ship: where the students and results.json go")
     parser.add_argument("--plot_backend", default="auto", choices=["auto", "matplotlib", "pil"])
+    parser.add_argument(
+        "--carry_from",
+        default=None,
+        help="carry: a shipped study folder whose query-free results (dense, joint, merges, teachers) start --dest",
+    )
     for f in fields(Settings):
         if f.name == "best_baselines":
             continue
@@ -1523,6 +1599,11 @@ def main(argv: list[str] | None = None) -> int:
         collection = json.loads(shipped.read_text())
         write_report(collection, Path(args.out), args.plot_backend, source=f"the shipped `{shipped.name}`")
         print(f"[study] wrote {args.out}")
+        return 0
+    if args.stage == "carry":
+        if args.carry_from is None or args.query_space is None:
+            parser.error("carry needs --carry_from (a shipped study folder), --dest and --query_space")
+        carry_stage(Path(args.carry_from), Path(args.dest), args.query_space)
         return 0
     if args.root is None:
         parser.error(f"the {args.stage} stage needs --root")

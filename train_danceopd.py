@@ -1391,6 +1391,17 @@ def main(args: argparse.Namespace) -> None:
             out[part][1].append((sample - starts[part], error))
         return out
 
+    def step_rows(states: list[TrainingStates]) -> dict[str, int]:
+        """Transformer rows of one optimizer step: the student's rollout (no grad), the fields' queries (an
+        off-policy field also rolls itself out over all N states) and the student's forward and backward."""
+        queried = sum(len(s.samples) for s in states)
+        field = queried
+        if args.method == "offpolicy":
+            field += sum(len(s.samples) // args.query_k for s in states) * args.num_rollout_steps
+        elif args.method == "sft":
+            field = 0
+        return {"rollout": sum(s.sample_steps for s in states), "field": field, "student": queried}
+
     # ---------------------------------------------------------------- training loop
     transformer.train()
     stop = StopOnSignal().start()
@@ -1445,6 +1456,8 @@ def main(args: argparse.Namespace) -> None:
                     "loss": step_loss,  # the optimizer step's loss: curves without a tracker (multi-GPU, study)
                     "route": fields_config.routes[step_route].field,
                     "sample_routes": [fields_config.routes[r].field for r in micros[-1].sample_routes],
+                    # this rank's work in the step: the measure of compute of the study's equal-compute table
+                    "rows": step_rows([joint] if joint is not None else [m.states for m in micros]),
                 }
             )
             + "\n"

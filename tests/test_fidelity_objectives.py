@@ -250,3 +250,24 @@ def test_script_passes_the_choices_to_the_library(
         indices = args[6]  # on_policy_states(pipe, family, targets, cond, noise, N, query_indices, ...)
         assert torch.equal(indices, torch.arange(4).repeat(len(indices), 1))
         assert kwargs["query_sigmas"] is None  # the paper's index law unless --query_space sigma
+
+
+def test_routes_log_records_each_steps_compute(tiny_path, tmp_path):
+    """The equal-compute comparison counts transformer rows per optimizer step, measured by the run: a dense update
+    queries all N states (N field and student rows per sample), a DanceOPD update one, and its rollout stops at
+    the last queried state."""
+    rows = {}
+    for method in ("danceopd", "dense"):
+        out = tmp_path / method
+        model = ["--pretrained_model_name_or_path", tiny_path, "--output_dir", str(out), "--method", method]
+        data = ["--dataset_name", _prompts(tmp_path), "--cfg_scale", "3", "--skip_pipeline_export"]
+        run_train([*model, *data, *SHORT, "--max_train_steps", "2", "--report_to", "none"])
+        logged = [json.loads(line) for line in (out / "logs" / "routes_rank0.jsonl").read_text().splitlines()]
+        rows[method] = [entry["rows"] for entry in logged]
+    samples = 2 * 2  # SHORT: batch 2, accumulation 2, N = 4
+    for entry in rows["dense"]:
+        # the rollout stops once state N - 1 is reached: N - 1 steps
+        assert entry == {"rollout": samples * 3, "field": samples * 4, "student": samples * 4}
+    for entry in rows["danceopd"]:
+        assert entry["field"] == entry["student"] == samples
+        assert 0 <= entry["rollout"] <= samples * 3

@@ -134,7 +134,7 @@ def report(output_dir: str, limit: int | None = None, steps: int | None = None) 
     result = evaluate(pipe, family, guidance_scale=1.0, num_steps=16, seed=0, batch_size=8, limit=limit)
     examples_grid(result).save(Path(output_dir, "shapesworld_eval.png"))
     scores = {k: v for k, v in result.items() if not k.startswith("_")}
-    Path(output_dir, "shapesworld_eval.json").write_text(json.dumps(scores, indent=2))
+    Path(output_dir, "shapesworld_eval.json").write_text(json.dumps(scores, indent=2), encoding="utf-8")
     subset = "" if limit is None else f", {limit} prompts / edits spread over the categories"
     name = f"DanceOPD student (this run, {result.get('set', 'quick')} set{subset})"
     print("\n[danceopd] ShapesWorld evaluation (seed 0; sources with their CFG 3, students without CFG)")

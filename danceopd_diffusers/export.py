@@ -322,7 +322,7 @@ def write_run_config(
         "args": _public(hyperparameters),
         "trained_call_kwargs": call_kwargs,
     }
-    Path(output_dir, "danceopd_config.json").write_text(json.dumps(config, indent=2))
+    Path(output_dir, "danceopd_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return config
 
 

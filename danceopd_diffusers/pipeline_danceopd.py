@@ -62,10 +62,10 @@ class _DanceOPDPipeline:
         super().save_pretrained(save_directory, *args, **kwargs)
         shutil.copyfile(__file__, os.path.join(save_directory, MODULE_STEM + ".py"))
         index_path = os.path.join(save_directory, "model_index.json")
-        with open(index_path) as f:
+        with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
         index["_class_name"] = [MODULE_STEM, type(self).__name__]
-        with open(index_path, "w") as f:
+        with open(index_path, "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, sort_keys=True)
         if push_to_hub:
             from huggingface_hub import create_repo, upload_folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 import sys
 from pathlib import Path
@@ -11,8 +12,30 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the tests are offline whatever the caller's environment says (HF_HUB_OFFLINE=0 would reach for the network), and
+# no launcher setting of the caller's shell leaks into the in-process runs
+os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for _name in [n for n in os.environ if n.startswith("ACCELERATE_")]:
+    del os.environ[_name]
+
+
+def _locale_is_utf8() -> bool:
+    return sys.flags.utf8_mode or locale.getpreferredencoding(False).lower().replace("-", "") == "utf8"
+
+
+def pytest_configure(config):
+    """Under a locale whose encoding is not UTF-8, run the session again in Python's UTF-8 mode: cards, READMEs
+    and configs are UTF-8 files, and the tests read them with the platform default (``Path.read_text()``)."""
+    if _locale_is_utf8() or os.environ.get("PYTHONUTF8") == "1":
+        return
+    os.environ["PYTHONUTF8"] = "1"  # subprocesses of the tests inherit it
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.stop_global_capturing()  # the new process writes to the real terminal, not pytest's buffers
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -189,11 +189,16 @@ def _parser():
     return holder["parser"]
 
 
-def test_help_documents_every_option_with_defaults_and_examples():
+@pytest.mark.parametrize("columns", ["40", "50", "60", "80", "200"])
+def test_help_documents_every_option_with_defaults_and_examples(columns, monkeypatch):
+    """What --help says, whatever the terminal width (argparse wraps at $COLUMNS) and the program's path: the
+    text is compared with its line breaks and indentation collapsed."""
+    monkeypatch.setenv("COLUMNS", columns)
+    monkeypatch.setattr("sys.argv", ["/a path/with spaces/train_danceopd.py"])
     parser = _parser()
     undocumented = [a.option_strings[0] for a in parser._actions if not (a.help or "").strip()]
     assert not undocumented, undocumented
-    text = parser.format_help()
+    text = " ".join(parser.format_help().split())
     assert "(default: 0.0002)" in text and "(default: danceopd)" in text and "(default: end)" in text
     assert "examples:" in text and "--resume_from_checkpoint you/my-student:latest" in text
     assert "(default: None)" not in text

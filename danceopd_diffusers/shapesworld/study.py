@@ -520,7 +520,7 @@ def train_stage(
                 out.mkdir(parents=True, exist_ok=True)
                 env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [trainer_path, env.get("PYTHONPATH")]))
-                logfile = open(out / "train.log", "a")
+                logfile = open(out / "train.log", "a", encoding="utf-8")
                 cmd = train_command(run, root, settings, cuda)
                 logfile.write(f"\n[study] {time.strftime('%Y-%m-%d %H:%M:%S')} launch: {' '.join(cmd)}\n")
                 logfile.flush()
@@ -747,7 +747,7 @@ def _eval_items_once(
 
 # ------------------------------------------------------------------------------------------------------ collect
 def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def collect(root: Path, settings: Settings) -> dict[str, Any]:
@@ -1174,7 +1174,7 @@ def write_report(collection: dict, out: Path, backend: str = "auto", source: str
     lines += _seeds_section(collection)
     lines += _compute_section(collection)
     lines += _rescored_section(collection)
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
 
 

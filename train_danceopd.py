@@ -31,6 +31,7 @@ import torch
 
 from danceopd_diffusers import demo
 from danceopd_diffusers.checkpointing import checkpoint_step, resolve_resume, save_checkpoint
+from danceopd_diffusers.cli import ArgumentParser
 from danceopd_diffusers.config import (
     EDIT_ONLY_TYPES,
     ConfigError,
@@ -141,7 +142,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(  # a bad flag: one error line and a "did you mean", not the usage block
         description=__doc__.split("\n\n")[0], epilog=EPILOG + _demo_epilog(), formatter_class=HelpFormatter
     )
     # model

@@ -31,6 +31,7 @@ import torch
 
 from danceopd_diffusers import demo
 from danceopd_diffusers.checkpointing import checkpoint_step, resolve_resume, save_checkpoint
+from danceopd_diffusers.cli import ArgumentParser
 from danceopd_diffusers.config import (
     EDIT_ONLY_TYPES,
     ConfigError,
@@ -146,7 +147,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(  # a bad flag: one error line and a "did you mean", not the usage block
         description=__doc__.split("\n\n")[0], epilog=EPILOG + _demo_epilog(), formatter_class=HelpFormatter
     )
     # model
@@ -1520,6 +1521,7 @@ def main(args: argparse.Namespace) -> None:
             render_model_card,
             save_pipeline_folder,
             save_student_lora,
+            scrub_machine_paths,
             trained_call_kwargs,
             write_run_config,
         )
@@ -1557,7 +1559,9 @@ def main(args: argparse.Namespace) -> None:
             if args.full_finetune:
                 model.save_pretrained(os.path.join(export_dir, "transformer"))
         else:
-            save_pipeline_folder(pipe, family, export_model, export_dir, absorbed, call)
+            save_pipeline_folder(
+                pipe, family, export_model, export_dir, absorbed, call, trained_resolution=resolution
+            )
         render_model_card(
             export_dir,
             base_model=args.pretrained_model_name_or_path,
@@ -1566,10 +1570,8 @@ def main(args: argparse.Namespace) -> None:
             fields_config=fields_config,
             call_kwargs=call,
             prompt=(args.validation_prompt or [None])[0],
-            fields_table="\n".join(f"| `{n}` | {f.describe()} |" for n, f in fields.items()),
-            routes_table="\n".join(
-                f"| `{r.field}` | `{r.task}` | {r.weight} |" for r in fields_config.routes
-            ),
+            fields=fields,
+            dataset_images=[(t, buckets.buckets[t][0]) for t in sorted(edit_tasks)] if samples_image else [],
             method=args.method,
             hyperparameters=_hyperparameters(args, resolution, queried_sigma),
             absorbed_guidance_scale=absorbed,
@@ -1584,6 +1586,7 @@ def main(args: argparse.Namespace) -> None:
             hyperparameters=_hyperparameters(args, resolution, queried_sigma),
             call_kwargs=call,
         )
+        scrub_machine_paths(export_dir, args.pretrained_model_name_or_path)  # components' _name_or_path
         publish(export_dir, args.output_dir)
         if hub_pusher is not None:
             from danceopd_diffusers.checkpointing import list_checkpoints
@@ -1640,6 +1643,7 @@ def _hyperparameters(args: argparse.Namespace, resolution: int, queried_sigma: d
         "mixed_precision",
         "seed",
         "max_sequence_length",
+        "student_init",
     ]
     out = {k: getattr(args, k) for k in keys}
     out["resolution"] = resolution

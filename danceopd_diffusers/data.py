@@ -67,6 +67,9 @@ def load_training_dataset(
             f"--dataset_name {dataset_name} does not exist (and is not a Hub dataset id). Pass a local "
             f"{'/'.join(sorted(LOCAL_BUILDERS))} file, a Hub dataset id, or --train_data_dir."
         )
+    from .network import check_hub_reachable
+
+    check_hub_reachable(flag, dataset_name, "README.md", repo_type="dataset")
     ds = _load(flag, dataset_name, dataset_name, dataset_config_name, split="train", cache_dir=cache_dir)
     return ds, None
 

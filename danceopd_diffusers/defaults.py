@@ -33,13 +33,15 @@ def _read_json(path: str, filename: str, revision: str | None = None) -> dict[st
     local = Path(path, filename)
     if Path(path).is_dir():
         try:
-            return json.loads(local.read_text())
+            return json.loads(local.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
     try:
         from huggingface_hub import hf_hub_download
 
-        return json.loads(Path(hf_hub_download(path, filename, revision=revision)).read_text())
+        return json.loads(
+            Path(hf_hub_download(path, filename, revision=revision)).read_text(encoding="utf-8")
+        )
     except Exception:  # absent from the repo, offline, ...: the next source of evidence decides
         return None
 

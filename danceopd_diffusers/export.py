@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from importlib import resources
@@ -80,11 +81,14 @@ def save_pipeline_folder(
     output_dir: str | os.PathLike,
     absorbed_guidance_scale: float | None = None,
     call_kwargs: dict[str, Any] | None = None,
+    trained_resolution: int | None = None,
 ) -> None:
     """The base pipeline's components with the student ``transformer``, as the custom CFG-free pipeline.
 
     ``call_kwargs`` (:func:`trained_call_kwargs`) become the pipeline's ``__call__`` defaults; they are its
-    config, so every ``save_pretrained`` / ``push_to_hub`` of the loaded pipeline keeps them.
+    config, so every ``save_pretrained`` / ``push_to_hub`` of the loaded pipeline keeps them. So is
+    ``trained_resolution``: a call without a size renders at it (the stock default is the base's, e.g. 1024²),
+    and a size far from it draws a warning.
     """
     components = {k: v for k, v in pipe.components.items()}
     components["transformer"] = transformer
@@ -98,6 +102,7 @@ def save_pipeline_folder(
     index["_class_name"] = [CUSTOM_PIPELINE_MODULE, family.custom_pipeline_class_name]
     index["absorbed_guidance_scale"] = absorbed_guidance_scale
     index["trained_call_kwargs"] = call_kwargs
+    index["trained_resolution"] = trained_resolution
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
@@ -165,27 +170,108 @@ def _scrub(text: str, paths: Sequence[str]) -> str:
     return text
 
 
+def py_literal(value: Any) -> str:
+    """``value`` as Python source that evaluates to it and cannot end the card's code block: strings by ``repr``
+    with every backtick escaped (a ```` ``` ```` inside a prompt or a folder name would close the markdown fence),
+    other values (numbers, booleans, None) by ``repr``. Prompts, repo ids and folder names are user input: they
+    must stay data in the card's code, never become code."""
+    if isinstance(value, str):
+        return repr(value).replace("`", "\\x60")
+    if isinstance(value, (bool, int, float)) or value is None:
+        return repr(value)
+    raise TypeError(f"no safe literal for {type(value).__name__} in the model card's code")
+
+
+def md_code(text: Any, table: bool = False) -> str:
+    """``text`` as one markdown code span on one line, whatever backticks or line breaks it holds (a folder, field
+    or bucket name is user input); in a table cell (``table``) its pipes are escaped, or they would start columns."""
+    text = " ".join(str(text).split())
+    if table:
+        text = text.replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_text(text: Any) -> str:
+    """``text`` as plain markdown on one line, inside a paragraph or a table cell: no line break, table pipe, code
+    span, emphasis, link or HTML can start in it."""
+    text = " ".join(str(text).split())
+    return re.sub(r"([\\`*_\[\]<>|~])", r"\\\1", text)
+
+
+def card_fields_table(fields: dict[str, Any], paths: Sequence[str] = ()) -> str:
+    """The card's fields table: each field's name and :meth:`describe`, the training machine's ``paths`` in it
+    replaced by their public names first, then every cell escaped."""
+    return "\n".join(
+        f"| {md_code(name, table=True)} | {md_text(_scrub(field.describe(), paths))} |"
+        for name, field in fields.items()
+    )
+
+
+def card_routes_table(routes: Sequence[Any]) -> str:
+    """The card's routes table: field, data bucket and weight of each route, each cell escaped."""
+    return "\n".join(
+        f"| {md_code(r.field, table=True)} | {md_code(r.task, table=True)} | {md_text(r.weight)} |"
+        for r in routes
+    )
+
+
+#: a local folder that is a snapshot of the Hub cache: ``.../models--<owner>--<name>/snapshots/<commit>``
+_HUB_CACHE_SNAPSHOT = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
+
+
 def base_model_reference(path: str) -> dict[str, Any]:
-    """How the card names and loads the base: its Hub id, the shipped ShapesWorld base, or a local folder."""
+    """How the card names the base, says where it comes from, and loads it: its Hub id, the shipped ShapesWorld
+    base, or a local folder (by its name only, with what the reader must point ``base`` at).
+
+    ``name`` identifies the base in checkpoints' run settings; ``where`` is the card's sentence on where the base
+    comes from (markdown); ``default`` is the value the card's ``base = ...`` line starts with.
+    """
     from .demo import base_path
 
     if os.path.exists(path) and Path(path).resolve() == Path(base_path()).resolve():
+        shipped = public_path(base_path())
         return {
             "name": SHAPESWORLD_BASE,
             "hub_id": None,
             "license": "apache-2.0",  # shipped with (and under the license of) danceopd-diffusers
-            "load": "from danceopd_diffusers.demo import base_path  # the ShapesWorld base ships in the package\n"
-            "base = base_path()",
+            "default": shipped,
+            "where": (
+                "The base is the ShapesWorld base. It is not on the Hub: it ships with danceopd-diffusers, as the folder "
+                f"{md_code(shipped)} of its source repository and of its installed package "
+                '(`python -c "from danceopd_diffusers.demo import base_path; print(base_path())"` prints where it '
+                "is). Set `base` below to that folder; the code itself needs only diffusers."
+            ),
         }
-    if os.path.exists(path):
+    snapshot = _HUB_CACHE_SNAPSHOT.search(Path(path).resolve().as_posix()) if os.path.isdir(path) else None
+    if snapshot:  # a Hub model passed by its cache folder: the card names the Hub id
+        path = f"{snapshot['owner']}/{snapshot['name']}"
+    elif os.path.exists(path):
         name = public_path(os.path.abspath(path))
         return {
             "name": name,
             "hub_id": None,
             "license": None,
-            "load": f"base = {name!r}  # the base was a local folder: point this at your copy of it",
+            "default": name,
+            "where": (
+                f"The base was a local folder, {md_code(name)}, on the training machine; it is not a Hub model this "
+                "card can name. Set `base` below to your copy of that folder (a diffusers pipeline folder)."
+            ),
         }
-    return {"name": path, "hub_id": path, "license": None, "load": f"base = {path!r}"}
+    return {
+        "name": path,
+        "hub_id": path,
+        "license": None,
+        "default": path,
+        "where": f"The base is the Hub model [{md_code(path)}](https://huggingface.co/{path}).",
+    }
+
+
+def base_load_line(base: dict[str, Any]) -> str:
+    """The card's ``base = ...`` line: the Hub id as is, a local base as the value to replace."""
+    line = f"base = {py_literal(base['default'])}"
+    return line if base["hub_id"] else line + "  # set this to the base's folder (see above)"
 
 
 def _base_license(base: dict[str, Any]) -> dict[str, Any]:
@@ -208,9 +294,10 @@ def _base_license(base: dict[str, Any]) -> dict[str, Any]:
 
 
 def _python_call(kwargs: dict[str, Any]) -> str:
-    return "\n".join(
-        f"    {k}={json.dumps(v) if isinstance(v, str) else repr(v)}," for k, v in kwargs.items()
-    )
+    for key in kwargs:
+        if not key.isidentifier():
+            raise ValueError(f"{key!r} is not a keyword argument the card can write")
+    return "\n".join(f"    {k}={py_literal(v)}," for k, v in kwargs.items())
 
 
 def fused_student(
@@ -231,8 +318,6 @@ def render_model_card(
     base_model: str,
     repo_id: str | None,
     family: Any,
-    fields_table: str,
-    routes_table: str,
     method: str,
     hyperparameters: dict[str, Any],
     call_kwargs: dict[str, Any],
@@ -240,14 +325,23 @@ def render_model_card(
     has_lora: bool,
     has_pipeline: bool,
     samples_image: str | None,
+    fields_table: str | None = None,
+    routes_table: str | None = None,
+    fields: dict[str, Any] | None = None,
     fields_config: Any = None,
     prompt: str | None = None,
+    dataset_images: Sequence[tuple[str, int]] = (),
     template_path: str | os.PathLike | None = None,
 ) -> str:
     """Render ``model_card_template.md`` into ``output_dir/README.md`` with Hub metadata; returns the text.
 
-    The usage code is runnable as written: keyword arguments, the trained size, steps, text length and the
-    family's own guidance-off values (``call_kwargs``). Local paths of the training machine never appear.
+    The usage code is runnable as written with diffusers alone: keyword arguments, the trained size, steps, text
+    length and the family's own guidance-off values (``call_kwargs``); the base by its Hub id, or, for a local
+    base, the folder the reader points ``base`` at, with where to get it. Every user-given string (repo id,
+    folder, field and bucket names, the prompt) enters the code as an escaped literal and the prose as escaped
+    text. Local paths of the training machine never appear. ``fields`` (name -> field) builds the fields table
+    (``fields_table`` is a prebuilt one); ``dataset_images`` names the training rows whose source images the
+    sample grid shows, as ``(bucket, row)``.
     """
     from diffusers.utils.hub_utils import populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
@@ -256,6 +350,10 @@ def render_model_card(
     paths = [base_model] + [
         s.path for s in (fields_config.fields.values() if fields_config else []) if s.path
     ]
+    if fields is not None:
+        fields_table = card_fields_table(fields, paths)
+    if routes_table is None and fields_config is not None:
+        routes_table = card_routes_table(fields_config.routes)
     tasks = {r.task for r in fields_config.routes} if fields_config else {"t2i"}
     edits = bool(tasks - {"t2i"})
     card_data = ModelCardData(
@@ -271,21 +369,34 @@ def render_model_card(
     resolution = hyperparameters["resolution"]
     call = card_call_kwargs(family, call_kwargs, resolution, prompt or DEFAULT_PROMPT)
     guidance = {k: v for k, v in call_kwargs.items() if k in family.unguided_call_kwargs()}
+    repo = repo_id or Path(output_dir).name
+    student_init = hyperparameters.get("student_init")
     card = ModelCard.from_template(
         card_data,
         template_path=str(template_path or package_file("model_card_template.md")),
-        repo_id=repo_id or Path(output_dir).name,
-        base_model_name=base["name"],
-        base_load=base["load"],
+        title=md_text(repo),
+        repo_literal=py_literal(repo),
+        repo_note=(
+            f"{md_code(repo)} is this repository on the Hub."
+            if repo_id
+            else f"{md_code(repo)} is the folder the training run wrote: run the code beside it, or replace that "
+            "string with the folder's path, or with the Hub id you upload it to."
+        ),
+        base_model_name=md_text(base["name"]),
+        base_where=base["where"],
+        base_load=base_load_line(base),
+        student_init=md_code(public_path(str(student_init))) if student_init else None,
         lora_pipeline_class=TEXT_TO_IMAGE_PIPELINES.get(
             exported_pipelines()[family.custom_pipeline_class_name], "DiffusionPipeline"
         ),
         family=family.name,
-        fields_table=_scrub(fields_table, paths),
-        routes_table=routes_table,
+        fields_table=_scrub(fields_table or "", paths),
+        routes_table=routes_table or "",
         method=method,
         distilled=method != "sft",
-        hyperparameters_table="\n".join(f"| `{k}` | `{_public(v)}` |" for k, v in hyperparameters.items()),
+        hyperparameters_table="\n".join(
+            f"| `{k}` | {md_code(_public(v), table=True)} |" for k, v in hyperparameters.items()
+        ),
         call=_python_call(call),
         guidance=", ".join(f"`{k}={v!r}`" for k, v in guidance.items()),
         num_steps=call_kwargs.get("num_inference_steps"),
@@ -300,6 +411,7 @@ def render_model_card(
         has_lora=has_lora,
         has_pipeline=has_pipeline,
         samples_image=samples_image,
+        dataset_images=", ".join(f"row {int(row)} of bucket {md_code(task)}" for task, row in dataset_images),
     )
     populate_model_card(card, tags=tags)
     card.save(os.path.join(output_dir, "README.md"))
@@ -322,8 +434,50 @@ def write_run_config(
         "args": _public(hyperparameters),
         "trained_call_kwargs": call_kwargs,
     }
-    Path(output_dir, "danceopd_config.json").write_text(json.dumps(config, indent=2))
+    Path(output_dir, "danceopd_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return config
+
+
+#: JSON files of an export whose string values are settings (configs, indexes), not data such as vocabularies
+_CONFIG_JSON = re.compile(r"(^|/)(model_index|config|[^/]*_config|special_tokens_map)\.json$")
+#: config keys that name the folder a component was loaded from (diffusers', transformers')
+_NAME_OR_PATH_KEYS = ("_name_or_path", "name_or_path")
+
+
+def scrub_machine_paths(folder: str | os.PathLike, base_model: str) -> list[str]:
+    """Replace every absolute path of the training machine in the configs of an export (``folder``): the
+    components' ``_name_or_path`` become the base's public name (its Hub id, or its folder's name), any other
+    absolute path its last component. diffusers and transformers record the folder each component was loaded
+    from (``transformer/config.json``, ``vae/config.json``, ...), and ``--push_to_hub`` would publish it.
+
+    Returns the files it rewrote (paths relative to ``folder``)."""
+    root = Path(folder)
+    base = base_model_reference(base_model)
+    public_base = base["hub_id"] or base["default"]
+
+    def clean(value: Any, key: str | None = None) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+            return public_base if key in _NAME_OR_PATH_KEYS else public_path(os.path.expanduser(value))
+        return value
+
+    changed = []
+    for path in sorted(root.rglob("*.json")):
+        rel = path.relative_to(root).as_posix()
+        if not _CONFIG_JSON.search(rel):
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        cleaned = clean(data)
+        if cleaned != data:
+            path.write_text(json.dumps(cleaned, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            changed.append(rel)
+    return changed
 
 
 def files_to_upload(output_dir: str | os.PathLike) -> list[str]:

@@ -108,6 +108,9 @@ def prepare_push(repo_id: str, token: str | None = None, private: bool | None = 
     """Check the token and create (or find) the repo; returns its full ``owner/name``. Raises ConfigError in one
     line when offline, not logged in, refused or with a bad id, before anything is trained or written."""
     _require_online("--push_to_hub")
+    from .network import check_hub_reachable
+
+    check_hub_reachable("--push_to_hub", repo_id, fix="connect to the network, or drop --push_to_hub")
     api = HfApi(token=token)
     try:
         user = api.whoami()
@@ -142,6 +145,11 @@ def resolve_hub_checkpoint(
             f"--resume_from_checkpoint {spec!r} is not `<owner>/<name>:checkpoint-<step>` or `<owner>/<name>:latest`."
         )
     _require_online(f"--resume_from_checkpoint {spec}")
+    from .network import check_hub_reachable
+
+    check_hub_reachable(
+        "--resume_from_checkpoint", repo_id, fix="connect to the network, or resume from a local checkpoint"
+    )
     try:
         files = HfApi(token=token).list_repo_files(repo_id)
     except Exception as exc:

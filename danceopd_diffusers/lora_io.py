@@ -37,11 +37,20 @@ def resolve_lora_file(path_or_id: str, weight_name: str | None = None) -> str:
         raise FileNotFoundError(f"LoRA path {path_or_id!r} does not exist (and is not a Hub repo id).")
     from huggingface_hub import hf_hub_download
 
+    from .network import check_hub_reachable, hub_failure
+
+    filename = weight_name or DIFFUSERS_LORA_WEIGHT_NAME
+    check_hub_reachable("LoRA", path_or_id, filename)
     try:
-        return hf_hub_download(path_or_id, weight_name or DIFFUSERS_LORA_WEIGHT_NAME)
+        return hf_hub_download(path_or_id, filename)
     except Exception as exc:
         if hub_offline():
             raise offline_error("LoRA", path_or_id) from exc
+        cause = hub_failure(
+            exc, filename, missing_file=False
+        )  # no LoRA file: the caller may try a checkpoint
+        if cause:
+            raise ConfigError(f"LoRA {path_or_id!r}: {cause}.") from exc
         raise
 
 

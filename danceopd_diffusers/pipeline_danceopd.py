@@ -8,7 +8,10 @@ scale (``absorbed_guidance_scale`` in ``model_index.json``); raise the guidance 
 ``DanceOPD<Stock>`` is ``<Stock>`` (a diffusers pipeline) whose ``__call__`` defaults are the stock pipeline's
 guidance-off arguments (:data:`UNGUIDED_DEFAULTS`), then what the export recorded in ``model_index.json`` as
 ``trained_call_kwargs``: the step count, text length and guidance the student was trained for. Arguments given
-to a call always win. Both values are pipeline config, so ``save_pretrained`` / ``push_to_hub`` keep them.
+to a call always win. A call without ``height``/``width`` renders at ``trained_resolution`` (an edit at that area
+and its source's aspect ratio), not at the stock default (1024² for Kontext, Flux, Qwen-Image), and a size whose
+area is more than twice or less than half the trained one logs a warning. These values are pipeline config, so
+``save_pretrained`` / ``push_to_hub`` keep them.
 
 This file is self-contained (it imports only diffusers) because ``DiffusionPipeline.from_pretrained(folder,
 trust_remote_code=True)`` imports it from the model folder. ``save_pretrained`` (and so ``push_to_hub``)
@@ -23,6 +26,9 @@ import os
 import shutil
 
 import diffusers
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 MODULE_STEM = os.path.splitext(os.path.basename(__file__))[0]
 #: exported class name = this prefix + the stock diffusers pipeline class name
@@ -50,22 +56,49 @@ class _DanceOPDPipeline:
     """What every exported class adds to its stock pipeline: call defaults and a save that stays loadable."""
 
     _unguided_defaults: dict[str, float] = {}
+    #: a requested area this many times larger or smaller than the trained one draws a warning
+    size_warning_ratio: float = 2.0
 
     def __call__(self, *args, **kwargs):
         defaults = {**self._unguided_defaults, **(self.config.get("trained_call_kwargs") or {})}
-        given = set(kwargs) | set(inspect.signature(super().__call__).bind_partial(*args).arguments)
+        bound = inspect.signature(super().__call__).bind_partial(*args).arguments
+        given = set(kwargs) | set(bound)
         kwargs.update({k: v for k, v in defaults.items() if k not in given})
+        kwargs.update(self._trained_size({**bound, **kwargs}))
         return super().__call__(*args, **kwargs)
+
+    def _trained_size(self, call: dict) -> dict:
+        """``height``/``width`` (and Kontext's ``max_area``) for a call: the trained size where the call gives
+        none, the given size otherwise; a warning when the area is far from the trained one."""
+        resolution = self.config.get("trained_resolution")
+        if not resolution:
+            return {}
+        height, width = call.get("height"), call.get("width")
+        if height is None and width is None:
+            height, width = _trained_edit_size(call.get("image"), resolution)
+        height, width = height or resolution, width or resolution
+        size = {"height": height, "width": width}
+        if "max_area" in inspect.signature(super().__call__).parameters and call.get("max_area") is None:
+            size["max_area"] = height * width  # Kontext rescales every request to max_area (default 1024²)
+        area = call["max_area"] if call.get("max_area") is not None else height * width
+        ratio = area / (resolution * resolution)
+        if ratio > self.size_warning_ratio or ratio < 1 / self.size_warning_ratio:
+            logger.warning(
+                f"{type(self).__name__}: this student was trained at {resolution}x{resolution} pixels; a call at "
+                f"{height}x{width} is {ratio:.3g}x that area, far outside what it learned (and slower). Pass "
+                f"height={resolution}, width={resolution}, or leave the size out."
+            )
+        return size
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         push_to_hub = kwargs.pop("push_to_hub", False)
         super().save_pretrained(save_directory, *args, **kwargs)
         shutil.copyfile(__file__, os.path.join(save_directory, MODULE_STEM + ".py"))
         index_path = os.path.join(save_directory, "model_index.json")
-        with open(index_path) as f:
+        with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
         index["_class_name"] = [MODULE_STEM, type(self).__name__]
-        with open(index_path, "w") as f:
+        with open(index_path, "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, sort_keys=True)
         if push_to_hub:
             from huggingface_hub import create_repo, upload_folder
@@ -79,6 +112,35 @@ class _DanceOPDPipeline:
                 token=token,
                 commit_message=kwargs.get("commit_message") or "Upload pipeline",
             )
+
+
+def _image_size(image) -> tuple[int, int] | None:
+    """(width, height) of a call's ``image`` (a PIL image, an array or tensor, or a list of them), else None."""
+    if isinstance(image, (list, tuple)):
+        image = image[0] if image else None
+    if image is None:
+        return None
+    if hasattr(image, "size") and not callable(image.size):  # PIL
+        return tuple(image.size)
+    shape = getattr(image, "shape", None)
+    if shape is None or len(shape) < 2:
+        return None
+    if len(shape) == 4 or (len(shape) == 3 and shape[0] in (1, 3, 4)):  # torch: [B,] C, H, W
+        return int(shape[-1]), int(shape[-2])
+    return int(shape[1]), int(shape[0])  # numpy: H, W[, C]
+
+
+def _trained_edit_size(image, resolution: int, multiple: int = 16) -> tuple[int, int]:
+    """(height, width) a call renders at by default: the trained square, or for an edit its source's aspect ratio
+    at the trained area, sides rounded down to 16 px (what training did: ``danceopd_diffusers.families.edit_size``)."""
+    size = _image_size(image)
+    if size is None:
+        return resolution, resolution
+    width, height = size
+    scale = (resolution * resolution / (width * height)) ** 0.5
+    w = max(multiple, int(width * scale) // multiple * multiple)
+    h = max(multiple, int(height * scale) // multiple * multiple)
+    return h, w
 
 
 class _OmniSources:
@@ -130,18 +192,27 @@ def _danceopd_pipeline(stock_name: str, *mixins: type) -> type | None:
         },
     )
 
-    def __init__(self, *args, absorbed_guidance_scale=None, trained_call_kwargs=None, **components):
+    def __init__(
+        self,
+        *args,
+        absorbed_guidance_scale=None,
+        trained_call_kwargs=None,
+        trained_resolution=None,
+        **components,
+    ):
         positional = list(stock_signature.parameters)[1 : len(args) + 1]
         for name in cls._optional_components:  # the loader leaves out optional components saved as None
             if name in stock_signature.parameters and name not in positional:
                 components.setdefault(name, None)
         stock.__init__(self, *args, **components)
         self.register_to_config(
-            absorbed_guidance_scale=absorbed_guidance_scale, trained_call_kwargs=trained_call_kwargs
+            absorbed_guidance_scale=absorbed_guidance_scale,
+            trained_call_kwargs=trained_call_kwargs,
+            trained_resolution=trained_resolution,
         )
 
     # diffusers reads the components off the __init__ signature: the stock one (optional components default
-    # to None) plus the two config entries
+    # to None) plus the config entries
     stock_signature = inspect.signature(stock.__init__)
     params = [
         p.replace(default=None) if p.name in cls._optional_components and p.default is p.empty else p
@@ -149,7 +220,7 @@ def _danceopd_pipeline(stock_name: str, *mixins: type) -> type | None:
     ]
     params += [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
-        for name in ("absorbed_guidance_scale", "trained_call_kwargs")
+        for name in ("absorbed_guidance_scale", "trained_call_kwargs", "trained_resolution")
     ]
     __init__.__signature__ = stock_signature.replace(parameters=params)
     cls.__init__ = __init__

@@ -19,6 +19,7 @@ from typing import Any
 from .config import ConfigError, FieldsConfig, hub_offline, looks_like_hub_id, offline_error
 from .families import FamilyAdapter, family_for_pipeline_class
 from .lora_io import LoraHeader, check_safetensors, inspect_lora, resolve_lora_file
+from .network import check_hub_reachable, hub_failure
 
 #: the module name (``pipelines/pipeline_danceopd.py``) that exported folders put in their model_index.json
 EXPORTED_PIPELINE_MODULE = "pipeline_danceopd"
@@ -111,11 +112,15 @@ def inspect_pipeline(path: str, revision: str | None = None) -> ModelInfo:
             f"{flag} {path} does not exist (and is not a Hub id such as owner/name). Pass a diffusers pipeline "
             "folder or Hub id."
         )
+    if not Path(path).exists():  # a Hub id: no network fails here in seconds, not after the Hub's retries
+        check_hub_reachable(flag, path, revision=revision)
     try:
         index = DiffusionPipeline.load_config(path, revision=revision)
     except Exception as exc:
         if not Path(path).exists() and hub_offline():
             raise offline_error(flag, path) from exc
+        if not Path(path).exists() and (cause := hub_failure(exc, "model_index.json")):
+            raise ConfigError(f"{flag} {path!r}: {cause}.") from exc
         raise ConfigError(
             f"Cannot read model_index.json of {path!r} ({_first_line(exc)}). Pass a diffusers pipeline folder or Hub id "
             "with --pretrained_model_name_or_path."
@@ -321,6 +326,7 @@ def check_transformer_checkpoint(path: str, subfolder: str | None, info: ModelIn
                 f"{what}: checkpoint {path} does not exist (and is not a Hub id). Pass a diffusers transformer "
                 "folder, a pipeline folder, a Hub id or a .safetensors file."
             )
+        check_hub_reachable(f"{what}: checkpoint", path, "config.json")
     if local.is_file():
         check_safetensors(str(local), what)
         shapes = _safetensors_shapes(str(local))
@@ -331,6 +337,8 @@ def check_transformer_checkpoint(path: str, subfolder: str | None, info: ModelIn
         except Exception as exc:
             if not local.exists() and hub_offline():
                 raise offline_error(f"{what}: checkpoint", path) from exc
+            if not local.exists() and (cause := hub_failure(exc, "config.json")):
+                raise ConfigError(f"{what}: checkpoint {path!r}: {cause}.") from exc
             raise ConfigError(
                 f"{what}: cannot read the config.json of checkpoint {path}"
                 + (f" (subfolder {subfolder!r})" if subfolder else "")

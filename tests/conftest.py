@@ -2,17 +2,46 @@
 
 from __future__ import annotations
 
+import json
+import locale
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the tests are offline whatever the caller's environment says (HF_HUB_OFFLINE=0 would reach for the network), and
+# no launcher setting of the caller's shell leaks into the in-process runs
+os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for _name in [n for n in os.environ if n.startswith("ACCELERATE_")]:
+    del os.environ[_name]
+
+
+def _locale_is_utf8() -> bool:
+    return sys.flags.utf8_mode or locale.getpreferredencoding(False).lower().replace("-", "") == "utf8"
+
+
+def pytest_configure(config):
+    """Under a locale whose encoding is not UTF-8, run the session again in Python's UTF-8 mode: cards, READMEs
+    and configs are UTF-8 files, and the tests read them with the platform default (``Path.read_text()``)."""
+    if _locale_is_utf8() or os.environ.get("PYTHONUTF8") == "1":
+        return
+    os.environ["PYTHONUTF8"] = "1"  # subprocesses of the tests inherit it
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.stop_global_capturing()  # the new process writes to the real terminal, not pytest's buffers
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -105,3 +134,80 @@ def short_run(**flags) -> list[str]:
     )
     values.update(flags)
     return [item for key, value in values.items() if value is not None for item in (f"--{key}", str(value))]
+
+
+def python_blocks(card: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", card, flags=re.S)
+
+
+#: runs a card's code blocks as a reader would: diffusers only (danceopd_diffusers unimportable), each block on
+#: torch seed 0 (the card passes no generator); records each transformer forward's batch and each block's image
+CARD_RUNNER = """
+import importlib, json, sys
+for module in sys.argv[2].split(",") if sys.argv[2] else []:  # a tiny base's own component classes (see below)
+    importlib.import_module(module)
+sys.modules["danceopd_diffusers"] = None
+import numpy as np, torch, diffusers
+
+cls = getattr(diffusers, sys.argv[1])
+calls, forward = [], cls.forward
+
+def counting(module, *args, **kwargs):
+    x = kwargs.get("hidden_states", kwargs.get("x", args[0] if args else None))
+    calls.append(len(x))
+    return forward(module, *args, **kwargs)
+
+cls.forward = counting
+runs = []
+for i, path in enumerate(sys.argv[3:]):
+    calls.clear()
+    torch.manual_seed(0)
+    namespace = {}
+    with open(path, encoding="utf-8") as f:
+        exec(compile(f.read(), path, "exec"), namespace)
+    np.save(f"image{i}.npy", np.asarray(namespace["image"], dtype=np.float32))
+    runs.append(list(calls))
+with open("calls.json", "w") as f:
+    json.dump(runs, f)
+"""
+
+
+def substitute(code: str, repo_id: str, repo: Path, base: str) -> str:
+    """What the card tells its reader to replace: the repo id by the folder, a local base's line by its folder."""
+    from danceopd_diffusers.export import py_literal
+
+    assert py_literal(repo_id) in code, code
+    code = code.replace(py_literal(repo_id), repr(str(repo)))
+    if "base = " in code:
+        assert re.search(r"^base = .*# set this to the base's folder", code, flags=re.M), code
+    return re.sub(r"^base = .*$", f"base = {base!r}", code, flags=re.M)
+
+
+def run_card_blocks(
+    blocks: list[str], repo_id: str, repo: Path, base: str, workdir: Path, transformer: str
+) -> list[dict]:
+    """Run every block in one fresh process without danceopd_diffusers: per block its transformer calls (batch
+    sizes) and its image."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, code in enumerate(blocks):
+        files.append(workdir / f"block{i}.py")
+        files[-1].write_text(substitute(code, repo_id, repo, base), encoding="utf-8")
+    (workdir / "runner.py").write_text(CARD_RUNNER, encoding="utf-8")
+    # the tiny Qwen-Image-Edit base names a processor class of danceopd_diffusers.tiny (the stock one needs
+    # torchvision, which the test machine lacks): that module is imported before the package is blocked; a real
+    # base names only diffusers and transformers classes
+    index = json.loads(Path(base, "model_index.json").read_text())
+    preload = sorted(
+        {v[0] for v in index.values() if isinstance(v, list) and str(v[0]).startswith("danceopd")}
+    )
+    proc = subprocess.run(
+        [sys.executable, "runner.py", transformer, ",".join(preload), *map(str, files)],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = json.loads((workdir / "calls.json").read_text(encoding="utf-8"))
+    return [{"calls": c, "image": np.load(workdir / f"image{i}.npy")} for i, c in enumerate(calls)]

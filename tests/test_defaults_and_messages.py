@@ -189,11 +189,16 @@ def _parser():
     return holder["parser"]
 
 
-def test_help_documents_every_option_with_defaults_and_examples():
+@pytest.mark.parametrize("columns", ["40", "50", "60", "80", "200"])
+def test_help_documents_every_option_with_defaults_and_examples(columns, monkeypatch):
+    """What --help says, whatever the terminal width (argparse wraps at $COLUMNS) and the program's path: the
+    text is compared with its line breaks and indentation collapsed."""
+    monkeypatch.setenv("COLUMNS", columns)
+    monkeypatch.setattr("sys.argv", ["/a path/with spaces/train_danceopd.py"])
     parser = _parser()
     undocumented = [a.option_strings[0] for a in parser._actions if not (a.help or "").strip()]
     assert not undocumented, undocumented
-    text = parser.format_help()
+    text = " ".join(parser.format_help().split())
     assert "(default: 0.0002)" in text and "(default: danceopd)" in text and "(default: end)" in text
     assert "examples:" in text and "--resume_from_checkpoint you/my-student:latest" in text
     assert "(default: None)" not in text
@@ -231,3 +236,60 @@ def test_limited_evaluation_covers_every_category_and_tables_show_no_partial_ave
     table = format_table({"m": partial})
     assert "nan" not in table and "1.000 | - | - | - | - | - | - | 16" in table
     assert "| m | 2.00 | - | - | - | - | - | - |" in table
+
+
+@pytest.mark.parametrize(
+    "argv, guess",
+    [
+        (["--learnig_rate", "1e-4"], "--learning_rate"),
+        (["--learning-rate", "1e-4"], "--learning_rate"),
+        (["--max_trian_steps=3"], "--max_train_steps"),
+        (["--output_dir", "x", "--resolutoin", "64"], "--resolution"),
+        (["--zzzz"], None),
+    ],
+)
+def test_a_mistyped_flag_is_one_error_line_with_a_suggestion(argv, guess, capsys):
+    import train_danceopd
+
+    with pytest.raises(SystemExit) as stop:
+        train_danceopd.parse_args(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "usage:" not in err, err
+    assert err.startswith("train_danceopd.py: error: unrecognized arguments:") or "error:" in err
+    assert (f"did you mean {guess}?" in err) if guess else ("did you mean" not in err)
+
+
+def test_a_mistyped_flag_under_accelerate_launch_is_not_buried(tmp_path):
+    """The launcher prints the child's stderr, then raises with it: the usage block (60 lines) appeared twice.
+    Now the error is the first line, and only the launcher's own traceback (which no script controls) follows."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+    ]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", str(repo / "train_danceopd.py")]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    proc = subprocess.run(
+        launch + ["--learnig_rate", "1e-4"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[0].startswith("train_danceopd.py: error: unrecognized arguments: --learnig_rate 1e-4")
+    assert "did you mean --learning_rate?" in lines[0]
+    assert "usage:" not in proc.stderr and "--pretrained_model_name_or_path" not in proc.stderr
+    assert len(lines) <= 25, proc.stderr  # was 133 lines

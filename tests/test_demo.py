@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import python_blocks, run_card_blocks
 
 from danceopd_diffusers import demo
 
@@ -49,7 +50,10 @@ def test_embedded_default_runs_setting_a_from_the_edit_source_and_scores_the_stu
     assert f"'student_init': '{demo.STUDENT_INIT}'" in text and config["args"]["rank"] == 32
     from safetensors.torch import load_file
 
-    init, student = load_file(str(demo.STUDENT_INIT)), load_file(str(out / "pytorch_lora_weights.safetensors"))
+    init, student = (
+        load_file(str(demo.STUDENT_INIT)),
+        load_file(str(out / "pytorch_lora_weights.safetensors")),
+    )
     lora_b = [k for k in init if "lora_B" in k]
     assert lora_b and set(lora_b) <= set(student)
     for key in lora_b[:4]:
@@ -80,6 +84,26 @@ def test_embedded_default_runs_setting_a_from_the_edit_source_and_scores_the_stu
     assert scores["n_t2i"] == 8 and scores["n_edit"] == 8 and scores["nfe_per_image"] == 16
     for name in ("pytorch_lora_weights.safetensors", "model_index.json", "README.md", "shapesworld_eval.png"):
         assert (out / name).exists(), name
+    # the verdict: start -> end with intervals and the paired test, in words (no band: 4 steps, a limited set)
+    assert (
+        "[danceopd] Verdict: the student's start -> after 4 steps (set quick, seed 0, 8 prompts and 8 edits"
+        in text
+    )
+    assert re.search(r"T2I overall +0\.\d{3} \[0\.\d{3}, 0\.\d{3}\] -> 0\.\d{3} .* p = \d\.\d{3}: ", text)
+    assert re.search(r"In short: .*(rose|fell|did not change) significantly", text)
+    assert "Expected for this run" not in text
+    assert set(scores["verdict"]) == {"overall", "local", "global"}
+    # the card: the base is the shipped folder (not on the Hub), the init recorded; its code runs with diffusers
+    # alone once `base` points at that folder, as the card says
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "ships with danceopd-diffusers" in card and "`--student_init`" in card
+    assert "edit_lora.safetensors" in card and str(REPO) not in card
+    assert "which is an image of the training data (row " in card  # the grid's edit sources
+    runs = run_card_blocks(
+        python_blocks(card), "demo", out, demo.base_path(), tmp_path / "reader", "FluxTransformer2DModel"
+    )
+    assert [len(r["calls"]) for r in runs] == [16, 16] and all(r["image"].shape[:2] == (64, 64) for r in runs)
+    assert abs(runs[0]["image"] - runs[1]["image"]).max() <= 2
 
 
 def test_shipped_sources_fit_the_budget_and_load_in_the_stock_pipeline():
@@ -117,7 +141,9 @@ def test_user_fields_replace_the_demo_fusion(flag, tmp_path):
     value = "3" if flag == "--cfg_scale" else str(tmp_path / "f.yaml")
     args = train_danceopd.parse_args([flag, value])
     assert args.demo and "fields_config" not in args.demo_overrides
-    assert args.student_init is None  # the edit source belongs to the demo's setting A, not to the user's fields
+    assert (
+        args.student_init is None
+    )  # the edit source belongs to the demo's setting A, not to the user's fields
 
 
 def test_a_flag_given_at_its_parser_default_is_kept_in_the_demo():
@@ -145,3 +171,48 @@ def test_demo_eval_limit_without_the_demo_is_an_error():
 
     with pytest.raises(ConfigError, match="--demo_eval_limit applies only to the embedded default"):
         train_danceopd.parse_args(["--pretrained_model_name_or_path", "some/model", "--demo_eval_limit", "8"])
+
+
+def _start_result() -> dict:
+    return json.loads(demo.STUDENT_START_RESULT.read_text(encoding="utf-8"))
+
+
+def test_the_shipped_start_is_the_recorded_start_on_the_quick_set():
+    start = _start_result()
+    assert start["set"] == "quick" and start["seed"] == 0 and start["limit"] is None
+    assert start["nfe_per_image"] == 16 and start["guidance_scale"] == 1.0  # the edit source without CFG
+    assert round(start["t2i"]["overall"], 3) == demo.STUDENT_START["t2i"]
+    assert round(start["edit"]["local"], 2) == demo.STUDENT_START["local"]
+    assert round(start["edit"]["global"], 2) == demo.STUDENT_START["global"]
+
+
+def test_the_verdict_reads_start_to_end_with_intervals_a_paired_test_and_the_band():
+    """A student that fixed a third of the start's failed T2I prompts and left edits alone: T2I up (the paired
+    interval above 0), edits 'no significant change' (difference 0, p = 1); the band and whether the run is in it."""
+    import copy
+
+    start = _start_result()
+    end = copy.deepcopy(start)
+    for category, values in end["samples"]["t2i"].items():
+        failed = [i for i, v in enumerate(values) if v < 1]
+        for i in failed[::3]:
+            values[i] = 1.0
+        end["t2i"][category] = sum(values) / len(values)
+    text, numbers = demo.verdict(end, start, steps=100)
+    assert numbers["overall"]["reading"] == "up" and numbers["overall"]["change"]["ci"][0] > 0
+    assert numbers["overall"]["end"] > numbers["overall"]["start"]
+    for key in ("local", "global"):
+        assert numbers[key]["reading"] == "no significant change" and numbers[key]["change"]["difference"] == 0
+        assert numbers[key]["start_ci"][0] <= numbers[key]["start"] <= numbers[key]["start_ci"][1]
+    assert "In short: T2I overall rose significantly; local edits and global edits did not change significantly." in text
+    assert "Expected for this run: T2I " in text and "not its digits" in text
+    lo, hi = demo.expected_band()["t2i"]
+    assert numbers["band"]["t2i"] == [lo, hi] and lo < hi
+    assert numbers["inside_band"] == (lo <= round(numbers["overall"]["end"], 3) <= hi)
+    # a limited evaluation is paired with the start's same samples (each category's first rows); no band
+    limited = copy.deepcopy(start)
+    limited["samples"] = {t: {c: v[:2] for c, v in per.items()} for t, per in start["samples"].items()}
+    limited["limit"] = 24
+    text, numbers = demo.verdict(limited, start, steps=100)
+    assert numbers["overall"]["change"]["difference"] == 0 and "Expected for this run" not in text
+    assert "did not change significantly (the clearest move: " in text  # nothing moved: says what would tell

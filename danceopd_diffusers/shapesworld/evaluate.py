@@ -91,12 +91,12 @@ def prompt_length(path: str, override: int | None = None) -> int | None:
         return override
     config = Path(path, "danceopd_config.json")
     if config.is_file():
-        length = json.loads(config.read_text()).get("args", {}).get("max_sequence_length")
+        length = json.loads(config.read_text(encoding="utf-8")).get("args", {}).get("max_sequence_length")
         if length:
             return int(length)
     tokenizer_config = Path(path, "tokenizer_2", "tokenizer_config.json")
     if tokenizer_config.is_file():
-        length = json.loads(tokenizer_config.read_text()).get("model_max_length")
+        length = json.loads(tokenizer_config.read_text(encoding="utf-8")).get("model_max_length")
         if isinstance(length, int) and length < 512:
             return length
     return None
@@ -370,7 +370,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 def _load_result(path: str, row: str | None) -> dict[str, Any]:
     """One evaluation from an ``evaluate --json`` file, or the row ``row`` of a multi-row file (results.json)."""
-    data = json.loads(Path(path).read_text())
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
     if "samples" in data or "t2i" in data:
         if row is not None:
             raise SystemExit(f"error: {path} holds a single result; drop the row name {row!r}")
@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"grid: {grid_path}")
     if args.json:
         Path(args.json).write_text(
-            json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, indent=1)
+            json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, indent=1), encoding="utf-8"
         )
     return 0
 

@@ -89,7 +89,9 @@ HERE = Path(__file__).resolve().parent
 SOURCES = HERE / "sources"
 SHIP_DIR = HERE / "study"
 STUDY_MD = HERE / "STUDY.md"
-TRAIN_SCRIPT = HERE.parents[1] / "train_danceopd.py"
+#: the trainer, run as ``python -m train_danceopd``: the top-level module that ships in the wheel (and sits at the
+#: root of a checkout), so the study runs from any install, not only from a checkout
+TRAIN_MODULE = "train_danceopd"
 #: the source LoRAs a study run starts from or merges (shipped in SOURCES)
 SOURCE_LORAS = {
     "edit": "edit_lora.safetensors",
@@ -412,12 +414,28 @@ def init_path(root: Path, settings: Settings, init: str | None) -> Path | None:
     return Path(settings.sources) / SOURCE_LORAS[init]
 
 
+def trainer_search_path() -> str:
+    """The folder from which this interpreter imports ``train_danceopd`` (site-packages for an install, the
+    checkout for a source tree on ``sys.path``): prepended to each run's ``PYTHONPATH``, so the runs execute the
+    module this process would import, whatever their working directory."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(TRAIN_MODULE)
+    if spec is None or spec.origin is None:
+        raise SystemExit(
+            f"error: the trainer module {TRAIN_MODULE} is not importable: install the package (`pip install "
+            "danceopd-diffusers` from a wheel, or `pip install -e .` in a checkout) and run the study again."
+        )
+    return str(Path(spec.origin).resolve().parent)
+
+
 def train_command(run: Run, root: Path, settings: Settings, cuda: bool) -> list[str]:
     """The train_danceopd.py command line of a run (always resumable)."""
     s = settings
     cmd = [
         sys.executable,
-        str(TRAIN_SCRIPT),
+        "-m",
+        TRAIN_MODULE,
         "--pretrained_model_name_or_path",
         str(Path(s.sources) / "base"),
     ]
@@ -475,8 +493,7 @@ def train_stage(
     cuda = _device(settings).startswith("cuda") and torch.cuda.is_available()
     jobs = settings.jobs or (max(1, (os.cpu_count() or 4) * 3 // 8) if cuda else 1)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    if not TRAIN_SCRIPT.is_file():
-        raise SystemExit(f"error: {TRAIN_SCRIPT} not found: run the study from a checkout of the repository.")
+    trainer_path = trainer_search_path()
     write_configs(root, settings)
     pending = []
     for run in runs:
@@ -510,13 +527,12 @@ def train_stage(
                 out = root / "runs" / run.name
                 out.mkdir(parents=True, exist_ok=True)
                 env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-                logfile = open(out / "train.log", "a")
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [trainer_path, env.get("PYTHONPATH")]))
+                logfile = open(out / "train.log", "a", encoding="utf-8")
                 cmd = train_command(run, root, settings, cuda)
                 logfile.write(f"\n[study] {time.strftime('%Y-%m-%d %H:%M:%S')} launch: {' '.join(cmd)}\n")
                 logfile.flush()
-                proc = subprocess.Popen(
-                    cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, cwd=TRAIN_SCRIPT.parent
-                )
+                proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, cwd=root)
                 running[run.name] = (proc, time.monotonic(), run, logfile)
                 log(f"[study] {run.name}: launched ({len(running)} running, {len(pending)} waiting)")
             for name, (proc, started, _run, logfile) in list(running.items()):
@@ -739,7 +755,7 @@ def _eval_items_once(
 
 # ------------------------------------------------------------------------------------------------------ collect
 def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def collect(root: Path, settings: Settings) -> dict[str, Any]:
@@ -1168,7 +1184,7 @@ def write_report(collection: dict, out: Path, backend: str = "auto", source: str
     lines += _seeds_section(collection)
     lines += _compute_section(collection)
     lines += _rescored_section(collection)
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
 
 
@@ -1560,6 +1576,15 @@ def _plan(root: Path, settings: Settings, only: list[str] | None, log: Any) -> N
         )
 
 
+def default_report_path() -> Path:
+    """Where ``report`` writes by default: the shipped ``shapesworld/STUDY.md`` of a source checkout, but
+    ``./STUDY.md`` when the package is installed (site-packages is no place for a user's report, and may not be
+    writable)."""
+    if any(part in ("site-packages", "dist-packages") for part in HERE.parts):
+        return Path.cwd() / "STUDY.md"
+    return STUDY_MD
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m danceopd_diffusers.shapesworld.study",
@@ -1574,7 +1599,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--budget_s", type=float, default=None, help="stop launching / scoring after this long"
     )
-    parser.add_argument("--out", default=str(STUDY_MD), help="report: where STUDY.md goes (plots beside it)")
+    parser.add_argument(
+        "--out",
+        default=str(default_report_path()),
+        help="report: where STUDY.md goes (plots beside it; default: shapesworld/STUDY.md in a checkout, "
+        "./STUDY.md for an installed package)",
+    )
     parser.add_argument("--dest", default=str(SHIP_DIR), help="ship: where the students and results.json go")
     parser.add_argument("--plot_backend", default="auto", choices=["auto", "matplotlib", "pil"])
     parser.add_argument(

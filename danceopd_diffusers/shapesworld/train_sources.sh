@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The ShapesWorld sources, command by command: run from the repository root.
+# The ShapesWorld sources, command by command: run from the repository root, or from anywhere with the package
+# installed (the trainer runs as `python -m train_danceopd`).
 #
 #   bash danceopd_diffusers/shapesworld/train_sources.sh data   ROOT   # VAE, untrained pipeline, data folders
 #   bash danceopd_diffusers/shapesworld/train_sources.sh base   ROOT   # T2I base: full sft on data/t2i
@@ -38,7 +39,7 @@ common=(--method sft --resolution 64 --max_sequence_length 32 --gradient_accumul
   --lr_warmup_steps 300)
 
 expert() {  # $1 = data bucket, $2 = output folder
-  $PY train_danceopd.py --pretrained_model_name_or_path "$R/base" --dataset_name "$R/data/$1/metadata.jsonl" \
+  $PY -m train_danceopd --pretrained_model_name_or_path "$R/base" --dataset_name "$R/data/$1/metadata.jsonl" \
     "${common[@]}" --rank "$EXPERT_RANK" --train_batch_size 256 \
     --learning_rate "$EXPERT_LR" --max_train_steps "$EXPERT_STEPS" --output_dir "$2" --skip_pipeline_export "${extra[@]}"
 }
@@ -49,7 +50,7 @@ case $STAGE in
       --n_per_category "$N_PER_CATEGORY" ${VAE:+--vae "$VAE"}
     ;;
   base)
-    $PY train_danceopd.py --pretrained_model_name_or_path "$BASE_INIT" --dataset_name "$R/data/t2i/metadata.jsonl" \
+    $PY -m train_danceopd --pretrained_model_name_or_path "$BASE_INIT" --dataset_name "$R/data/t2i/metadata.jsonl" \
       "${common[@]}" --full_finetune --train_batch_size "$BASE_BATCH" --learning_rate "$BASE_LR" \
       --max_train_steps "$BASE_STEPS" --output_dir "${BASE_OUT:-$R/base}" "${extra[@]}"
     ;;
@@ -62,7 +63,7 @@ case $STAGE in
     ;;
   student)
     here=$(dirname "$0")
-    $PY train_danceopd.py --pretrained_model_name_or_path "$here/sources/base" --fields_config "$here/fusion.yaml" \
+    $PY -m train_danceopd --pretrained_model_name_or_path "$here/sources/base" --fields_config "$here/fusion.yaml" \
       --dataset_name "$R/data/all/metadata.jsonl" --resolution 64 --max_sequence_length 32 --num_rollout_steps 16 \
       ${STUDENT_INIT:+--student_init "$STUDENT_INIT"} --rank 32 --train_batch_size 64 --gradient_accumulation_steps 1 --learning_rate 5e-4 \
       --max_train_steps "${STUDENT_STEPS:-1200}" --lr_scheduler constant_with_warmup --lr_warmup_steps 100 \

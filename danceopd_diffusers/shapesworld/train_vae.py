@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "seed": args.seed,
     }
-    Path(args.output_dir, "training.json").write_text(json.dumps(summary, indent=2))
+    Path(args.output_dir, "training.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(json.dumps(summary))
     return 0
 

@@ -43,6 +43,9 @@ def test_embedded_default_runs_setting_a_from_the_edit_source_and_scores_the_stu
     config = json.loads((out / "danceopd_config.json").read_text())
     assert config["args"]["resolution"] == 64 and config["args"]["max_sequence_length"] == 32
     assert config["args"]["seed"] == 0  # the demo's fixed default seed
+    # the paper's query regime on ShapesWorld's unshifted grid (issue 21): the law in sigma, recorded and printed
+    assert config["args"]["query_space"] == "sigma" and config["args"]["queried_sigma"]["mean"] > 0.5
+    assert "queried sigma on this run's grid: mean 0.547" in text and "pass --query_space sigma" not in text
     routed = {r["task"]: r["field"] for r in config["fields_config"]["routes"]}
     assert routed == {"t2i": "t2i", "local_edit": "edit_cfg", "global_edit": "edit_cfg"}
     # the student starts from the edit source (its rank and alpha from the file): after 4 steps at lr 1e-4 its

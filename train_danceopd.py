@@ -709,8 +709,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
 
     silence_known_warnings()
     # ---------------------------------------------------------------- checks that load no weights
-    # the files the user named first (output folder, fields config, data), then the model's configs
-    check_output_dir(args.output_dir)
+    # the files the user named first (fields config, data), then the model's configs, then the output folder
     fields_config = resolve_fields(args)
     columns = DataColumns(args.caption_column, args.task_column, args.source_image_column, args.image_column)
     if args.demo and args.dataset_name is None and args.train_data_dir is None:
@@ -789,6 +788,10 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         editing_families=editing_families(),
     )
 
+    # the output folder: apart from every folder the run reads (before anything is written there), writable
+    check_apart(args.output_dir, *run_inputs(args, fields_config))
+    check_output_dir(args.output_dir)
+
     # ---------------------------------------------------------------- the Hub: token, repo, Hub resume
     from danceopd_diffusers import hub
 
@@ -803,8 +806,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     from accelerate.utils.environment import get_int_from_env
 
     # one owner of the output folder (the first thing written to it): the main process, global rank 0 as
-    # accelerate reads it, holds its lock; the folder is apart from every model and data folder the run reads
-    check_apart(args.output_dir, *run_inputs(args, fields_config))
+    # accelerate reads it, holds its lock
     out = stack.enter_context(
         OutputFolder(
             args.output_dir,
@@ -1143,6 +1145,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         desc="Steps",
         disable=not accelerator.is_local_main_process,
     )
+    stack.callback(progress_bar.close)  # ends its line, so an error message starts a line of its own
     edit_tasks = {r.task for r in fields_config.routes if buckets.is_edit_bucket(r.task)}
 
     source_sizes: dict[int, tuple[int, int]] = {}

@@ -98,6 +98,9 @@ def weights_only_problem(file: str | os.PathLike) -> str | None:
         from accelerate.utils.other import TORCH_SAFE_GLOBALS
     except ImportError:  # another accelerate: torch's own allowances
         TORCH_SAFE_GLOBALS = []
+    with open(file, "rb") as handle:
+        if handle.read(4) != b"PK\x03\x04":  # accelerate writes torch.save zip archives only
+            return "is not a torch.save archive (a plain pickle or another format); it is never loaded"
     try:
         with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
             torch.load(file, map_location="cpu", weights_only=True, mmap=True)

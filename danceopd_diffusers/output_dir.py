@@ -289,6 +289,8 @@ class OutputFolder:
                 if stale.is_dir() and not _pid_alive(stale.name.rsplit("-", 1)[-1]):
                     shutil.rmtree(stale, ignore_errors=True)
             shutil.rmtree(self.path / STAGING_DIR, ignore_errors=True)
+            # a journal never completed: no move began
+            (self.path / (JOURNAL + ".tmp")).unlink(missing_ok=True)
         self.identity = _identity(self.path)
         return self
 
@@ -433,9 +435,10 @@ def publish(stage: str | os.PathLike, output_dir: str | os.PathLike) -> list[str
     """Move every entry of a complete staged export into ``output_dir`` by rename; returns their names.
 
     The old export (:func:`old_export`) is replaced as a whole: a journal naming the stage, the new entries and
-    the old ones is written first, then the old card, config and index are moved aside (the folder stops
-    saying it is a model), then each old entry is moved aside and each new one moved in, weights first and card
-    last, then the journal and the old entries are deleted. A kill at any moment leaves the old export, the new
+    the old ones is written first, then the old card, config and index are moved aside, the card first (the
+    folder stops saying it is a model), then each old entry is moved aside and each new one moved in, weights
+    first and the card last, then the journal and the old entries are deleted: wherever a card is, the complete
+    export it describes is beside it. A kill at any moment leaves the old export, the new
     one, or a journal with which the next run in the folder finishes the move (:func:`recover_publish`).
     """
     stage, root = Path(stage), Path(output_dir)
@@ -465,7 +468,7 @@ def _finish_publish(root: Path, journal: dict) -> None:
     old = [n for n in journal["old"] if _export_name(n)]
     # the old export away, its card and index first: an entry whose new one is still staged (so what is in
     # the folder is the old one), or that the new export does not have
-    for name in [n for n in EXPORT_LAST if n in old] + [n for n in old if n not in EXPORT_LAST]:
+    for name in [n for n in reversed(EXPORT_LAST) if n in old] + [n for n in old if n not in EXPORT_LAST]:
         replaced = name in new and os.path.lexists(stage / name)
         if os.path.lexists(root / name) and (replaced or name not in new):
             if os.path.lexists(trash / name):

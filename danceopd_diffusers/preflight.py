@@ -193,9 +193,17 @@ def inspect_pipeline(
             f"Cannot read model_index.json of {path!r} ({_first_line(exc)}). Pass a diffusers pipeline folder or Hub id "
             "with --pretrained_model_name_or_path."
         ) from exc
+    if not isinstance(index, dict):
+        raise ConfigError(
+            f"{flag} {path}: model_index.json holds no JSON object; download or export it again."
+        )
     class_name = index.get("_class_name")
     custom_pipeline = None
-    if isinstance(class_name, (list, tuple)):
+    if (
+        isinstance(class_name, (list, tuple))
+        and len(class_name) == 2
+        and all(isinstance(c, str) for c in class_name)
+    ):
         custom_pipeline, class_name = class_name[0], class_name[-1]
         if custom_pipeline != EXPORTED_PIPELINE_MODULE:
             raise ConfigError(
@@ -203,17 +211,23 @@ def inspect_pipeline(
                 f"not run. Pass the stock diffusers pipeline it was built on, or a folder exported by "
                 "train_danceopd.py."
             )
+    if not isinstance(class_name, str):
+        raise ConfigError(
+            f"{flag} {path}: model_index.json names the pipeline class {str(class_name)[:80]!r}, which is not a "
+            "class name; download or export the folder again."
+        )
     try:
         family_cls = family_for_pipeline_class(class_name)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    scheduler_entry = index.get("scheduler") or [None, ""]
-    scheduler_name = (
-        scheduler_entry[1] if isinstance(scheduler_entry, (list, tuple)) else str(scheduler_entry)
-    )
+    scheduler_entry = index.get("scheduler")
+    valid = isinstance(scheduler_entry, (list, tuple)) and len(scheduler_entry) == 2
+    scheduler_name = scheduler_entry[1] if valid and isinstance(scheduler_entry[1], str) else None
+    if valid and scheduler_name is None:
+        scheduler_name = str(scheduler_entry[1])
     if "FlowMatch" not in (scheduler_name or ""):
         raise ConfigError(
-            f"The scheduler of {path!r} is {scheduler_name!r}, not a flow-matching scheduler. DanceOPD distils "
+            f"The scheduler of {path!r} is {scheduler_name or str(scheduler_entry)[:80]!r}, not a flow-matching scheduler. DanceOPD distils "
             "velocity fields of flow-matching pipelines (FlowMatchEulerDiscreteScheduler); use such a pipeline "
             "or replace its scheduler."
         )

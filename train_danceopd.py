@@ -745,7 +745,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
                 "transformer checkpoint (diffusers folder or .safetensors file)."
             )
         try:
-            init_file = resolve_lora_file(args.student_init)
+            init_file = resolve_lora_file(args.student_init, what="--student_init")
             init_header = inspect_lora(init_file, "--student_init")
             init_is_lora = bool(init_header.modules)
         except FileNotFoundError:

@@ -667,6 +667,59 @@ def _check_guider_kwargs(spec: FieldSpec, cls: type) -> None:
             f"Field {spec.name!r}: guider_kwargs {sorted(spec.guider_kwargs)} do not fit {cls.__name__} ({exc}); "
             f"it takes {accepted}."
         ) from exc
+    for key, value in spec.guider_kwargs.items():  # each value of the type its parameter takes
+        kind = _parameter_kind(signature.parameters.get(key))
+        ok = {
+            "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "true or false": isinstance(value, bool),
+            "text": isinstance(value, str),
+            "a list": isinstance(value, (list, tuple)),
+        }.get(kind, True)
+        if not ok:
+            raise ConfigError(
+                f"Field {spec.name!r}: guider_kwargs.{key} must be {'a ' if kind == 'number' else ''}{kind} for "
+                f"{cls.__name__}, not {_short(value)} ({type(value).__name__}). Fix it in the fields config."
+            )
+    import logging
+
+    quiet = logging.getLogger(
+        "diffusers.guiders.guider_utils"
+    )  # its "experimental" notice comes at build time
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:  # a guider checks its own values when built; building it loads nothing
+        cls(**spec.guider_kwargs)
+    except Exception as exc:
+        raise ConfigError(
+            f"Field {spec.name!r}: {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in spec.guider_kwargs.items())[:200]}) "
+            f"fails: {' '.join(str(exc).split())[:200]}. Fix guider_kwargs in the fields config."
+        ) from exc
+    finally:
+        quiet.setLevel(level)
+
+
+def _parameter_kind(param: Any) -> str | None:
+    """What a constructor parameter takes, from its default (else its annotation): number, true or false,
+    text, a list, or None when it cannot be told."""
+    import inspect
+
+    if param is None:
+        return None
+    default = param.default
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, (int, float)):
+        return "number"
+    if isinstance(default, str):
+        return "text"
+    if isinstance(default, (list, tuple)):
+        return "a list"
+    annotation = param.annotation
+    if annotation is inspect.Parameter.empty:
+        return None
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    text = text.replace("Optional[", "").replace(" | None", "").replace("]", "").strip()
+    return {"float": "number", "int": "number", "bool": "true or false", "str": "text"}.get(text)
 
 
 def _check_lora_on_checkpoint(spec: FieldSpec, config: FieldsConfig) -> None:

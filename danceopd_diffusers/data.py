@@ -312,6 +312,16 @@ class TaskBuckets:
             )
         if columns.target_image not in names and "image" in names:  # imagefolder
             columns.target_image = "image"
+        roles = {k: getattr(columns, k) for k in COLUMN_FLAGS}
+        shared = [
+            (a, b) for a in roles for b in roles if a < b and roles[a] == roles[b] and roles[a] in names
+        ]
+        if shared:  # one column in two roles: a prompt that is an image path, a task that is a prompt, ...
+            a, b = shared[0]
+            raise ConfigError(
+                f"{COLUMN_FLAGS[a]} and {COLUMN_FLAGS[b]} both name column {roles[a]!r}; each role needs its own "
+                "column. Fix one of the flags."
+            )
         defaults = DataColumns()
         for key in ("task", "source_image"):  # a column the user named must exist (the defaults are optional)
             name = getattr(columns, key)

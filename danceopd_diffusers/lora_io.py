@@ -53,8 +53,9 @@ def pickle_refusal(file: str | Path, kind: str | None = None) -> str:
     )
 
 
-def resolve_lora_file(path_or_id: str, weight_name: str | None = None) -> str:
-    """A local path to the LoRA's safetensors file: a file, a folder, or a Hub repo id (downloaded)."""
+def resolve_lora_file(path_or_id: str, weight_name: str | None = None, what: str = "LoRA") -> str:
+    """A local path to the LoRA's safetensors file: a file, a folder, or a Hub repo id (downloaded); ``what``
+    names it in errors (the flag or field)."""
     path = Path(path_or_id)
     if path.is_file():
         return str(path)
@@ -64,7 +65,7 @@ def resolve_lora_file(path_or_id: str, weight_name: str | None = None) -> str:
             if os.path.lexists(path / name):
                 problem = regular_file_problem(path / name)
                 if problem is not None:
-                    raise ConfigError(f"LoRA {path / name}: {problem}. Replace it by the file itself.")
+                    raise ConfigError(f"{what} {path / name}: {problem}. Replace it by the file itself.")
                 return str(path / name)
         found = sorted(p.name for p in path.glob("*.safetensors"))
         if len(found) == 1 and not weight_name:
@@ -180,6 +181,7 @@ def _adapter_metadata(file: str) -> dict | None:
     with safe_open(file, framework="pt") as f:
         meta = f.metadata() or {}
     raw = meta.get("lora_adapter_metadata")
+    beside = _peft_config_next_to(file)  # read (and checked) even when the file's own metadata wins
     if raw:  # diffusers' save_lora_weights prefixes every key with the component name
         try:
             packed = json.loads(raw)
@@ -192,7 +194,7 @@ def _adapter_metadata(file: str) -> dict | None:
             ) from exc
         unpacked = {k[len("transformer.") :]: v for k, v in packed.items() if k.startswith("transformer.")}
         return unpacked or packed
-    return _peft_config_next_to(file)
+    return beside
 
 
 def inspect_lora(file: str, what: str = "LoRA") -> LoraHeader:

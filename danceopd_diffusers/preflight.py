@@ -61,7 +61,19 @@ class ModelInfo:
 
 
 #: files that hold a component's weights (any format from_pretrained reads; sharded ones have an index)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".index.json")
+_WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".pkl",
+    ".pickle",
+    ".gguf",
+    ".msgpack",
+    ".h5",
+    ".index.json",
+)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -471,10 +483,12 @@ def check_output_dir(path: str) -> None:
     if not path:
         raise ConfigError("--output_dir is empty; pass the folder to write the student to.")
     out = Path(path)
+    if os.path.islink(out) and not out.exists():
+        raise ConfigError(f"--output_dir {path} is a broken symbolic link. Pass a folder, or fix the link.")
     if out.exists() and not out.is_dir():
-        raise ConfigError(
-            f"--output_dir {path} is a file, not a folder. Pass a new folder or the folder of an earlier run."
-        )
+        problem = regular_file_problem(out)  # None: a regular file
+        what = "is a file, not a folder" if problem is None else f"is not a folder ({problem})"
+        raise ConfigError(f"--output_dir {path} {what}. Pass a new folder or the folder of an earlier run.")
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

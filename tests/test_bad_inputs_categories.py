@@ -277,6 +277,16 @@ def test_a_column_the_user_named_must_exist(tmp_path, flag, key):
         _buckets(tmp_path, [{"prompt": "a"}], **{key: "no_such_column"})
 
 
+@pytest.mark.parametrize(
+    "columns",
+    [{"prompt": "task"}, {"prompt": "target_image"}, {"source_image": "target_image"}, {"task": "prompt"}],
+)
+def test_one_column_cannot_take_two_roles(tmp_path, columns):
+    rows = [{"prompt": "a", "task": "t2i", "source_image": "x.png", "target_image": "y.png"}]
+    with pytest.raises(ConfigError, match="both name column"):
+        _buckets(tmp_path, rows, **columns)
+
+
 def test_routes_cover_every_row_and_every_edit_row_has_its_source(tmp_path):
     from danceopd_diffusers.config import RouteSpec
 
@@ -478,9 +488,9 @@ def _bombs() -> dict[str, str]:
         "deep chain of fields": "fields:\n  base: {type: base}\n"
         + "".join(
             f"  c{i}: {{type: cfg, of: {'base' if i == 0 else f'c{i - 1}'}, scale: 1.5}}\n"
-            for i in range(500)
+            for i in range(200)
         )
-        + "routes:\n  - {field: c499}\n",
+        + "routes:\n  - {field: c199}\n",
         "lattice of mixes": "fields:\n  base: {type: base}\n  a0: {type: cfg, of: base, scale: 2}\n"
         "  b0: {type: cfg, of: base, scale: 3}\n"
         + "".join(
@@ -488,8 +498,11 @@ def _bombs() -> dict[str, str]:
             for i in range(1, 40)
         )
         + "routes:\n  - {field: a39}\n",
+        "too many fields": "fields:\n"
+        + "".join(f"  f{i}: {{type: base}}\n" for i in range(600))
+        + "routes:\n  - {field: f0}\n",
         "long cycle": "fields:\n  base: {type: base}\n"
-        + "".join(f"  c{i}: {{type: cfg, of: c{(i + 1) % 300}, scale: 2}}\n" for i in range(300))
+        + "".join(f"  c{i}: {{type: cfg, of: c{(i + 1) % 200}, scale: 2}}\n" for i in range(200))
         + "routes:\n  - {field: c0}\n",
     }
 
@@ -507,6 +520,7 @@ BOMB_SAYS = {
     "deep chain of fields": "levels deep",
     "lattice of mixes": "paths",
     "long cycle": "cycle",
+    "too many fields": "at most 256 are supported",
 }
 
 
@@ -558,6 +572,28 @@ def test_route_values_are_typed(route, says, tmp_path):
     path = tmp_path / "fields.yaml"
     path.write_text(
         f"fields:\n  base: {{type: base}}\n  c: {{type: cfg, of: base, scale: 2}}\nroutes:\n  - {route}\n"
+    )
+    with pytest.raises(ConfigError, match=says):
+        parse_fields_config(path)
+
+
+@pytest.mark.parametrize(
+    "kwargs,says",
+    [
+        ("{guidance_scale: [1, 2]}", "guider_kwargs.guidance_scale must be a number"),
+        ("{guidance_scale: high}", "guider_kwargs.guidance_scale must be a number"),
+        ("{guidance_scale: true}", "guider_kwargs.guidance_scale must be a number"),
+        ("{enabled: 3}", "guider_kwargs.enabled must be true or false"),
+        ("{guidance_scale: 3, start: 0.9, stop: 0.1}", "fails: Expected `stop`"),
+    ],
+)
+def test_guider_kwargs_are_typed_and_built_before_any_weights(kwargs, says, tmp_path):
+    from danceopd_diffusers.config import parse_fields_config
+
+    path = tmp_path / "fields.yaml"
+    path.write_text(
+        "fields:\n  base: {type: base}\n  g: {type: guider, of: base, guider: ClassifierFreeGuidance, "
+        f"guider_kwargs: {kwargs}}}\nroutes:\n  - {{field: g}}\n"
     )
     with pytest.raises(ConfigError, match=says):
         parse_fields_config(path)
@@ -770,6 +806,15 @@ def test_a_deleted_output_dir_stops_the_run(tiny_path, tmp_path, monkeypatch, ca
     assert rc == 2 and len(errors) == 1 and "Traceback" not in err
     assert "was deleted or replaced while the run trained (noticed after step 2)" in errors[0]
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+@pytest.mark.parametrize("config", ["{not json", "[1, 2]", '"text"'])
+def test_a_damaged_adapter_config_beside_a_lora_is_reported(config, tiny_path, tmp_path, capsys):
+    lora = make_lora_file(tiny_path, tmp_path / "peft")
+    lora.rename(lora.with_name("adapter_model.safetensors"))
+    (tmp_path / "peft" / "adapter_config.json").write_text(config)
+    rc, errors, err = _cli(_run(tiny_path, tmp_path, tmp_path / "out", expert_lora=tmp_path / "peft"), capsys)
+    assert rc == 2 and len(errors) == 1 and "adapter_config.json" in errors[0] and "Traceback" not in err
 
 
 # ============================================================================ 6. pickles

@@ -124,12 +124,34 @@ def _load_data_file(path: Path, flag: str, cache_dir: str | None):
         )
     if path.stat().st_size == 0:
         raise ConfigError(f"{flag} {path} is empty: add one row per prompt (a `prompt` column or key).")
-    if path.suffix.lower() == ".csv" and len(_first_lines(path, 2)) < 2:
-        raise ConfigError(f"{flag} {path} has a header but no rows: add one row per prompt.")
-    ds = _load(flag, str(path), builder, data_files=str(path), split="train", cache_dir=cache_dir)
+    kwargs: dict[str, Any] = {}
+    if path.suffix.lower() == ".csv":
+        lines = _first_lines(path, 2)
+        if len(lines) < 2:
+            raise ConfigError(f"{flag} {path} has a header but no rows: add one row per prompt.")
+        kwargs["features"] = _csv_text_features(path, lines[0], flag)
+    ds = _load(flag, str(path), builder, data_files=str(path), split="train", cache_dir=cache_dir, **kwargs)
     if len(ds) == 0:
         raise ConfigError(f"{flag} {path} holds no rows: add one row per prompt.")
     return ds
+
+
+def _csv_text_features(path: Path, header: str, flag: str) -> Any:
+    """Every CSV column read as text: a CSV has no types, and inferring them re-types cells silently (a prompt
+    "007" becomes the number 7, a column of numbers loses its text). A duplicate header name, which the reader
+    would rename, is refused; an empty one (a saved index) gets the reader's own name."""
+    import csv
+
+    from datasets import Features, Value
+
+    names = next(csv.reader([header.lstrip("\ufeff").rstrip("\r\n")]), [])
+    names = [
+        n if n.strip() else f"Unnamed: {i}" for i, n in enumerate(names)
+    ]  # pandas' name (an index column)
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise ConfigError(f"{flag} {path}: the header names column {duplicate!r} twice. Rename one of them.")
+    return Features({n: Value("string") for n in names})
 
 
 def _check_folder_files(folder: Path, flag: str) -> None:

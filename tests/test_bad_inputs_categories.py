@@ -278,6 +278,32 @@ def test_a_column_the_user_named_must_exist(tmp_path, flag, key):
 
 
 @pytest.mark.parametrize(
+    "text,prompts",
+    [
+        ("prompt,task\n007,t2i\n1984,t2i\n", ["007", "1984"]),  # numbers stay the text they are
+        ("prompt\n3.10\n1e5\n", ["3.10", "1e5"]),
+        (",prompt\n0,a red circle\n", ["a red circle"]),  # a saved index column
+        ("\ufeffprompt,task\r\nTrue,t2i\r\n", ["True"]),
+    ],
+)
+def test_csv_cells_are_read_as_the_text_they_are(text, prompts, tmp_path):
+    from danceopd_diffusers.data import DataColumns, TaskBuckets, load_training_dataset
+
+    path = tmp_path / "data.csv"
+    path.write_text(text, encoding="utf-8")
+    dataset, folder = load_training_dataset(str(path))
+    assert TaskBuckets(dataset, DataColumns(), folder).prompts(range(len(prompts))) == prompts
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
+    from danceopd_diffusers.data import load_training_dataset
+
+    (tmp_path / "data.csv").write_text("prompt,task,prompt\na,t2i,b\n")
+    with pytest.raises(ConfigError, match="names column 'prompt' twice"):
+        load_training_dataset(str(tmp_path / "data.csv"))
+
+
+@pytest.mark.parametrize(
     "columns",
     [{"prompt": "task"}, {"prompt": "target_image"}, {"source_image": "target_image"}, {"task": "prompt"}],
 )

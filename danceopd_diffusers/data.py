@@ -293,9 +293,18 @@ def open_image(value: Any, base_dir: Path | None) -> Image.Image:
     problem = regular_file_problem(path)
     if problem is not None:
         raise ValueError(f"{path}: {problem}")
-    with open_regular_file(path, "image") as handle, Image.open(handle) as img:
-        img.load()
-        return to_rgb(img)
+    from PIL import UnidentifiedImageError
+
+    with open_regular_file(path, "image") as handle:
+        try:
+            img = Image.open(handle)
+        except UnidentifiedImageError:
+            raise ValueError(
+                f"cannot identify image file {str(path)!r}: not an image format PIL reads"
+            ) from None
+        with img:
+            img.load()
+            return to_rgb(img)
 
 
 def _describe_value(value: Any) -> str:
@@ -309,6 +318,18 @@ def _describe_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return f"the number {value!r}"
     return f"{_short(value)} (a {type(value).__name__})"
+
+
+def _column(dataset: Any, name: str) -> list:
+    """A column's values; text that is not valid UTF-8 (which the reader keeps undecoded until read) is an
+    error naming the column, not a traceback."""
+    try:
+        return list(dataset[name])
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"The data's column {name!r} holds text that is not valid UTF-8 ({exc.reason} at byte {exc.start}). "
+            "Re-save the data file as UTF-8."
+        ) from exc
 
 
 def _is_image_feature(dataset: Any, column: str) -> bool:
@@ -353,7 +374,7 @@ class TaskBuckets:
                     f"name of an existing column, or drop {COLUMN_FLAGS[key]}."
                 )
         self._prompts = self.check_rows()
-        tasks = dataset[columns.task] if columns.task in names else ["t2i"] * len(dataset)
+        tasks = _column(dataset, columns.task) if columns.task in names else ["t2i"] * len(dataset)
         self.buckets: dict[str, list[int]] = {}
         for i, task in enumerate(tasks):
             self.buckets.setdefault(task, []).append(i)
@@ -363,7 +384,7 @@ class TaskBuckets:
         cells an image, a path or empty: the first row that is not is an error naming the row, the column and
         the fix. Returns the prompts, unchanged."""
         names = self.dataset.column_names
-        prompts = self.dataset[self.columns.prompt]
+        prompts = _column(self.dataset, self.columns.prompt)
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ConfigError(
@@ -372,7 +393,7 @@ class TaskBuckets:
                     "or point --caption_column at the column that holds the prompts."
                 )
         if self.columns.task in names:
-            for i, task in enumerate(self.dataset[self.columns.task]):
+            for i, task in enumerate(_column(self.dataset, self.columns.task)):
                 if not isinstance(task, str) or not task.strip():
                     raise ConfigError(
                         f"Row {i}: its task (column {self.columns.task!r}) is {_describe_value(task)}; every row "
@@ -383,7 +404,7 @@ class TaskBuckets:
             column = getattr(self.columns, key)
             if column not in names or _is_image_feature(self.dataset, column):
                 continue  # an Image column holds images by construction (and is decoded only when read)
-            for i, value in enumerate(self.dataset[column]):
+            for i, value in enumerate(_column(self.dataset, column)):
                 if _is_blank(value) or isinstance(value, (str, Image.Image)):
                     continue
                 if isinstance(value, dict) and (value.get("bytes") or isinstance(value.get("path"), str)):

@@ -295,6 +295,29 @@ def test_csv_cells_are_read_as_the_text_they_are(text, prompts, tmp_path):
     assert TaskBuckets(dataset, DataColumns(), folder).prompts(range(len(prompts))) == prompts
 
 
+@pytest.mark.parametrize("column", ["prompt", "task"])
+def test_text_that_is_not_utf8_is_named(column, tmp_path):
+    from danceopd_diffusers.data import DataColumns, TaskBuckets, load_training_dataset
+
+    row = {"prompt": "a red circle", "task": "t2i"}
+    line = json.dumps(row).replace(row[column], "a \udcff b").encode("utf-8", "surrogateescape")
+    (tmp_path / "data.jsonl").write_bytes(line + b"\n")
+    dataset, folder = load_training_dataset(str(tmp_path / "data.jsonl"))
+    with pytest.raises(ConfigError, match=f"column '{column}' holds text that is not valid UTF-8"):
+        TaskBuckets(dataset, DataColumns(), folder)
+
+
+@pytest.mark.parametrize(
+    "content", [b"<svg xmlns='http://www.w3.org/2000/svg'/>", b"%PDF-1.4", b"", b"\x89PNG\r\n\x1a\n"]
+)
+def test_files_that_are_no_image_are_named_by_path(content, tmp_path):
+    from danceopd_diffusers.data import open_image
+
+    (tmp_path / "picture.png").write_bytes(content)
+    with pytest.raises((ValueError, OSError), match="picture.png"):
+        open_image("picture.png", tmp_path)
+
+
 def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
     from danceopd_diffusers.data import load_training_dataset
 

@@ -807,7 +807,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
 
     # one owner of the output folder (the first thing written to it): the main process, global rank 0 as
     # accelerate reads it, holds its lock
-    out = stack.enter_context(
+    owner = stack.enter_context(
         OutputFolder(
             args.output_dir,
             main_process=get_int_from_env(
@@ -832,7 +832,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     }
     resume_path = None
     if hub_resume is None:  # a Hub checkpoint is checked once downloaded, still before any weights load
-        resume_path = out.resume(args.resume_from_checkpoint, run_settings)
+        resume_path = owner.resume(args.resume_from_checkpoint, run_settings)
 
     # ---------------------------------------------------------------- accelerator
     logging_dir = Path(args.output_dir, args.logging_dir)
@@ -903,7 +903,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
             print(f"[danceopd] downloaded {hub_resume.repo_id}:{hub_resume.name} to {path}", flush=True)
         accelerator.wait_for_everyone()
         args.resume_from_checkpoint = hub_resume.name
-        resume_path = out.resume(args.resume_from_checkpoint, run_settings)
+        resume_path = owner.resume(args.resume_from_checkpoint, run_settings)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.disable_cudnn_attention:
@@ -1338,9 +1338,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         with torch.no_grad():  # the losses and each row's error reach the host in one sync
             per_row = (pred.detach().float() - states.target.float()).pow(2).flatten(1).mean(1)
             on_host = torch.cat([torch.stack(losses).detach().float(), per_row]).cpu().tolist()
-        if not math.isfinite(
-            sum(on_host[: len(parts)])
-        ):  # named by its source: rollout, target or prediction
+        if not math.isfinite(sum(on_host[: len(parts)])):  # named by its source: rollout, target, prediction
             error = describe_nonfinite(
                 global_step,
                 fields_config.routes[step_route].field,
@@ -1435,7 +1433,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         routes_log.flush()
         global_step += 1
         guard.check_step(global_step, step_loss)  # the update's weights are finite; warns on a diverging loss
-        out.check_alive(global_step)
+        owner.check_alive(global_step)
         progress_bar.update(1)
         loss_history.append(step_loss)
         logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
@@ -1447,7 +1445,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         path = None
         if global_step % args.checkpointing_steps == 0:
             guard.check_before_save(global_step, probe)
-            path = out.save_checkpoint(accelerator, global_step, args.checkpoints_total_limit, run_settings)
+            path = owner.save_checkpoint(accelerator, global_step, args.checkpoints_total_limit, run_settings)
             log.info(f"Saved state to {path}")
             if hub_pusher is not None:
                 hub_pusher.on_save(path, global_step)
@@ -1455,7 +1453,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         if signum is not None:
             if path is None:
                 guard.check_before_save(global_step, probe)
-                path = out.save_checkpoint(
+                path = owner.save_checkpoint(
                     accelerator, global_step, args.checkpoints_total_limit, run_settings
                 )
             stop.stop()
@@ -1504,7 +1502,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         model = unwrap(transformer_ddp)
         if final_state is not None:
             model = unsharded_copy(model, final_state)
-        export_dir = out.stage()  # a hidden sibling folder; moved into output_dir by renames once complete
+        export_dir = owner.stage()  # a hidden sibling folder; moved into output_dir by renames once complete
         samples_image = None
         if run_validation:
             grid = last_grid.get(global_step) or validate(global_step)
@@ -1556,7 +1554,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
             hyperparameters=_hyperparameters(args, resolution),
             call_kwargs=call,
         )
-        out.publish(export_dir, global_step)
+        owner.publish(export_dir, global_step)
         if hub_pusher is not None:
             from danceopd_diffusers.checkpointing import list_checkpoints
 

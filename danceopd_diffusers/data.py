@@ -430,7 +430,7 @@ class TaskBuckets:
         self, routes: Sequence[RouteSpec], need_target: bool, can_edit: bool, editing_families: list[str]
     ):
         """Every routed bucket non-empty, its images present and readable, edits only where the family edits;
-        every row in a routed bucket (a row no route draws from would silently never be trained on)."""
+        rows in buckets no route draws from are named in one warning (never dropped silently)."""
         routed = list(dict.fromkeys(r.task for r in routes))
         for task in routed:
             rows = self.buckets.get(task, [])
@@ -441,13 +441,19 @@ class TaskBuckets:
                     f"Buckets in the data: {_short(sorted(self.buckets), 200)}. Fix the route's `task` or add rows."
                 )
         unrouted = [t for t in self.buckets if t not in routed]
-        if unrouted:
-            task = unrouted[0]
-            rows = self.buckets[task]
-            raise ConfigError(
-                f"Row {rows[0]}: its task {task!r} ({len(rows)} row(s)) is not a routed bucket (routed: {routed}), so "
-                f"it would never be trained on. Route it (a route with `task: {task}`), fix the task, or remove "
-                "those rows."
+        if (
+            unrouted
+        ):  # said, never silent: training on a subset of a shared dataset is legitimate, a typo is not
+            import sys
+
+            counts = ", ".join(
+                f"{t!r} ({len(self.buckets[t])} rows, first row {self.buckets[t][0]})" for t in unrouted
+            )
+            print(
+                f"warning: no route draws from task(s) {_short(counts, 300)}: those rows are not trained on (routed: "
+                f"{_short(routed, 200)}). Route them (`task: NAME` in a route), fix their task, or remove them.",
+                file=sys.stderr,
+                flush=True,
             )
         for task in routed:
             rows = self.buckets[task]

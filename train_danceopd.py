@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import copy
 import functools
 import json
@@ -30,7 +31,7 @@ from types import SimpleNamespace
 import torch
 
 from danceopd_diffusers import demo
-from danceopd_diffusers.checkpointing import checkpoint_step, resolve_resume, save_checkpoint
+from danceopd_diffusers.checkpointing import checkpoint_step
 from danceopd_diffusers.cli import ArgumentParser
 from danceopd_diffusers.config import (
     EDIT_ONLY_TYPES,
@@ -62,13 +63,7 @@ from danceopd_diffusers.objectives import (
     sft_states,
     velocity_mse,
 )
-from danceopd_diffusers.output_dir import (
-    check_output_kind,
-    lock_output_dir,
-    publish,
-    staging_dir,
-    unlock_output_dir,
-)
+from danceopd_diffusers.output_dir import OutputFolder, check_apart, run_inputs
 from danceopd_diffusers.preflight import (
     check_fields_against_model,
     check_lora_file,
@@ -76,6 +71,7 @@ from danceopd_diffusers.preflight import (
     check_output_dir,
     check_something_to_distill,
     check_transformer_checkpoint,
+    describe_load_error,
     inspect_pipeline,
     load_errors,
     lora_base_rank,
@@ -89,7 +85,14 @@ from danceopd_diffusers.rollout import (
     QueryLaw,
 )
 from danceopd_diffusers.routing import ROUTINGS, Router, soft_routes, step_generator
-from danceopd_diffusers.stopping import Interrupted, NonFiniteError, StopOnSignal, check_finite
+from danceopd_diffusers.stopping import (
+    Interrupted,
+    NonFiniteError,
+    StopOnSignal,
+    WeightGuard,
+    check_loaded_finite,
+    describe_nonfinite,
+)
 from danceopd_diffusers.student import STUDENT_ADAPTER
 
 logger = logging.getLogger("danceopd")
@@ -606,6 +609,12 @@ def check_numbers(args: argparse.Namespace) -> None:
             + ("every state of the rollout" if args.method == "dense" else "no rollout")
             + ". Drop --query_space."
         )
+    if args.learning_rate >= 1:  # AdamW moves every weight by about the learning rate per step
+        print(
+            f"warning: --learning_rate {args.learning_rate:g} is far above AdamW's working range (1e-6 to 1e-2); "
+            "the student will diverge. A typo? Pass e.g. --learning_rate 2e-4.",
+            file=sys.stderr,
+        )
     if args.query_k > args.num_rollout_steps:
         raise ConfigError(
             f"--query_k {args.query_k} is more than --num_rollout_steps {args.num_rollout_steps}: a rollout has only "
@@ -718,6 +727,13 @@ def resolve_fields(args: argparse.Namespace) -> FieldsConfig:
 
 
 def main(args: argparse.Namespace) -> None:
+    """A training run; what it holds open (the output folder's lock, its staging folder) is released however it
+    ends."""
+    with contextlib.ExitStack() as stack:
+        _train(args, stack)
+
+
+def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
@@ -726,8 +742,7 @@ def main(args: argparse.Namespace) -> None:
 
     silence_known_warnings()
     # ---------------------------------------------------------------- checks that load no weights
-    # the files the user named first (output folder, fields config, data), then the model's configs
-    check_output_dir(args.output_dir)
+    # the files the user named first (fields config, data), then the model's configs, then the output folder
     fields_config = resolve_fields(args)
     columns = DataColumns(args.caption_column, args.task_column, args.source_image_column, args.image_column)
     if args.demo and args.dataset_name is None and args.train_data_dir is None:
@@ -763,7 +778,7 @@ def main(args: argparse.Namespace) -> None:
                 "transformer checkpoint (diffusers folder or .safetensors file)."
             )
         try:
-            init_file = resolve_lora_file(args.student_init)
+            init_file = resolve_lora_file(args.student_init, what="--student_init")
             init_header = inspect_lora(init_file, "--student_init")
             init_is_lora = bool(init_header.modules)
         except FileNotFoundError:
@@ -806,6 +821,10 @@ def main(args: argparse.Namespace) -> None:
         editing_families=editing_families(),
     )
 
+    # the output folder: apart from every folder the run reads (before anything is written there), writable
+    check_apart(args.output_dir, *run_inputs(args, fields_config))
+    check_output_dir(args.output_dir)
+
     # ---------------------------------------------------------------- the Hub: token, repo, Hub resume
     from danceopd_diffusers import hub
 
@@ -819,10 +838,19 @@ def main(args: argparse.Namespace) -> None:
     # ---------------------------------------------------------------- output folder: lock, resume, kind
     from accelerate.utils.environment import get_int_from_env
 
-    # one writer per output folder (the first thing written to it): the main process, global rank 0 as
+    # one owner of the output folder (the first thing written to it): the main process, global rank 0 as
     # accelerate reads it, holds its lock
-    if get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0:
-        lock_output_dir(args.output_dir)
+    owner = stack.enter_context(
+        OutputFolder(
+            args.output_dir,
+            main_process=get_int_from_env(
+                ["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0
+            )
+            == 0,
+            overwrite=args.overwrite_output_dir,
+            full_finetune=args.full_finetune,
+        ).open()
+    )
     from danceopd_diffusers.export import _public, base_model_reference
 
     run_settings = {  # recorded with each checkpoint; resuming under other settings is refused
@@ -841,9 +869,7 @@ def main(args: argparse.Namespace) -> None:
         run_settings["query_law"] = [args.query_space, args.query_reference_shift]
     resume_path = None
     if hub_resume is None:  # a Hub checkpoint is checked once downloaded, still before any weights load
-        resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, run_settings)
-        if resume_path is None:
-            check_output_kind(args.output_dir, args.full_finetune, args.overwrite_output_dir)
+        resume_path = owner.resume(args.resume_from_checkpoint, run_settings)
 
     # ---------------------------------------------------------------- accelerator
     logging_dir = Path(args.output_dir, args.logging_dir)
@@ -914,7 +940,7 @@ def main(args: argparse.Namespace) -> None:
             print(f"[danceopd] downloaded {hub_resume.repo_id}:{hub_resume.name} to {path}", flush=True)
         accelerator.wait_for_everyone()
         args.resume_from_checkpoint = hub_resume.name
-        resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, run_settings)
+        resume_path = owner.resume(args.resume_from_checkpoint, run_settings)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.disable_cudnn_attention:
@@ -942,6 +968,7 @@ def main(args: argparse.Namespace) -> None:
             dtype={"transformer": student_dtype, "default": weight_dtype},
         )
     pipe.set_progress_bar_config(disable=True)
+    check_loaded_finite(pipe, f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}")
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False)
@@ -958,6 +985,7 @@ def main(args: argparse.Namespace) -> None:
                 config_source=args.pretrained_model_name_or_path,
             )
         pipe.transformer.requires_grad_(False)
+        check_loaded_finite(pipe.transformer, f"--student_init {args.student_init}")
     pipe.to(accelerator.device)
     transformer = pipe.transformer
     scope = None
@@ -1117,7 +1145,8 @@ def main(args: argparse.Namespace) -> None:
         try:
             accelerator.load_state(str(resume_path))
         except Exception as exc:  # its files matched their recorded sizes, so the damage is in their content
-            raise ConfigError(f"Cannot resume from {resume_path}: {type(exc).__name__}: {exc}") from exc
+            raise ConfigError(f"Cannot resume from {resume_path}: {describe_load_error(exc)}.") from exc
+        check_loaded_finite(transformer, f"--resume_from_checkpoint {resume_path}", trainable_only=True)
         global_step = checkpoint_step(resume_path)
     queried_sigma = None
     if args.method in ("danceopd", "offpolicy"):
@@ -1175,6 +1204,7 @@ def main(args: argparse.Namespace) -> None:
         desc="Steps",
         disable=not accelerator.is_local_main_process,
     )
+    stack.callback(progress_bar.close)  # ends its line, so an error message starts a line of its own
     edit_tasks = {r.task for r in fields_config.routes if buckets.is_edit_bucket(r.task)}
 
     source_sizes: dict[int, tuple[int, int]] = {}
@@ -1381,10 +1411,17 @@ def main(args: argparse.Namespace) -> None:
         with torch.no_grad():  # the losses and each row's error reach the host in one sync
             per_row = (pred.detach().float() - states.target.float()).pow(2).flatten(1).mean(1)
             on_host = torch.cat([torch.stack(losses).detach().float(), per_row]).cpu().tolist()
-        if not math.isfinite(sum(on_host[: len(parts)])):  # a non-finite target makes the loss non-finite too
-            route_name = fields_config.routes[step_route].field
-            check_finite("target", states.target, global_step, route_name)
-            check_finite("loss", loss, global_step, route_name)
+        if not math.isfinite(sum(on_host[: len(parts)])):  # named by its source: rollout, target, prediction
+            error = describe_nonfinite(
+                global_step,
+                fields_config.routes[step_route].field,
+                states.x if args.method in ("danceopd", "dense") else None,
+                states.target,
+                pred,
+                args.learning_rate,
+            )
+            raise error or NonFiniteError(f"step {global_step + 1}: the loss is not finite (NaN or inf).")
+        last_batch[:] = [states, cond]  # the probe of the weights before a save
         accelerator.backward(loss)
         out: list[tuple[float, list[tuple[int, float]]]] = [(value, []) for value in on_host[: len(parts)]]
         for sample, error in zip(states.samples.tolist(), on_host[len(parts) :]):
@@ -1402,6 +1439,23 @@ def main(args: argparse.Namespace) -> None:
         elif args.method == "sft":
             field = 0
         return {"rollout": sum(s.sample_steps for s in states), "field": field, "student": queried}
+
+    last_batch: list = []  # (states, conditioning) of the last student forward
+
+    def probe() -> torch.Tensor | None:
+        """The student's prediction on the last batch it trained on, with the weights as they are now."""
+        if not last_batch:
+            return None
+        states, cond = last_batch
+        with accelerator.autocast():
+            return family.velocity(
+                transformer_ddp,
+                states.x.to(weight_dtype),
+                states.sigma.to(accelerator.device),
+                cond.select(states.samples),
+            )
+
+    guard = WeightGuard(params, args.learning_rate, accelerator)
 
     # ---------------------------------------------------------------- training loop
     transformer.train()
@@ -1465,6 +1519,8 @@ def main(args: argparse.Namespace) -> None:
         )
         routes_log.flush()
         global_step += 1
+        guard.check_step(global_step, step_loss)  # the update's weights are finite; warns on a diverging loss
+        owner.check_alive(global_step)
         progress_bar.update(1)
         loss_history.append(step_loss)
         logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
@@ -1475,23 +1531,22 @@ def main(args: argparse.Namespace) -> None:
         accelerator.log(logs, step=global_step)
         path = None
         if global_step % args.checkpointing_steps == 0:
-            path = save_checkpoint(
-                accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run_settings
-            )
+            guard.check_before_save(global_step, probe)
+            path = owner.save_checkpoint(accelerator, global_step, args.checkpoints_total_limit, run_settings)
             log.info(f"Saved state to {path}")
             if hub_pusher is not None:
                 hub_pusher.on_save(path, global_step)
         signum = stop.requested(accelerator)
         if signum is not None:
             if path is None:
-                path = save_checkpoint(
-                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run_settings
+                guard.check_before_save(global_step, probe)
+                path = owner.save_checkpoint(
+                    accelerator, global_step, args.checkpoints_total_limit, run_settings
                 )
             stop.stop()
             routes_log.close()
             progress_bar.close()
             end_training(accelerator)
-            unlock_output_dir(args.output_dir)
             raise Interrupted(
                 f"stopped by {signal.Signals(signum).name} after step {global_step}; its state is saved in {path}. "
                 "Continue with --resume_from_checkpoint latest.",
@@ -1506,6 +1561,7 @@ def main(args: argparse.Namespace) -> None:
     progress_bar.close()
     if graphed is not None:  # before the export fuses and unloads the adapters
         graphed.remove()
+    guard.check_before_save(global_step, probe)  # never export a broken student
 
     # ---------------------------------------------------------------- outputs
     accelerator.wait_for_everyone()
@@ -1534,7 +1590,7 @@ def main(args: argparse.Namespace) -> None:
         model = unwrap(transformer_ddp)
         if final_state is not None:
             model = unsharded_copy(model, final_state)
-        export_dir = staging_dir(args.output_dir)  # moved into output_dir by rename once complete
+        export_dir = owner.stage()  # a hidden sibling folder; moved into output_dir by renames once complete
         samples_image = None
         if run_validation:
             grid = last_grid.get(global_step) or validate(global_step)
@@ -1587,7 +1643,7 @@ def main(args: argparse.Namespace) -> None:
             call_kwargs=call,
         )
         scrub_machine_paths(export_dir, args.pretrained_model_name_or_path)  # components' _name_or_path
-        publish(export_dir, args.output_dir)
+        owner.publish(export_dir, global_step)
         if hub_pusher is not None:
             from danceopd_diffusers.checkpointing import list_checkpoints
 
@@ -1600,7 +1656,6 @@ def main(args: argparse.Namespace) -> None:
             hub_pusher.wait()
             print(f"[danceopd] pushed to https://huggingface.co/{repo_id}", flush=True)
     end_training(accelerator)
-    unlock_output_dir(args.output_dir)
 
 
 def _first_last(history: list[float]) -> str:

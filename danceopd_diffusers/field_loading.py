@@ -19,6 +19,7 @@ from .families import FamilyAdapter
 from .fields import CFGField, Field, GuiderField, ImageGuidanceField, MixField, TransformerField
 from .lora_io import load_lora_for_diffusers, resolve_lora_file
 from .stock_loading import load_stock_pipeline
+from .stopping import check_loaded_finite
 from .student import AdapterScope, load_lora_into_adapter
 
 
@@ -60,6 +61,7 @@ def load_transformer(
             return cls.from_single_file(str(p), config=base, subfolder="transformer", dtype=dtype)
         return cls.from_single_file(str(p), dtype=dtype)
     kwargs.pop("config_source", None)
+    kwargs.setdefault("use_safetensors", True)  # never a pickle (.bin): unpickling can run code
     subfolder = transformer_subfolder(path, subfolder)
     return cls.from_pretrained(path, subfolder=subfolder, dtype=dtype, **kwargs)
 
@@ -97,7 +99,9 @@ def build_fields(
         return pristine[0]
 
     def checkpoint_model(spec: FieldSpec) -> torch.nn.Module:
-        return load_transformer(family, spec.path, spec.subfolder, dtype, config_source=pretrained_path)
+        model = load_transformer(family, spec.path, spec.subfolder, dtype, config_source=pretrained_path)
+        check_loaded_finite(model, f"Field {spec.name!r}: checkpoint {spec.path}")
+        return model
 
     def build(spec: FieldSpec) -> Field:
         if spec.name in fields:

@@ -16,9 +16,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, FieldsConfig, hub_offline, looks_like_hub_id, offline_error
+from .config import (
+    ConfigError,
+    FieldsConfig,
+    hub_offline,
+    looks_like_hub_id,
+    offline_error,
+    regular_file_problem,
+)
 from .families import FamilyAdapter, family_for_pipeline_class
-from .lora_io import LoraHeader, check_safetensors, inspect_lora, resolve_lora_file
+from .lora_io import (
+    PICKLE_SUFFIXES,
+    LoraHeader,
+    check_finite_file,
+    check_safetensors,
+    inspect_lora,
+    pickle_refusal,
+    resolve_lora_file,
+)
 from .network import check_hub_reachable, hub_failure
 
 #: the module name (``pipelines/pipeline_danceopd.py``) that exported folders put in their model_index.json
@@ -47,7 +62,19 @@ class ModelInfo:
 
 
 #: files that hold a component's weights (any format from_pretrained reads; sharded ones have an index)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".index.json")
+_WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".pkl",
+    ".pickle",
+    ".gguf",
+    ".msgpack",
+    ".h5",
+    ".index.json",
+)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -57,6 +84,55 @@ def _first_line(exc: BaseException) -> str:
 
 def _has_weights(folder: Path) -> bool:
     return any(p.name.endswith(_WEIGHT_SUFFIXES) for p in folder.iterdir() if p.is_file())
+
+
+def _is_pickle_weight(name: str) -> bool:
+    name = name.lower()
+    return name.endswith(PICKLE_SUFFIXES) or any(name.endswith(s + ".index.json") for s in PICKLE_SUFFIXES)
+
+
+def check_pickle_only(folder: Path, what: str) -> None:
+    """A model folder whose weights exist only in a pickle format (``*.bin``, ``*.pt``, ...) is refused
+    before anything loads: unpickling can run code, and loaders fall back to pickles where no safetensors
+    file is found. (Beside a .safetensors file a pickle is ignored: every load here asks for safetensors.)"""
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if any(p.name.endswith(".safetensors") or p.name.endswith(".safetensors.index.json") for p in files):
+        return
+    pickles = sorted(p for p in files if _is_pickle_weight(p.name))
+    if pickles:
+        raise ConfigError(f"{what}: {pickle_refusal(pickles[0])}")
+
+
+#: how far and how many entries :func:`check_folder_entries` looks at (a model folder has a few dozen)
+_WALK_DEPTH, _WALK_ENTRIES = 3, 20_000
+
+
+def check_folder_entries(path: str | Path, what: str) -> None:
+    """Every file in a local model folder (three levels down) is a regular file, from ``os.stat`` alone:
+    loaders open every file they find, and a FIFO blocks forever, a device reads without end."""
+    root = Path(path)
+    if not root.is_dir():
+        return
+    pending, seen = [(root, 0)], 0
+    while pending:
+        folder, depth = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            raise ConfigError(f"{what} {path}: {folder} cannot be listed ({exc.strerror or exc}).") from exc
+        for entry in entries:
+            seen += 1
+            if seen > _WALK_ENTRIES:
+                return
+            if entry.is_dir():  # follows links, as the loaders do
+                if depth + 1 < _WALK_DEPTH and not entry.is_symlink():
+                    pending.append((Path(entry.path), depth + 1))
+                continue
+            problem = regular_file_problem(entry.path)
+            if problem is not None and (problem != "it does not exist" or entry.is_symlink()):
+                raise ConfigError(
+                    f"{what} {path}: {entry.path}: {problem}. Replace it by the file itself (or remove it)."
+                )
 
 
 def check_component_weights(path: str, index: dict, flag: str) -> None:
@@ -77,6 +153,7 @@ def check_component_weights(path: str, index: dict, flag: str) -> None:
                 "e.g. diffusion_pytorch_model.safetensors or model.safetensors). The folder is incomplete; "
                 "download or export it again."
             )
+        check_pickle_only(folder, f"{flag} {path}, component {name!r}")
         for file in sorted(folder.glob("*.safetensors")):  # headers only: a truncated download fails here
             check_safetensors(str(file), f"{flag} {path}, component {name!r}")
 
@@ -102,11 +179,13 @@ def _load_json_config(path: str, subfolder: str | None = None, revision: str | N
     return dict(_Reader.load_config(path, subfolder=subfolder, revision=revision))
 
 
-def inspect_pipeline(path: str, revision: str | None = None) -> ModelInfo:
-    """Family, scheduler and module names of a pipeline folder or Hub id, from its configs only."""
+def inspect_pipeline(
+    path: str, revision: str | None = None, flag: str = "--pretrained_model_name_or_path"
+) -> ModelInfo:
+    """Family, scheduler and module names of a pipeline folder or Hub id, from its configs only (``flag``
+    names the option it came from in error messages)."""
     from diffusers import DiffusionPipeline
 
-    flag = "--pretrained_model_name_or_path"
     if not Path(path).exists() and not looks_like_hub_id(path):
         raise ConfigError(
             f"{flag} {path} does not exist (and is not a Hub id such as owner/name). Pass a diffusers pipeline "
@@ -114,6 +193,12 @@ def inspect_pipeline(path: str, revision: str | None = None) -> ModelInfo:
         )
     if not Path(path).exists():  # a Hub id: no network fails here in seconds, not after the Hub's retries
         check_hub_reachable(flag, path, revision=revision)
+    if os.path.lexists(path) and not Path(path).is_dir():
+        raise ConfigError(
+            f"{flag} {path} is not a folder ({regular_file_problem(path) or 'it is a file'}). Pass a diffusers "
+            "pipeline folder (with model_index.json) or Hub id."
+        )
+    check_folder_entries(path, flag)
     try:
         index = DiffusionPipeline.load_config(path, revision=revision)
     except Exception as exc:
@@ -125,9 +210,17 @@ def inspect_pipeline(path: str, revision: str | None = None) -> ModelInfo:
             f"Cannot read model_index.json of {path!r} ({_first_line(exc)}). Pass a diffusers pipeline folder or Hub id "
             "with --pretrained_model_name_or_path."
         ) from exc
+    if not isinstance(index, dict):
+        raise ConfigError(
+            f"{flag} {path}: model_index.json holds no JSON object; download or export it again."
+        )
     class_name = index.get("_class_name")
     custom_pipeline = None
-    if isinstance(class_name, (list, tuple)):
+    if (
+        isinstance(class_name, (list, tuple))
+        and len(class_name) == 2
+        and all(isinstance(c, str) for c in class_name)
+    ):
         custom_pipeline, class_name = class_name[0], class_name[-1]
         if custom_pipeline != EXPORTED_PIPELINE_MODULE:
             raise ConfigError(
@@ -135,17 +228,23 @@ def inspect_pipeline(path: str, revision: str | None = None) -> ModelInfo:
                 f"not run. Pass the stock diffusers pipeline it was built on, or a folder exported by "
                 "train_danceopd.py."
             )
+    if not isinstance(class_name, str):
+        raise ConfigError(
+            f"{flag} {path}: model_index.json names the pipeline class {str(class_name)[:80]!r}, which is not a "
+            "class name; download or export the folder again."
+        )
     try:
         family_cls = family_for_pipeline_class(class_name)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    scheduler_entry = index.get("scheduler") or [None, ""]
-    scheduler_name = (
-        scheduler_entry[1] if isinstance(scheduler_entry, (list, tuple)) else str(scheduler_entry)
-    )
+    scheduler_entry = index.get("scheduler")
+    valid = isinstance(scheduler_entry, (list, tuple)) and len(scheduler_entry) == 2
+    scheduler_name = scheduler_entry[1] if valid and isinstance(scheduler_entry[1], str) else None
+    if valid and scheduler_name is None:
+        scheduler_name = str(scheduler_entry[1])
     if "FlowMatch" not in (scheduler_name or ""):
         raise ConfigError(
-            f"The scheduler of {path!r} is {scheduler_name!r}, not a flow-matching scheduler. DanceOPD distils "
+            f"The scheduler of {path!r} is {scheduler_name or str(scheduler_entry)[:80]!r}, not a flow-matching scheduler. DanceOPD distils "
             "velocity fields of flow-matching pipelines (FlowMatchEulerDiscreteScheduler); use such a pipeline "
             "or replace its scheduler."
         )
@@ -249,6 +348,7 @@ def check_lora_file(
             f"{what}: the LoRA in {header.file} has rank {lora_base_rank(header)}, but --rank is "
             f"{expected_rank}. Pass --rank {lora_base_rank(header)} to continue training it."
         )
+    check_finite_file(header.file, what)
 
 
 def lora_base_rank(header: LoraHeader) -> int:
@@ -327,6 +427,12 @@ def check_transformer_checkpoint(path: str, subfolder: str | None, info: ModelIn
                 "folder, a pipeline folder, a Hub id or a .safetensors file."
             )
         check_hub_reachable(f"{what}: checkpoint", path, "config.json")
+    if local.exists() and not local.is_dir() and regular_file_problem(local) is not None:
+        raise ConfigError(
+            f"{what}: checkpoint {path}: {regular_file_problem(local)}. Pass a diffusers transformer folder, a "
+            "pipeline folder or a .safetensors file."
+        )
+    check_folder_entries(path, f"{what}: checkpoint")
     if local.is_file():
         check_safetensors(str(local), what)
         shapes = _safetensors_shapes(str(local))
@@ -347,6 +453,8 @@ def check_transformer_checkpoint(path: str, subfolder: str | None, info: ModelIn
         folder = local / (subfolder or "")
         if folder.is_dir() and not _has_weights(folder):
             raise ConfigError(f"{what}: checkpoint {folder} has a config.json but no weights file.")
+        if folder.is_dir():
+            check_pickle_only(folder, f"{what}: checkpoint")
         try:
             shapes = _param_shapes(_meta_transformer(info.family_cls, config))
         except Exception as exc:
@@ -383,10 +491,12 @@ def check_output_dir(path: str) -> None:
     if not path:
         raise ConfigError("--output_dir is empty; pass the folder to write the student to.")
     out = Path(path)
+    if os.path.islink(out) and not out.exists():
+        raise ConfigError(f"--output_dir {path} is a broken symbolic link. Pass a folder, or fix the link.")
     if out.exists() and not out.is_dir():
-        raise ConfigError(
-            f"--output_dir {path} is a file, not a folder. Pass a new folder or the folder of an earlier run."
-        )
+        problem = regular_file_problem(out)  # None: a regular file
+        what = "is a file, not a folder" if problem is None else f"is not a folder ({problem})"
+        raise ConfigError(f"--output_dir {path} {what}. Pass a new folder or the folder of an earlier run.")
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -409,6 +519,8 @@ def check_output_dir(path: str) -> None:
 def load_errors(what: str, path: str) -> Iterator[None]:
     """At a weight-loading site: a file that only loading can find broken becomes one clear error line
     naming the flag or field and the file (not out-of-memory, and not bugs of other kinds)."""
+    import pickle
+
     import torch
     from safetensors import SafetensorError
 
@@ -416,11 +528,25 @@ def load_errors(what: str, path: str) -> Iterator[None]:
         yield
     except (ConfigError, torch.OutOfMemoryError):
         raise
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-        raise ConfigError(
-            f"{what}: loading {path} failed ({type(exc).__name__}: {_first_line(exc)}). The files there do not "
-            "fit this model or are damaged; check or replace them."
-        ) from exc
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError) as exc:
+        raise ConfigError(f"{what}: loading {path} failed ({describe_load_error(exc)}). {_LOAD_FIX}") from exc
+
+
+_LOAD_FIX = "The files there do not fit this model or are damaged; check or replace them."
+
+
+def describe_load_error(exc: BaseException) -> str:
+    """A loader's exception in one line. A refused pickle is said to be one, without torch's advice to load it
+    with ``weights_only=False`` (which would run whatever code it names)."""
+    import pickle
+
+    text = " ".join(str(exc).split())
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text:
+        return (
+            "a pickle in it could not be read as plain tensors: it is damaged, or it names code to run, and it "
+            "was not loaded. Pickles are never loaded beyond plain tensors here; use .safetensors files"
+        )
+    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def describe_model_info(info: ModelInfo) -> dict[str, Any]:

@@ -83,6 +83,7 @@ def load_stock_pipeline(pipeline_cls: type, path: str, revision: str | None = No
     from diffusers import DiffusionPipeline
 
     index = DiffusionPipeline.load_config(path, revision=revision)
+    kwargs.setdefault("use_safetensors", True)  # never a pickle (.bin): unpickling can run code
     if split_class_name(index, path)[1] is None:
         return pipeline_cls.from_pretrained(path, revision=revision, **kwargs)
     with stock_view(path, revision) as view:

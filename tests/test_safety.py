@@ -263,10 +263,13 @@ def test_non_finite_target_stops_before_anything_is_saved(precious, tiny_path, t
             )
         )
     after = _snapshot(precious)
-    # the first step of this run was saved (checkpoint-1 again, or checkpoint-3 after resume); nothing else changed
+    # the first step of this run was saved (checkpoint-1 again, or checkpoint-3 after resume); a new run's first
+    # checkpoint replaces the earlier run's (never a mix of both); nothing else changed
     new_checkpoint = "checkpoint-3" if resume else "checkpoint-1"
     changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
-    assert all(k.startswith(new_checkpoint + "/") for k in changed), sorted(changed)
+    replaced = set() if resume else {k for k in before if k.startswith("checkpoint-2/")}
+    assert all(k.startswith(new_checkpoint + "/") for k in changed - replaced), sorted(changed)
+    assert not replaced or not any(k in after for k in replaced)
     assert not (precious / ("checkpoint-4" if resume else "checkpoint-2")).with_suffix(".tmp").exists()
 
 

@@ -368,9 +368,23 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+class UsageError(Exception):
+    """A bad argument or input file of the evaluate command: printed as one ``error:`` line, exit status 2."""
+
+
 def _load_result(path: str, row: str | None) -> dict[str, Any]:
     """One evaluation from an ``evaluate --json`` file, or the row ``row`` of a multi-row file (results.json)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    from ..config import regular_file_problem
+
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise UsageError(f"{path}: {problem}; pass an `evaluate --json` file or results.json")
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path} is not a JSON result file ({' '.join(str(exc).split())[:200]})") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} holds no evaluation (a JSON object of results is expected)")
     if "samples" in data or "t2i" in data:
         if row is not None:
             raise SystemExit(f"error: {path} holds a single result; drop the row name {row!r}")
@@ -383,9 +397,14 @@ def _load_result(path: str, row: str | None) -> dict[str, Any]:
         raise SystemExit(f"error: {path} has no row {row!r}; it has: {', '.join(data)}")
     else:
         result = data[row]
-    if "samples" not in result:
+    if not isinstance(result, dict) or "samples" not in result:
         raise SystemExit(
             f"error: {path} keeps no per-sample scores (written before scorer version 2); evaluate it again"
+        )
+    samples = result["samples"]
+    if not isinstance(samples, dict) or not all(isinstance(samples.get(t), dict) for t in ("t2i", "edit")):
+        raise UsageError(
+            f"{path}: its `samples` are not an evaluation's per-sample scores; evaluate it again"
         )
     return result
 
@@ -437,10 +456,16 @@ def compare_main(argv: list[str]) -> int:
     a, b = _load_result(args.a, args.row_a), _load_result(args.b, args.row_b)
     try:
         diff = compare(a, b)
+        table = format_comparison(diff, a, b, (args.row_a or args.a, args.row_b or args.b))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_comparison(diff, a, b, (args.row_a or args.a, args.row_b or args.b)))
+    except (KeyError, TypeError, IndexError) as err:
+        raise UsageError(
+            f"{args.a} and {args.b} are not both complete evaluate results ({type(err).__name__}: {err}); "
+            "evaluate them again"
+        ) from err
+    print(table)
     return 0
 
 
@@ -453,6 +478,79 @@ def examples_grid(result: dict[str, Any]) -> Image.Image:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: a bad argument or input is one ``error:`` line and exit status 2, never a traceback."""
+    try:
+        return _main(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # messages raised as SystemExit("error: ...") below
+        if isinstance(exc.code, str):
+            print(exc.code if exc.code.startswith("error:") else f"error: {exc.code}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _number_problems(args: argparse.Namespace) -> str | None:
+    """The first numeric argument out of its range, as a message."""
+    import math
+
+    ranges = {
+        "num_inference_steps": (1, None),
+        "seed": (0, 2**63 - 1),
+        "per_category": (1, None),
+        "batch_size": (1, None),
+        "score_workers": (0, 1024),
+        "limit": (1, None),
+        "max_sequence_length": (1, None),
+    }
+    for name, (low, high) in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            return f"--{name} must be {bounds}, got {value}"
+    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
+        return f"--guidance_scale must be a finite number >= 0 (1 = no CFG), got {args.guidance_scale}"
+    return None
+
+
+def _output_problem(flag: str, path: str | None) -> str | None:
+    """Why ``path`` cannot be written as an output file (its folder missing, it a folder), or None."""
+    if path is None:
+        return None
+    target = Path(path)
+    if target.is_dir():
+        return f"{flag} {path} is a folder; pass a file path"
+    if os.path.lexists(target) and not target.is_file():
+        return f"{flag} {path} exists and is not a regular file; pass another path"
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        return f"{flag} {path}: its folder {parent} does not exist; create it or pass another path"
+    if not os.access(parent, os.W_OK):
+        return f"{flag} {path}: its folder {parent} is not writable; pass another path"
+    return None
+
+
+def _check_device(device: str) -> str | None:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"--device {device!r} is not a device; pass cpu, cuda or cuda:N"
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {device} but torch sees no CUDA device; pass --device cpu"
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            return f"--device {device}: there are {torch.cuda.device_count()} CUDA devices; pass cuda:0 .. cuda:N-1"
+    elif parsed.type not in ("cpu", "mps", "xpu"):
+        return f"--device {device}: use cpu or cuda"
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        return "--device mps but torch sees no MPS device; pass --device cpu"
+    return None
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
         return compare_main(argv[1:])
@@ -503,21 +601,39 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.pipeline).exists():
         print(f"error: --pipeline {args.pipeline} does not exist", file=sys.stderr)
         return 2
-    if args.per_category is not None and args.per_category < 1:
-        print(f"error: --per_category must be at least 1, got {args.per_category}", file=sys.stderr)
-        return 2
+    problem = (
+        _number_problems(args) or _output_problem("--json", args.json) or _output_problem("--grid", args.grid)
+    )
+    if problem is not None:
+        raise UsageError(problem)
     if args.lora and not Path(args.lora).exists():
         print(f"error: --lora {args.lora} does not exist", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"error: --device {device} but torch sees no CUDA device; pass --device cpu", file=sys.stderr)
-        return 2
-    per_category = (args.per_category,) * 2 if args.per_category else PRESETS[args.preset or "quick"]
-    batch_size, workers = device_defaults(device, args.batch_size, args.score_workers)
-    pipe, family = load_pipeline(
-        args.pipeline, args.lora, device, max_sequence_length=args.max_sequence_length
-    )
+    problem = _check_device(device)
+    if problem is not None:
+        raise UsageError(problem)
+    from ..config import ConfigError
+    from ..preflight import inspect_pipeline, load_errors
+
+    try:  # the folder's configs and files (pickles, FIFOs, ...) before any weights load
+        inspect_pipeline(args.pipeline, flag="--pipeline")
+        if args.lora:
+            from ..lora_io import check_safetensors, resolve_lora_file
+
+            try:
+                lora_file = resolve_lora_file(args.lora)
+            except FileNotFoundError as exc:
+                raise ConfigError(f"--lora {args.lora}: {exc}") from exc
+            check_safetensors(lora_file, "--lora")
+        per_category = (args.per_category,) * 2 if args.per_category else PRESETS[args.preset or "quick"]
+        batch_size, workers = device_defaults(device, args.batch_size, args.score_workers)
+        with load_errors("--pipeline / --lora", args.pipeline):
+            pipe, family = load_pipeline(
+                args.pipeline, args.lora, device, max_sequence_length=args.max_sequence_length
+            )
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
     result = evaluate(
         pipe,
         family,

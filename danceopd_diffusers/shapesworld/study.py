@@ -357,17 +357,94 @@ def selected(names: list[str], only: list[str] | None) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------ settings
-def load_settings(root: Path, overrides: dict[str, Any]) -> Settings:
-    """``R/study.json``'s settings with the flags given now on top; written back, so later calls need no flags."""
+#: the range of each numeric setting (None: open); checked before a stage does anything
+SETTING_RANGES: dict[str, tuple[float, float | None]] = {
+    "steps": (1, None),
+    "checkpoint_every": (1, None),
+    "batch_size": (1, None),
+    "learning_rate": (1e-12, 1.0),
+    "warmup_steps": (0, None),
+    "rank": (1, None),
+    "num_rollout_steps": (2, None),
+    "source_cfg": (1e-12, None),
+    "jobs": (1, 1024),
+    "eval_per_category": (1, None),
+    "eval_limit": (1, None),
+    "curve_per_category": (1, None),
+    "eval_inference_steps": (1, None),
+}
+
+
+def check_settings(settings: Settings) -> None:
+    """Every setting of the right type and in range, as one ``error:`` line naming the flag (a value kept in
+    ``R/study.json`` by an earlier call is named as such)."""
+    for name, (low, high) in SETTING_RANGES.items():
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SystemExit(f"error: --{name} is {value!r}; it must be a finite number.")
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low:g}" if high is None else f"between {low:g} and {high:g}"
+            raise SystemExit(f"error: --{name} is {value}; it must be {bounds}.")
+    if settings.eval_preset is not None and settings.eval_preset not in ("quick", "large"):
+        raise SystemExit(f"error: --eval_preset {settings.eval_preset}: use quick or large")
+    if settings.device is not None:
+        import torch
+
+        try:
+            device = torch.device(settings.device)
+        except (RuntimeError, ValueError):
+            raise SystemExit(
+                f"error: --device {settings.device!r} is not a device; pass cpu or cuda."
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(
+                f"error: --device {settings.device} but torch sees no CUDA device; pass --device cpu."
+            )
+    for name in ("sources", "data"):
+        value = getattr(settings, name)
+        if value is not None and not Path(value).is_dir():
+            raise SystemExit(f"error: --{name} {value} is not a folder; pass an existing one.")
+
+
+def load_settings(root: Path, overrides: dict[str, Any], write: bool = True) -> Settings:
+    """``R/study.json``'s settings with the flags given now on top; written back (``write``), so later calls
+    need no flags. A damaged study.json or a bad value is one ``error:`` line, and nothing is written."""
     path = root / "study.json"
     known = {f.name for f in fields(Settings)}
-    saved = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise SystemExit(
+            f"error: {path} is not valid JSON ({' '.join(str(exc).split())[:200]}); fix or delete it (the flags "
+            "of the next call rewrite it)."
+        ) from exc
+    if not isinstance(saved, dict):
+        raise SystemExit(f"error: {path} must hold a JSON object of settings; fix or delete it.")
     values = {k: v for k, v in saved.items() if k in known}
     values.update({k: v for k, v in overrides.items() if v is not None and k in known})
-    settings = Settings(**values)
-    root.mkdir(parents=True, exist_ok=True)
-    save_settings(root, settings)
+    try:
+        settings = Settings(**values)
+    except TypeError as exc:
+        raise SystemExit(f"error: {path}: {exc}; fix or delete it.") from exc
+    check_settings(settings)
+    if write:
+        root.mkdir(parents=True, exist_ok=True)
+        save_settings(root, settings)
     return settings
+
+
+def has_results(collection: dict[str, Any]) -> bool:
+    """Whether a collection holds any scored result (a run, a merge or a teacher evaluated)."""
+    runs = collection.get("runs", {}).values()
+    merges_ = collection.get("merges", {}).values()
+    teachers_ = collection.get("teachers", {}).values()
+    return (
+        any(r.get("final") or r.get("cfg2") or r.get("curve") for r in runs)
+        or any(m.get("final") or m.get("select") for m in merges_)
+        or any(t.get("final") for t in teachers_)
+    )
 
 
 def save_settings(root: Path, settings: Settings) -> None:
@@ -755,7 +832,17 @@ def _eval_items_once(
 
 # ------------------------------------------------------------------------------------------------------ collect
 def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    """A JSON result or record; a damaged one is an ``error:`` line naming it."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(
+            f"error: {path} is not valid JSON ({' '.join(str(exc).split())[:160]}); delete it and run the stage "
+            "that writes it again."
+        ) from exc
+    return data if isinstance(data, dict) else None
 
 
 def collect(root: Path, settings: Settings) -> dict[str, Any]:
@@ -1586,6 +1673,30 @@ def default_report_path() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: a bad argument or input is one ``error:`` line and exit status 2, never a traceback."""
+    try:
+        return _main(argv)
+    except SystemExit as exc:  # messages raised as SystemExit("error: ...") by the stages and checks
+        if isinstance(exc.code, str):
+            print(exc.code if exc.code.startswith("error:") else f"error: {exc.code}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _check_out(flag: str, path: Path) -> None:
+    """``path`` can be written as a file: not a folder, and its folder exists."""
+    if path.is_dir():
+        raise SystemExit(f"error: {flag} {path} is a folder; pass the path of a file.")
+    if os.path.lexists(path) and not path.is_file():
+        raise SystemExit(f"error: {flag} {path} exists and is not a regular file; pass another path.")
+    existing = path.parent
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():  # the folders are created, but not under a file
+        raise SystemExit(f"error: {flag} {path}: {existing} is not a folder; pass another path.")
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m danceopd_diffusers.shapesworld.study",
         description=__doc__.split("\n\n")[0],
@@ -1622,11 +1733,22 @@ def main(argv: list[str] | None = None) -> int:
             f"--{f.name}", type=kind, default=None, help=f"(recorded in R/study.json; default {f.default})"
         )
     args = parser.parse_args(argv)
+    if args.budget_s is not None and not (math.isfinite(args.budget_s) and args.budget_s > 0):
+        parser.error(f"--budget_s must be a finite number of seconds > 0, got {args.budget_s}")
+    if args.stage == "report":
+        _check_out("--out", Path(args.out))
     if args.stage == "report" and args.root is None:
         shipped = Path(args.dest) / "results.json"
         if not shipped.is_file():
             parser.error(f"report without --root reads {shipped}, which does not exist: pass --root")
-        collection = json.loads(shipped.read_text())
+        try:
+            collection = json.loads(shipped.read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(
+                f"{shipped} is not valid JSON ({' '.join(str(exc).split())[:200]}); ship the study again"
+            )
+        if not isinstance(collection, dict) or not has_results(collection):
+            parser.error(f"{shipped} holds no results; nothing to report (STUDY.md is left as it is)")
         write_report(collection, Path(args.out), args.plot_backend, source=f"the shipped `{shipped.name}`")
         print(f"[study] wrote {args.out}")
         return 0
@@ -1638,10 +1760,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.root is None:
         parser.error(f"the {args.stage} stage needs --root")
     root = Path(args.root).resolve()
+    if os.path.lexists(root) and not root.is_dir():
+        parser.error(f"--root {args.root} is not a folder; pass the study folder")
+    if args.stage in ("report", "ship", "eval", "seeds") and not root.is_dir():
+        parser.error(f"--root {args.root} does not exist; the {args.stage} stage reads a study folder")
     overrides = {f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)}
-    settings = load_settings(root, overrides)
-    if settings.eval_preset is not None and settings.eval_preset not in ("quick", "large"):
-        parser.error(f"--eval_preset {settings.eval_preset}: use quick or large")
+    settings = load_settings(root, overrides, write=args.stage != "report")
     if args.stage == "plan":
         _plan(root, settings, args.only, print)
         return 0
@@ -1679,7 +1803,13 @@ def main(argv: list[str] | None = None) -> int:
         eval_stage(root, settings, args.only, args.budget_s)
         return 0
     if args.stage == "report":
-        write_report(collect(root, settings), Path(args.out), args.plot_backend, source=f"`{root.name}`")
+        collection = collect(root, settings)
+        if not has_results(collection):  # never overwrite the shipped STUDY.md with an empty report
+            parser.error(
+                f"--root {args.root} holds no results (no run, merge or teacher is scored); nothing to report, "
+                f"{args.out} is left as it is. Run the eval stage first."
+            )
+        write_report(collection, Path(args.out), args.plot_backend, source=f"`{root.name}`")
         print(f"[study] wrote {args.out}")
         return 0
     ship_stage(root, settings, Path(args.dest))

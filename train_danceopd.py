@@ -1077,7 +1077,11 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         while models:
             model = unwrap(models.pop())
             if args.full_finetune:
-                loaded = family.transformer_class().from_pretrained(input_dir, subfolder="transformer")
+                loaded = family.transformer_class().from_pretrained(
+                    input_dir,
+                    subfolder="transformer",
+                    use_safetensors=True,  # never a pickle
+                )
                 model.load_state_dict(loaded.state_dict())
                 del loaded
             else:

@@ -12,7 +12,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 FIELD_TYPES = ("base", "lora", "checkpoint", "cfg", "guider", "image_guidance", "mix")
 OPERATOR_TYPES = ("cfg", "guider", "image_guidance", "mix")
@@ -73,7 +73,7 @@ def check_regular_file(path: str | os.PathLike, what: str, fix: str = "Pass a re
         raise ConfigError(f"{what} {path}: {problem}. {fix}")
 
 
-def open_regular_file(path: str | os.PathLike, what: str, fix: str = "Pass a regular file."):
+def open_regular_file(path: str | os.PathLike, what: str, fix: str = "Pass a regular file.") -> BinaryIO:
     """``open(path, "rb")`` that never blocks or reads a device: opened non-blocking, then refused unless the
     open descriptor is a regular file (so a path swapped between a check and the open is caught too)."""
     check_regular_file(path, what, fix)

@@ -450,10 +450,10 @@ class TaskBuckets:
             import sys
 
             counts = ", ".join(
-                f"{t!r} ({len(self.buckets[t])} rows, first row {self.buckets[t][0]})" for t in unrouted
+                f"{t!r} ({len(self.buckets[t])} row(s), first row {self.buckets[t][0]})" for t in unrouted
             )
             print(
-                f"warning: no route draws from task(s) {_short(counts, 300)}: those rows are not trained on (routed: "
+                f"warning: no route draws from task(s) {counts[:300]}: those rows are not trained on (routed: "
                 f"{_short(routed, 200)}). Route them (`task: NAME` in a route), fix their task, or remove them.",
                 file=sys.stderr,
                 flush=True,

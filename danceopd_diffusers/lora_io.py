@@ -84,7 +84,7 @@ def resolve_lora_file(path_or_id: str, weight_name: str | None = None, what: str
         )
     if os.path.lexists(path):  # a FIFO, device or socket: never opened
         raise ConfigError(
-            f"LoRA {path}: {regular_file_problem(path)}. Pass a .safetensors file or its folder."
+            f"{what} {path}: {regular_file_problem(path)}. Pass a .safetensors file or its folder."
         )
     if not looks_like_hub_id(path_or_id):
         raise FileNotFoundError(f"LoRA path {path_or_id!r} does not exist (and is not a Hub repo id).")

@@ -395,16 +395,6 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | None, run: dict[
     return resolve(output_dir, resume, run)
 
 
-def staging_dir(output_dir: str | os.PathLike) -> Path:
-    """An empty folder inside ``output_dir`` to write an export to; its name is ``output_dir``'s own, so what
-    is derived from the folder name (the model card's repo name) is the same as for ``output_dir``."""
-    root = Path(output_dir).resolve()
-    stage = root / STAGING_DIR / root.name
-    shutil.rmtree(stage.parent, ignore_errors=True)
-    stage.mkdir(parents=True)
-    return stage
-
-
 def old_export(output_dir: str | os.PathLike) -> list[str]:
     """The entries of the export now in ``output_dir``: its known files, and the component folders of a
     pipeline (those its model_index.json names, if they look like names a pipeline gives them)."""

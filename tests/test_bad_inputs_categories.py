@@ -353,7 +353,9 @@ def test_routes_cover_every_row_and_every_edit_row_has_its_source(tmp_path, caps
         [RouteSpec("f", "t2i")], False, True, []
     )  # a subset of the buckets: said, not silent
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "'edit' (2 rows, first row 1), 'typo' (1 rows, first row 3)" in warnings[0]
+    assert (
+        len(warnings) == 1 and "'edit' (2 row(s), first row 1), 'typo' (1 row(s), first row 3)" in warnings[0]
+    )
     with pytest.raises(ConfigError, match="Row 2 of bucket 'edit' has no source_image"):
         buckets.check_routes(
             [RouteSpec("f", "t2i"), RouteSpec("f", "edit"), RouteSpec("f", "typo")], False, True, []
@@ -492,13 +494,13 @@ def test_non_regular_files_are_refused_without_being_opened(kind, tmp_path, tiny
         shutil.copytree(tiny_path, model)
         (model / "model_index.json").unlink()
         os.symlink(path, model / "model_index.json")
-        for flags in (
-            {"dataset_name": str(path)},
-            {"fields_config": str(path), "cfg_scale": None},
-            {"expert_lora": str(path)},
-            {"student_init": str(path)},
-            {"expert_checkpoint": str(path)},
-            {"pretrained_model_name_or_path": str(model)},
+        for flags, names in (
+            ({"dataset_name": str(path)}, "--dataset_name"),
+            ({"fields_config": str(path), "cfg_scale": None}, "--fields_config"),
+            ({"expert_lora": str(path)}, "Field 'expert'"),
+            ({"student_init": str(path)}, "--student_init"),
+            ({"expert_checkpoint": str(path)}, "Field 'expert'"),
+            ({"pretrained_model_name_or_path": str(model)}, "--pretrained_model_name_or_path"),
         ):
             model_flag = flags.pop("pretrained_model_name_or_path", tiny_path)
             argv = _run(tiny_path, tmp_path, tmp_path / "out", **flags)
@@ -507,6 +509,9 @@ def test_non_regular_files_are_refused_without_being_opened(kind, tmp_path, tiny
                 continue  # a folder is a legal checkpoint path (its config is read, and refused, elsewhere)
             rc, errors, err = _cli(argv, capsys)
             assert rc == 2 and len(errors) == 1 and "Traceback" not in err, (flags, err[-1500:])
+            assert names in errors[0], errors[0]  # the flag or field the path came from
+            if kind != "folder":
+                assert "not a regular file" in errors[0] or "not a folder" in errors[0], errors[0]
 
 
 # ============================================================================ 3. bounded configs

@@ -18,6 +18,7 @@ from .config import FieldsConfig, FieldSpec
 from .families import FamilyAdapter
 from .fields import CFGField, Field, GuiderField, ImageGuidanceField, MixField, TransformerField
 from .lora_io import load_lora_for_diffusers, resolve_lora_file
+from .preflight import transformer_subfolder
 from .stock_loading import load_stock_pipeline
 from .stopping import check_loaded_finite
 from .student import AdapterScope, load_lora_into_adapter
@@ -27,22 +28,6 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.requires_grad_(False)
     model.eval()
     return model
-
-
-def transformer_subfolder(path: str, subfolder: str | None = None) -> str | None:
-    """Where a transformer checkpoint's ``config.json`` is: ``subfolder``, else ``transformer/`` of a pipeline
-    folder or Hub repo, else the folder itself."""
-    p = Path(path)
-    if (
-        subfolder is None
-        and p.is_dir()
-        and not (p / "config.json").is_file()
-        and (p / "transformer").is_dir()
-    ):
-        return "transformer"
-    if subfolder is None and not p.exists():
-        return "transformer"  # a pipeline repo on the Hub
-    return subfolder
 
 
 def load_transformer(

@@ -414,11 +414,25 @@ def check_fields_against_model(config: FieldsConfig, info: ModelInfo) -> dict[st
     return headers
 
 
+def transformer_subfolder(path: str, subfolder: str | None = None) -> str | None:
+    """Where a transformer checkpoint's ``config.json`` is: ``subfolder``, else ``transformer/`` of a pipeline
+    folder or Hub repo, else the folder itself."""
+    p = Path(path)
+    if (
+        subfolder is None
+        and p.is_dir()
+        and not (p / "config.json").is_file()
+        and (p / "transformer").is_dir()
+    ):
+        return "transformer"
+    if subfolder is None and not p.exists():
+        return "transformer"  # a pipeline repo on the Hub
+    return subfolder
+
+
 def check_transformer_checkpoint(path: str, subfolder: str | None, info: ModelInfo, what: str) -> None:
     """A full transformer checkpoint (a diffusers folder, Hub id or single .safetensors file) exists, is in a
     format this project reads and has the base transformer's shapes, all from its config or file header."""
-    from .field_loading import transformer_subfolder
-
     local = Path(path)
     if not local.exists():
         if not looks_like_hub_id(path):

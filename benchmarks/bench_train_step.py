@@ -243,6 +243,7 @@ def build_kontext_pipeline(device: str, dtype: torch.dtype, config: dict = FLUX_
     )
     from transformers import CLIPTextModel
 
+    from danceopd_diffusers.tiny.flux import FLUX_DEV_SCHEDULER_CONFIG
     from danceopd_diffusers.tiny.sd3 import clip_tokenizer, t5_tokenizer
 
     clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer(max_length=512)
@@ -252,14 +253,7 @@ def build_kontext_pipeline(device: str, dtype: torch.dtype, config: dict = FLUX_
         clip = real_width_clip(CLIPTextModel, 768, len(clip_tok), dtype)
         t5 = real_width_t5(len(t5_tok), dtype)
         vae = bench_vae(0.1159, 0.3611, dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER_CONFIG)
     pipe = FluxKontextPipeline(
         scheduler=scheduler,
         vae=vae,

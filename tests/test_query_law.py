@@ -29,16 +29,9 @@ from danceopd_diffusers.rollout import (
     reference_sigmas,
     sample_query_indices,
 )
+from danceopd_diffusers.tiny.flux import FLUX_DEV_SCHEDULER_CONFIG
 
 SHAPESWORLD_SCHEDULER = Path(__file__).resolve().parents[1] / "danceopd_diffusers/shapesworld/sources/base"
-FLUX_SCHEDULER = dict(
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-)
 
 
 def _static_grid(shift: float) -> torch.Tensor:
@@ -54,7 +47,7 @@ def _z_image_grid() -> torch.Tensor:
 
 
 def _flux_grid(tokens: int) -> torch.Tensor:
-    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER_CONFIG)
     return scheduler_sigmas(
         scheduler, 16, "cpu", linspace_grid(scheduler, 16), token_count_mu(scheduler, tokens)
     )
@@ -258,3 +251,16 @@ def test_script_refuses_a_query_space_where_nothing_is_chosen(tiny_path, tmp_pat
         argv = [a for a in args if a not in ("--cfg_scale", "3")] + extra + ["--method", method]
         with pytest.raises(train_danceopd.ConfigError, match="Drop --query_space"):
             train_danceopd.check_numbers(train_danceopd.parse_args(argv))
+
+
+def test_the_audits_shapesworld_table():
+    """``../shared/audits/query_sigma.md`` on ShapesWorld's grid: each strategy's mean queried σ over the steps, and
+    its finding that there ``mid`` is the paper's low query in σ (W1 0.037) while ``low`` is far from it (0.230)."""
+    grid = _shapesworld_grid()
+    means = {s: QueryLaw(s).describe(grid)["mean"] for s in ("low", "mid", "high")}
+    assert means == pytest.approx({"low": 0.317, "mid": 0.531, "high": 0.746}, abs=2e-3)
+    paper_values, paper_probs = QueryLaw("low").distribution(_z_image_grid())
+    for strategy, w1 in (("low", 0.230), ("mid", 0.037)):
+        values, probs = QueryLaw(strategy).distribution(grid)
+        draws = values[torch.multinomial(probs, 200_000, True, generator=torch.Generator().manual_seed(0))]
+        assert _wasserstein(draws, paper_values, paper_probs) == pytest.approx(w1, abs=5e-3)

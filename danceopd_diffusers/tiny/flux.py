@@ -9,6 +9,16 @@ import torch
 
 from .sd3 import clip_config, clip_tokenizer, t5_config, t5_tokenizer
 
+#: FLUX.1-dev's scheduler config: the shift grows with the image sequence length
+FLUX_DEV_SCHEDULER_CONFIG = dict(
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
 
 def _tiny_flux_components(seed: int, guidance_embeds: bool) -> dict:
     """The seven components both Flux pipelines take, seeded and small enough for CPU tests."""
@@ -48,15 +58,7 @@ def _tiny_flux_components(seed: int, guidance_embeds: bool) -> dict:
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
-    # FLUX.1-dev's scheduler config: the shift grows with the image sequence length
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER_CONFIG)
     for model in (text_encoder, text_encoder_2, transformer, vae):
         model.eval()  # as from_pretrained leaves them: T5's dropout would make prompts random
     return dict(

@@ -15,26 +15,33 @@ regresses the student's velocity onto it.
 from __future__ import annotations
 
 import argparse
-import bisect
 import contextlib
 import copy
-import functools
-import json
-import logging
+import inspect
 import math
 import os
 import signal
 import sys
+import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    broadcast,
+    is_tensorboard_available,
+    set_seed,
+)
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
 
-from danceopd_diffusers import demo
-from danceopd_diffusers.checkpointing import checkpoint_step
+from danceopd_diffusers import demo, hub
+from danceopd_diffusers.batches import BatchDrawer, MicroBatch
+from danceopd_diffusers.checkpointing import checkpoint_step, list_checkpoints
 from danceopd_diffusers.cli import ArgumentParser
 from danceopd_diffusers.config import (
-    EDIT_ONLY_TYPES,
     ConfigError,
     FieldsConfig,
     FieldSpec,
@@ -42,16 +49,31 @@ from danceopd_diffusers.config import (
     config_from_flags,
     parse_fields_config,
 )
-from danceopd_diffusers.data import (
-    DataColumns,
-    TaskBuckets,
-    fit_image,
-    images_to_tensor,
-    load_training_dataset,
+from danceopd_diffusers.cuda_graphs import GraphedNoGradForward
+from danceopd_diffusers.data import DataColumns, TaskBuckets, check_routes_on_data, load_training_dataset
+from danceopd_diffusers.defaults import describe_fallback_resolution, fill_trained_defaults
+from danceopd_diffusers.distributed import (
+    check_engine,
+    describe_precision,
+    end_training,
+    full_state_dict,
+    gathered,
+    register_student_hooks,
+    unsharded_copy,
+    unwrap,
 )
-from danceopd_diffusers.families import Conditioning, edit_size, editing_families
+from danceopd_diffusers.export import (
+    checkpoint_settings,
+    export_student,
+    files_to_upload,
+    run_hyperparameters,
+)
+from danceopd_diffusers.families import Conditioning, editing_families
+from danceopd_diffusers.field_loading import build_fields, load_pipeline
+from danceopd_diffusers.flag_checks import check_flags
 from danceopd_diffusers.hub import HUB_STRATEGIES
-from danceopd_diffusers.lora_io import inspect_lora, load_lora_for_diffusers
+from danceopd_diffusers.known_warnings import silence_known_warnings
+from danceopd_diffusers.logging_utils import get_logger, setup_logging
 from danceopd_diffusers.objectives import (
     DENSE_WEIGHTINGS,
     METHODS,
@@ -59,32 +81,22 @@ from danceopd_diffusers.objectives import (
     TrainingStates,
     off_policy_states,
     on_policy_states,
+    part_losses,
     sample_sft_sigmas,
     sft_states,
-    velocity_mse,
 )
 from danceopd_diffusers.output_dir import OutputFolder, check_apart, run_inputs
 from danceopd_diffusers.preflight import (
     check_fields_against_model,
-    check_lora_file,
-    check_lora_targets,
     check_output_dir,
     check_something_to_distill,
-    check_transformer_checkpoint,
     describe_load_error,
     inspect_pipeline,
     load_errors,
-    lora_base_rank,
-    student_init_lora_config,
 )
-from danceopd_diffusers.rollout import (
-    LOW_QUERY_SIGMA,
-    PAPER_REFERENCE_SHIFT,
-    QUERY_SPACES,
-    QUERY_STRATEGIES,
-    QueryLaw,
-)
-from danceopd_diffusers.routing import ROUTINGS, Router, soft_routes, step_generator
+from danceopd_diffusers.rollout import PAPER_REFERENCE_SHIFT, QUERY_SPACES, QUERY_STRATEGIES, QueryLaw
+from danceopd_diffusers.routing import ROUTINGS, soft_routes
+from danceopd_diffusers.step_log import StepLog, run_banner
 from danceopd_diffusers.stopping import (
     Interrupted,
     NonFiniteError,
@@ -93,10 +105,11 @@ from danceopd_diffusers.stopping import (
     check_loaded_finite,
     describe_nonfinite,
 )
-from danceopd_diffusers.student import STUDENT_ADAPTER
+from danceopd_diffusers.student import mode_switch
+from danceopd_diffusers.student_init import DEFAULT_RANK, build_student, plan_student
+from danceopd_diffusers.validation import save_validation, validation_examples
 
-logger = logging.getLogger("danceopd")
-DEFAULT_RANK = 128
+logger = get_logger("train")
 
 
 EPILOG = """examples:
@@ -130,8 +143,6 @@ def _demo_epilog() -> str:
             shown.append(f"--{key}")
         else:
             shown.append(f"--{key} {Path(value).name if key == 'fields_config' else value}")
-    import textwrap
-
     text = (
         "With no --pretrained_model_name_or_path (the embedded default), options left at their default take these "
         "values instead: " + " ".join(shown)
@@ -544,164 +555,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-#: lowest (and highest) value of each numeric flag; None bounds are open. Checked in check_flags.
-NUMERIC_RANGES: dict[str, tuple[float | None, float | None, str]] = {
-    "max_train_steps": (1, None, ""),
-    "train_batch_size": (1, None, ""),
-    "gradient_accumulation_steps": (1, None, ""),
-    "checkpointing_steps": (1, None, "; pass a large number to save rarely"),
-    "checkpoints_total_limit": (1, None, "; omit it to keep every checkpoint"),
-    "validation_steps": (1, None, "; omit --validation_prompt to skip validation"),
-    "num_rollout_steps": (2, None, ""),
-    "query_k": (1, None, ""),
-    "max_sequence_length": (1, None, ""),
-    "rank": (1, None, ""),
-    "lr_warmup_steps": (0, None, ""),
-    "lr_num_cycles": (1, None, ""),
-    "demo_eval_limit": (1, None, ""),
-    "seed": (0, 2**32 - 1, ""),
-    "resolution": (16, None, "; omit it for the model's default"),
-    "max_grad_norm": (0, None, "; 0 turns clipping off"),
-    "adam_weight_decay": (0, None, ""),
-}
-#: float flags that must be strictly positive
-POSITIVE_FLAGS = {
-    "learning_rate": "; 0 would train nothing",
-    "lora_alpha": "",
-    "adam_epsilon": "",
-    "lr_power": "",
-    "cfg_scale": "",
-    "embedded_guidance": "",
-}
-
-
-def check_numbers(args: argparse.Namespace) -> None:
-    """Zero, negative, NaN and out-of-range numbers, refused before anything loads."""
-    for name, value in vars(args).items():
-        values = value if isinstance(value, list) else [value]
-        for v in values:
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"--{name} is {v}; pass a finite number.")
-    for name, (low, high, hint) in NUMERIC_RANGES.items():
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        if (low is not None and value < low) or (high is not None and value > high):
-            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-            raise ConfigError(f"--{name} is {value}; it must be {bounds}{hint}.")
-    for name, hint in POSITIVE_FLAGS.items():
-        value = getattr(args, name, None)
-        if value is not None and not value > 0:
-            raise ConfigError(f"--{name} is {value}; it must be greater than 0{hint}.")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(args, name) < 1:
-            raise ConfigError(f"--{name} is {getattr(args, name)}; it must be in [0, 1).")
-    for seed in args.validation_seeds or []:
-        if not 0 <= seed < 2**32:
-            raise ConfigError(f"--validation_seeds {seed}: seeds must be between 0 and {2**32 - 1}.")
-    if not 0 < args.query_reference_shift <= 100:
-        raise ConfigError(
-            f"--query_reference_shift is {args.query_reference_shift}; it must be in (0, 100] (3.0 is the paper's)."
-        )
-    if args.query_space != "step" and args.method not in ("danceopd", "offpolicy"):
-        raise ConfigError(
-            f"--query_space {args.query_space} chooses which states are queried; --method {args.method} queries "
-            + ("every state of the rollout" if args.method == "dense" else "no rollout")
-            + ". Drop --query_space."
-        )
-    if args.learning_rate >= 1:  # AdamW moves every weight by about the learning rate per step
-        print(
-            f"warning: --learning_rate {args.learning_rate:g} is far above AdamW's working range (1e-6 to 1e-2); "
-            "the student will diverge. A typo? Pass e.g. --learning_rate 2e-4.",
-            file=sys.stderr,
-        )
-    if args.query_k > args.num_rollout_steps:
-        raise ConfigError(
-            f"--query_k {args.query_k} is more than --num_rollout_steps {args.num_rollout_steps}: a rollout has only "
-            f"that many states. Pass --query_k {args.num_rollout_steps} to query every state."
-        )
-
-
-def check_flags(args: argparse.Namespace) -> None:
-    """Conflicting or impossible flags, before anything loads."""
-    if args.cuda_graphs and not torch.cuda.is_available():
-        raise ConfigError("--cuda_graphs needs a CUDA device, and none is available here: drop the flag.")
-    from_flags = [
-        f for f in ("cfg_scale", "expert_lora", "expert_checkpoint") if getattr(args, f) is not None
-    ]
-    if args.demo_eval_limit is not None and not args.demo:
-        raise ConfigError(
-            "--demo_eval_limit applies only to the embedded default (no --pretrained_model_name_or_path); to score "
-            "a model, run `python -m danceopd_diffusers.shapesworld.evaluate --pipeline OUTPUT_DIR --limit N`."
-        )
-    if args.fields_config and from_flags:
-        raise ConfigError(
-            f"--fields_config and --{from_flags[0]} both given. Declare every field in the config file, or drop "
-            "--fields_config to use the flags alone."
-        )
-    if args.method == "sft" and from_flags:
-        raise ConfigError(
-            f"--method sft trains on dataset targets and uses no field; drop --{from_flags[0]}."
-        )
-    if args.full_finetune and args.lora_layers:
-        raise ConfigError("--lora_layers has no effect with --full_finetune; drop one of them.")
-    demo_set = getattr(args, "demo_overrides", {})
-    ignored = [f for f in ("rank", "lora_alpha") if getattr(args, f) is not None and f not in demo_set]
-    if args.full_finetune and ignored:  # kept a warning: scripts that switch --full_finetune on keep working
-        print(
-            f"warning: --{ignored[0]} has no effect with --full_finetune (no LoRA is trained); drop it.",
-            file=sys.stderr,
-        )
-    check_numbers(args)
-    if args.routing == "soft" and args.method == "sft":
-        raise ConfigError("--routing soft mixes fields' targets; --method sft uses no field. Drop --routing.")
-    if args.per_sample_routing and args.method == "sft":
-        raise ConfigError(
-            "--per_sample_routing has no meaning for --method sft (buckets are drawn per step)."
-        )
-    if args.report_to == "wandb" and args.hub_token is not None:
-        raise ConfigError(
-            "--report_to wandb with --hub_token would expose the token; log in with `hf auth login` instead."
-        )
-    if args.hub_strategy != "end" and not args.push_to_hub:
-        raise ConfigError(f"--hub_strategy {args.hub_strategy} pushes to the Hub: add --push_to_hub.")
-    if args.resolution is not None and args.resolution % 16:
-        raise ConfigError(f"--resolution {args.resolution} must be a multiple of 16.")
-    if not 0.0 <= args.caption_dropout_prob < 1.0:
-        raise ConfigError("--caption_dropout_prob must be in [0, 1).")
-    from diffusers.optimization import SchedulerType
-
-    schedulers = [s.value for s in SchedulerType]
-    if args.lr_scheduler not in schedulers:
-        raise ConfigError(
-            f"--lr_scheduler {args.lr_scheduler!r} is not a scheduler of diffusers; use one of {schedulers}."
-        )
-    check_trackers(args.report_to)
-
-
-def check_trackers(report_to: str) -> None:
-    """A tracker named in --report_to must be one accelerate knows and be installed (the default tensorboard
-    falls back to console logging instead)."""
-    import accelerate.utils
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
-    for name in report_to.split(","):
-        if name in ("none", "", "all", "tensorboard"):
-            continue
-        if name not in LOGGER_TYPE_TO_CLASS:
-            raise ConfigError(
-                f"--report_to {name!r} is not a tracker accelerate knows; use one of {sorted(LOGGER_TYPE_TO_CLASS)} or none."
-            )
-        if not getattr(accelerate.utils, f"is_{name}_available")():
-            raise ConfigError(
-                f"--report_to {name} but {name} is not installed: pip install {name}, or pass --report_to none."
-            )
-
-
 def build_family(family_cls: type, args: argparse.Namespace):
     """The family adapter with the options this run sets (only those the family has)."""
-    import inspect
-
     accepted = inspect.signature(family_cls.__init__).parameters
     options = {"max_sequence_length": args.max_sequence_length}
     if args.embedded_guidance is not None:
@@ -715,7 +570,9 @@ def build_family(family_cls: type, args: argparse.Namespace):
 
 
 def resolve_fields(args: argparse.Namespace) -> FieldsConfig:
-    if args.method == "sft":  # routes are filled with one per data bucket; the field is never queried
+    """The fields and routes: the config file, or one field from the flags (none for sft: its routes, one per
+    data bucket, are filled once the data is read)."""
+    if args.method == "sft":
         if args.fields_config:
             return parse_fields_config(args.fields_config)
         return FieldsConfig(fields={"base": FieldSpec("base", "base")}, routes=[])
@@ -734,12 +591,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
-    from accelerate import Accelerator
-    from accelerate.logging import get_logger
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-
-    from danceopd_diffusers.known_warnings import silence_known_warnings
-
+    setup_logging()  # per process, before anything is said; set again from the accelerator below
     silence_known_warnings()
     # ---------------------------------------------------------------- checks that load no weights
     # the files the user named first (fields config, data), then the model's configs, then the output folder
@@ -754,80 +606,36 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     if args.demo:
         args.pretrained_model_name_or_path = demo.base_path()
     info = inspect_pipeline(args.pretrained_model_name_or_path, revision=args.revision)
-    from danceopd_diffusers.defaults import describe_fallback_resolution, fill_trained_defaults
-
     chosen = fill_trained_defaults(args, args.pretrained_model_name_or_path, args.revision)
     family = build_family(info.family_cls, args)
     check_fields_against_model(fields_config, info)
     if args.method != "sft":
         check_something_to_distill(fields_config, warm_start=bool(args.student_init))
-    student_targets = (
-        [t.strip() for t in args.lora_layers.split(",")]
-        if args.lora_layers
-        else list(family.default_lora_targets)
+    plan = plan_student(
+        info,
+        family.default_lora_targets,
+        full_finetune=args.full_finetune,
+        lora_layers=args.lora_layers,
+        rank=args.rank,
+        lora_alpha=args.lora_alpha,
+        student_init=args.student_init,
     )
-    if not args.full_finetune:
-        check_lora_targets(student_targets, info.module_names, "--lora_layers")
-    init_is_lora = False
-    if args.student_init:
-        from danceopd_diffusers.lora_io import resolve_lora_file
-
-        if not os.path.exists(args.student_init) and args.student_init.count("/") != 1:
-            raise ConfigError(
-                f"--student_init {args.student_init} does not exist: pass a LoRA (file, folder or Hub id) or a "
-                "transformer checkpoint (diffusers folder or .safetensors file)."
-            )
-        try:
-            init_file = resolve_lora_file(args.student_init, what="--student_init")
-            init_header = inspect_lora(init_file, "--student_init")
-            init_is_lora = bool(init_header.modules)
-        except FileNotFoundError:
-            init_is_lora = False
-        if args.rank is None and not args.full_finetune:
-            args.rank = lora_base_rank(init_header) if init_is_lora else DEFAULT_RANK
-        if init_is_lora:
-            check_lora_file(
-                init_header,
-                info.module_names,
-                "--student_init",
-                expected_rank=None if args.full_finetune else args.rank,
-                linear_features=info.linear_features,
-            )
-        if init_is_lora and not args.full_finetune:
-            student_targets = init_header.target_modules or sorted(init_header.modules)
-            # the student continues the file's LoRA at the file's own scale (alpha and patterns)
-            init_lora_config = student_init_lora_config(init_header, args.rank, args.lora_alpha)
-            args.lora_alpha = init_lora_config["lora_alpha"]
-        if not init_is_lora:
-            check_transformer_checkpoint(args.student_init, None, info, "--student_init")
-    if args.method == "sft" and not fields_config.routes:
+    args.rank, args.lora_alpha = plan.rank, plan.lora_alpha  # what the checkpoints and the card record
+    if args.method == "sft" and not fields_config.routes:  # sft: one route per data bucket
         fields_config.routes = [RouteSpec(field="base", task=t) for t in sorted(buckets.buckets)]
-    if args.per_sample_routing and len({buckets.is_edit_bucket(r.task) for r in fields_config.routes}) > 1:
-        raise ConfigError(
-            "--per_sample_routing would put edit and text-to-image samples in one batch, which cannot share a "
-            "rollout. Use per-step routing (drop --per_sample_routing): each step then draws one bucket."
-        )
-    for route in fields_config.routes:
-        edit_only = [s.name for s in fields_config.resolve_chain(route.field) if s.type in EDIT_ONLY_TYPES]
-        if edit_only and not buckets.is_edit_bucket(route.task):
-            raise ConfigError(
-                f"Route to {route.field!r} uses image guidance ({edit_only[0]!r}) on bucket {route.task!r}, which "
-                "has no source images. Route it to an edit bucket or use a cfg field."
-            )
-    buckets.check_routes(
-        fields_config.routes,
+    check_routes_on_data(
+        fields_config,
+        buckets,
+        per_sample_routing=args.per_sample_routing,
         need_target=args.method == "sft",
         can_edit=family.can_edit,
         editing_families=editing_families(),
     )
-
     # the output folder: apart from every folder the run reads (before anything is written there), writable
     check_apart(args.output_dir, *run_inputs(args, fields_config))
     check_output_dir(args.output_dir)
 
     # ---------------------------------------------------------------- the Hub: token, repo, Hub resume
-    from danceopd_diffusers import hub
-
     repo_id = None
     if args.push_to_hub:
         repo_id = hub.prepare_push(args.hub_model_id or Path(args.output_dir).name, token=args.hub_token)
@@ -836,49 +644,21 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         hub_resume = hub.resolve_hub_checkpoint(args.resume_from_checkpoint, args.output_dir, args.hub_token)
 
     # ---------------------------------------------------------------- output folder: lock, resume, kind
-    from accelerate.utils.environment import get_int_from_env
-
-    # one owner of the output folder (the first thing written to it): the main process, global rank 0 as
-    # accelerate reads it, holds its lock
+    # one owner of the output folder (the first thing written to it): the main process holds its lock
     owner = stack.enter_context(
         OutputFolder(
-            args.output_dir,
-            main_process=get_int_from_env(
-                ["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0
-            )
-            == 0,
-            overwrite=args.overwrite_output_dir,
-            full_finetune=args.full_finetune,
+            args.output_dir, overwrite=args.overwrite_output_dir, full_finetune=args.full_finetune
         ).open()
     )
-    from danceopd_diffusers.export import _public, base_model_reference
-
-    run_settings = {  # recorded with each checkpoint; resuming under other settings is refused
-        "base_model": base_model_reference(args.pretrained_model_name_or_path)["name"],
-        "revision": args.revision,
-        "method": args.method,
-        "full_finetune": args.full_finetune,
-        "rank": None if args.full_finetune else args.rank,
-        "lora_alpha": None if args.full_finetune else args.lora_alpha or args.rank,
-        "targets": None if args.full_finetune else sorted(student_targets),
-        "fields_config": _public(fields_config.to_dict()),  # no machine paths: checkpoints may be pushed
-    }
-    if (
-        args.query_space != "step"
-    ):  # (absent for the paper's law: checkpoints of earlier versions still resume)
-        run_settings["query_law"] = [args.query_space, args.query_reference_shift]
+    run_settings = checkpoint_settings(args, fields_config, plan.targets)
     resume_path = None
     if hub_resume is None:  # a Hub checkpoint is checked once downloaded, still before any weights load
         resume_path = owner.resume(args.resume_from_checkpoint, run_settings)
 
     # ---------------------------------------------------------------- accelerator
     logging_dir = Path(args.output_dir, args.logging_dir)
-    from accelerate.utils import is_tensorboard_available
-
     if args.report_to == "tensorboard" and not is_tensorboard_available():
-        print(
-            "[danceopd] tensorboard is not installed: logging to the console only (pip install tensorboard)"
-        )
+        logger.info("tensorboard is not installed: logging to the console only (pip install tensorboard)")
         args.report_to = "none"
     # Several processes on a machine without CUDA (`accelerate launch --multi_gpu --num_processes 2` on CPU):
     # run them as gloo CPU processes instead of independent single-process runs.
@@ -891,53 +671,30 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir)),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
-    from danceopd_diffusers.distributed import (
-        check_engine,
-        end_training,
-        full_state_dict,
-        gathered,
-        unsharded_copy,
-    )
-
+    setup_logging(accelerator.is_local_main_process)
     check_engine(accelerator, args.full_finetune, args.cuda_graphs)
-    log = get_logger("danceopd")
-    precision_from = "--mixed_precision"
-    if not args.mixed_precision:
-        launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
-        precision_from = (
-            "`accelerate launch` / accelerate config" if launched else "default: no accelerate setting"
-        )
+    for line in describe_precision(accelerator, args.mixed_precision):
+        logger.info(line)
     args.mixed_precision = accelerator.mixed_precision  # what the card and danceopd_config.json record
-    accelerator.print(f"[danceopd] mixed precision: {args.mixed_precision} (from {precision_from})")
-    if args.mixed_precision == "no" and torch.cuda.is_available():
-        accelerator.print(
-            "[danceopd] training in fp32; the paper's recipe is bf16: pass --mixed_precision bf16"
-        )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if args.seed is None:
-        args.seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        seed_tensor = torch.tensor([args.seed], device=accelerator.device)
-        from accelerate.utils import broadcast
-
-        args.seed = int(broadcast(seed_tensor, 0).item())
+    if args.seed is None:  # one seed for every process
+        args.seed = int(broadcast(torch.randint(0, 2**31 - 1, (1,), device=accelerator.device), 0).item())
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         if args.demo:
-            print(
-                "[danceopd] embedded demo: DanceOPD on ShapesWorld (text-to-image + local edits + global edits) "
-                f"from the shipped sources at {demo.SOURCES}; settings {args.demo_overrides}",
-                flush=True,
+            logger.info(
+                "embedded demo: DanceOPD on ShapesWorld (text-to-image + local edits + global edits) "
+                f"from the shipped sources at {demo.SOURCES}; settings {args.demo_overrides}"
             )
         for line in chosen:
-            print(f"[danceopd] {line}", flush=True)
+            logger.info(line)
     hub_pusher = None
     if repo_id and accelerator.is_main_process:
         hub_pusher = hub.HubPusher(repo_id, args.output_dir, args.hub_strategy, token=args.hub_token)
     if hub_resume is not None:
         if accelerator.is_main_process:
             path = hub.download_hub_checkpoint(hub_resume, args.output_dir, token=args.hub_token)
-            print(f"[danceopd] downloaded {hub_resume.repo_id}:{hub_resume.name} to {path}", flush=True)
+            logger.info(f"downloaded {hub_resume.repo_id}:{hub_resume.name} to {path}")
         accelerator.wait_for_everyone()
         args.resume_from_checkpoint = hub_resume.name
         resume_path = owner.resume(args.resume_from_checkpoint, run_settings)
@@ -946,18 +703,14 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     if args.disable_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
-    weight_dtype = torch.float32
-    if accelerator.mixed_precision == "fp16":
-        weight_dtype = torch.float16
-    elif accelerator.mixed_precision == "bf16":
-        weight_dtype = torch.bfloat16
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
     # A full fine-tune keeps fp32 master weights and computes under autocast, as diffusers' full fine-tuning
     # examples do: Adam's small updates vanish in half-precision weights. Frozen models stay in weight_dtype.
     student_dtype = torch.float32 if args.full_finetune else weight_dtype
 
     # ---------------------------------------------------------------- models
-    from danceopd_diffusers.field_loading import load_pipeline
-
     with load_errors("--pretrained_model_name_or_path", args.pretrained_model_name_or_path):
         pipe = load_pipeline(
             family,
@@ -972,45 +725,16 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False)
-    init_is_checkpoint = bool(args.student_init) and not init_is_lora
-    if init_is_checkpoint:
-        from danceopd_diffusers.field_loading import load_transformer
-
-        with load_errors("--student_init", args.student_init):
-            pipe.transformer = load_transformer(
-                family,
-                args.student_init,
-                None,
-                student_dtype,
-                config_source=args.pretrained_model_name_or_path,
-            )
-        pipe.transformer.requires_grad_(False)
-        check_loaded_finite(pipe.transformer, f"--student_init {args.student_init}")
-    pipe.to(accelerator.device)
+    scope = build_student(
+        pipe,
+        family,
+        plan,
+        student_dtype,
+        accelerator.device,
+        config_source=args.pretrained_model_name_or_path,
+    )
     transformer = pipe.transformer
-    scope = None
-    if args.full_finetune:
-        if init_is_lora:
-            from danceopd_diffusers.student import load_lora_into_adapter
-
-            load_lora_into_adapter(transformer, *load_lora_for_diffusers(init_file), adapter_name="init")
-            transformer.fuse_lora(adapter_names=["init"])
-            transformer.unload_lora()
-        transformer.requires_grad_(True)
-    else:
-        from danceopd_diffusers.student import AdapterScope, add_student_lora
-
-        if init_is_lora:
-            from danceopd_diffusers.student import load_lora_into_adapter
-
-            state, _ = load_lora_for_diffusers(init_file)
-            load_lora_into_adapter(transformer, state, init_lora_config, adapter_name=STUDENT_ADAPTER)
-        else:
-            add_student_lora(transformer, args.rank, args.lora_alpha or args.rank, student_targets)
-        scope = AdapterScope(transformer)
-    from danceopd_diffusers.field_loading import build_fields
-
-    shares_base = scope is not None and not init_is_checkpoint
+    shares_base = scope is not None and not plan.init_is_checkpoint
     with load_errors("--fields_config / --expert_*", "the fields' weights"):
         fields = build_fields(
             fields_config,
@@ -1041,8 +765,6 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
-    from diffusers.optimization import get_scheduler
-
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -1053,55 +775,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     )
 
     # ---------------------------------------------------------------- checkpoint hooks
-    def unwrap(model):
-        model = accelerator.unwrap_model(model)
-        return model._orig_mod if hasattr(model, "_orig_mod") else model
-
-    def save_model_hook(models, weights, output_dir):
-        for model in models:
-            model = unwrap(model)
-            state = full_state_dict(accelerator, model)  # every rank joins the gathering of a sharded model
-            if accelerator.is_main_process:
-                from danceopd_diffusers.export import save_student_lora
-
-                if state is not None:
-                    model = unsharded_copy(model, state)
-                if args.full_finetune:
-                    model.save_pretrained(os.path.join(output_dir, "transformer"))
-                else:
-                    save_student_lora(model, family, output_dir, STUDENT_ADAPTER)
-                if weights:
-                    weights.pop()
-
-    def load_model_hook(models, input_dir):
-        while models:
-            model = unwrap(models.pop())
-            if args.full_finetune:
-                loaded = family.transformer_class().from_pretrained(
-                    input_dir,
-                    subfolder="transformer",
-                    use_safetensors=True,  # never a pickle
-                )
-                model.load_state_dict(loaded.state_dict())
-                del loaded
-            else:
-                from peft import set_peft_model_state_dict
-
-                state, _ = load_lora_for_diffusers(
-                    os.path.join(input_dir, "pytorch_lora_weights.safetensors")
-                )
-                state = {k[len("transformer.") :]: v for k, v in state.items()}
-                result = set_peft_model_state_dict(model, state, adapter_name=STUDENT_ADAPTER)
-                if getattr(result, "unexpected_keys", None):
-                    raise RuntimeError(
-                        f"Checkpoint {input_dir} does not match the student: {result.unexpected_keys[:3]}"
-                    )
-                for p in model.parameters():
-                    if p.requires_grad:
-                        p.data = p.data.float()
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+    register_student_hooks(accelerator, family, args.full_finetune)  # the student's own files, never a pickle
     transformer_ddp, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     # FSDP2 shards pipe.transformer in place, with new parameters: clip (and switch adapters on) those
     params = [p for p in transformer.parameters() if p.requires_grad]
@@ -1109,43 +783,37 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         scope.refresh()
     graphed = None
     if args.cuda_graphs:  # after prepare: accelerate's autocast wrapper of the forward is captured too
-        from danceopd_diffusers.cuda_graphs import GraphedNoGradForward
-
         graphed = GraphedNoGradForward(transformer)
-    from danceopd_diffusers.student import mode_switch
-
     set_training = mode_switch(transformer)  # train()/eval() around each rollout without the recursive walk
 
     # ---------------------------------------------------------------- state before the loop
-    from danceopd_diffusers.caches import PromptCache, SourceCache, TargetCache
-
-    cache_size = len(buckets.dataset) + 1 if args.cache_latents else 4096
-    prompt_cache = PromptCache(pipe, family, accelerator.device)
-    source_cache = SourceCache(pipe, family, accelerator.device, max_entries=cache_size)
-    target_cache = TargetCache(pipe, family, accelerator.device, max_entries=cache_size)
-    router = Router(fields_config.routes)
     route_fields = [fields[r.field] for r in fields_config.routes]
     resolution = args.resolution or family.default_resolution(pipe)
-    query_law = QueryLaw(args.query_strategy, args.query_space, args.query_reference_shift)
     if args.resolution is None:
-        accelerator.print(f"[danceopd] {describe_fallback_resolution(resolution)}")
+        logger.info(describe_fallback_resolution(resolution))
+    drawer = BatchDrawer(
+        pipe,
+        family,
+        buckets,
+        columns,
+        fields_config.routes,
+        resolution,
+        seed=args.seed,
+        batch_size=args.train_batch_size,
+        num_processes=accelerator.num_processes,
+        rank=accelerator.process_index,
+        per_sample_routing=args.per_sample_routing,
+        device=accelerator.device,
+        cache_everything=args.cache_latents,
+    )
     if args.cache_latents:  # before training, in fixed chunks: one encoder call per chunk, not per row
-        from danceopd_diffusers.caches import precompute_encodings
-
-        line = precompute_encodings(
-            buckets,
-            [r.task for r in fields_config.routes],
-            resolution,
-            prompt_cache,
-            source_cache,
-            target_cache if args.method == "sft" else None,
-        )
-        accelerator.print(f"[danceopd] {line}")
+        logger.info(drawer.precompute(targets=args.method == "sft"))
+    query_law = QueryLaw(args.query_strategy, args.query_space, args.query_reference_shift)
     global_step = 0
     if args.resume_from_checkpoint and resume_path is None:
-        accelerator.print(f"No checkpoint in {args.output_dir} to resume from; starting a new run.")
+        logger.info(f"No checkpoint in {args.output_dir} to resume from; starting a new run.")
     if resume_path is not None:
-        accelerator.print(f"Resuming from {resume_path}")
+        logger.info(f"Resuming from {resume_path}")
         try:
             accelerator.load_state(str(resume_path))
         except Exception as exc:  # its files matched their recorded sizes, so the damage is in their content
@@ -1153,55 +821,34 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         check_loaded_finite(transformer, f"--resume_from_checkpoint {resume_path}", trainable_only=True)
         global_step = checkpoint_step(resume_path)
     queried_sigma = None
-    if args.method in ("danceopd", "offpolicy"):
-        # what the query law means on this run's own grid (at the training resolution): the paper's index law
-        # reaches sigma 0.55 on its shift-3 grid and far less on an unshifted or small dynamic-shift one
+    if args.method in ("danceopd", "offpolicy"):  # what the query law means on this run's own grid
         grid = family.sigmas(
             pipe, args.num_rollout_steps, family.latent_shape(pipe, 1, resolution, resolution), "cpu"
         )
-        queried_sigma = {k: round(v, 4) for k, v in query_law.describe(grid).items()}
-        accelerator.print(
-            f"[danceopd] query law: {query_law.label()}; queried sigma on this run's grid: mean "
-            f"{queried_sigma['mean']:.3f}, p10 / p50 / p90 = {queried_sigma['p10']:.3f} / "
-            f"{queried_sigma['p50']:.3f} / {queried_sigma['p90']:.3f}"
-        )
-        if queried_sigma["mean"] < LOW_QUERY_SIGMA and args.query_strategy == "low":
-            accelerator.print(
-                f"[danceopd] warning: the queries reach a mean sigma of {queried_sigma['mean']:.2f}, a less noisy "
-                "regime than the paper's 0.55 on its shift-3 grid; pass --query_space sigma to query the paper's "
-                "noise levels on this grid."
-            )
+        queried_sigma, line, warning = query_law.report(grid)
+        logger.info(line)
+        if warning:  # a note on the run's regime, printed with its settings (stdout), not an input error
+            logger.info(f"warning: {warning}")
     if accelerator.is_main_process:
         tracker_config = {  # never the token: tracker configs are written to disk (hparams.yml) and shared
             k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
         }
-        if queried_sigma is not None:
-            tracker_config.update({f"queried_sigma_{k}": v for k, v in queried_sigma.items()})
+        tracker_config.update({f"queried_sigma_{k}": v for k, v in (queried_sigma or {}).items()})
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
     logging_dir.mkdir(parents=True, exist_ok=True)
-    routes_log = open(logging_dir / f"routes_rank{accelerator.process_index}.jsonl", "a")
-
-    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    if args.method == "sft":  # flow-matching fine-tuning: no field, no rollout
-        log.info("***** Running flow-matching fine-tuning (sft) *****")
-        log.info(f"  family = {family.name}, buckets = {[r.task for r in fields_config.routes]}")
-        rollout = f"timestep weighting = {args.weighting_scheme}"
-    else:
-        log.info(f"***** Running {args.method} distillation *****")
-        log.info(f"  family = {family.name}, fields = {list(fields)}")
-        log.info(f"  routes = {[(r.field, r.task, r.weight) for r in fields_config.routes]}")
-        rollout = f"N = {args.num_rollout_steps}"
-        if args.method != "dense":
-            rollout += f", K = {args.query_k}, query = {query_law.label()}"
-        else:
-            rollout += f", every state, weighting = {args.dense_weighting}"
-    log.info(
-        f"  total batch = {total_batch}, steps = {args.max_train_steps}, {rollout}, resolution = {resolution}, "
-        f"text tokens = {args.max_sequence_length}"
+    step_log = StepLog(
+        logging_dir / f"routes_rank{accelerator.process_index}.jsonl",
+        fields_config.routes,
+        args.method,
+        args.num_rollout_steps,
+        args.query_k,
     )
 
-    from tqdm.auto import tqdm
-
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    for line in run_banner(
+        args, family.name, fields, fields_config.routes, total_batch, resolution, query_law.label()
+    ):
+        logger.info(line)
     progress_bar = tqdm(
         range(args.max_train_steps),
         initial=global_step,
@@ -1209,178 +856,93 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         disable=not accelerator.is_local_main_process,
     )
     stack.callback(progress_bar.close)  # ends its line, so an error message starts a line of its own
-    edit_tasks = {r.task for r in fields_config.routes if buckets.is_edit_bucket(r.task)}
-
-    source_sizes: dict[int, tuple[int, int]] = {}
-
-    def encode_batch(rows: list[int], prompts: list[str], edit: bool):
-        """Conditioning (+ the empty-prompt one for CFG), and the size to train at: an edit's keeps its
-        source's aspect ratio and both branches keep the source image."""
-        if not edit:
-            size = family.size_conditioning(pipe, len(prompts), resolution, resolution)
-            return (
-                prompt_cache(prompts).merge(size),
-                prompt_cache.empty(len(prompts)).merge(size),
-                resolution,
-                resolution,
-            )
-        if rows[0] not in source_sizes:
-            first = buckets.images(rows[:1], columns.source_image)[0]
-            source_sizes[rows[0]] = (first.width, first.height)
-        height, width = edit_size(*source_sizes[rows[0]], resolution)
-        keys = [(row, height, width) for row in rows]
-
-        def fitted(positions: list[int]):  # called only for rows whose encodings are not cached yet
-            images = buckets.images([rows[i] for i in positions], columns.source_image)
-            return [fit_image(img, height, width) for img in images]
-
-        cond, uncond = prompt_cache(prompts, keys, fitted), prompt_cache.empty(len(prompts), keys, fitted)
-        # the state's size travels with each sample (packed families cannot read it off the tokens)
-        source = source_cache(rows, fitted, height, width).merge(
-            family.size_conditioning(pipe, len(rows), height, width)
-        )
-        return cond.merge(source), uncond.merge(source), height, width
-
     sft_scheduler = copy.deepcopy(pipe.scheduler) if args.method == "sft" else None
     batch_rollouts = (
         args.batch_rollouts and args.method in ("danceopd", "dense") and args.gradient_accumulation_steps > 1
     )
 
-    def draw_micro(micro: int, step_route: int) -> SimpleNamespace:
-        """One micro-step's rows, conditioning and random draws (and, for sft, its states): everything before the
-        rollout. Every rank draws the whole global batch from one generator and keeps its own slice, so N
-        processes at batch B train on what one process at batch N·B does (the trailing 0 of the generator's keys
-        keeps 1-process runs as before)."""
-        gen = step_generator(args.seed, "sample", global_step, micro, 0)
-        world_batch = args.train_batch_size * accelerator.num_processes
-        mine = slice(rank * args.train_batch_size, (rank + 1) * args.train_batch_size)
-
-        def my_noise(shape: tuple[int, ...], per_sample: int = 1) -> torch.Tensor:
-            """Gaussian draws for the global batch (``per_sample`` rows each, sample-major); this rank's rows."""
-            n = args.train_batch_size * per_sample
-            return torch.randn((world_batch * per_sample, *shape), generator=gen)[rank * n : (rank + 1) * n]
-
-        if args.per_sample_routing:
-            world_routes = router.draw(gen, world_batch)
-        else:
-            world_routes = [step_route] * world_batch
-        world_rows = []
-        for r in world_routes:
-            world_rows += buckets.sample(fields_config.routes[r].task, 1, gen)
-        m = SimpleNamespace(sample_routes=world_routes[mine], rows=world_rows[mine], states=None)
-        prompts = buckets.prompts(m.rows)
-        m.edit = fields_config.routes[m.sample_routes[0]].task in edit_tasks
+    def draw_micro(micro: int, step_route: int) -> MicroBatch:
+        """One micro-step's rows, conditioning and random draws (and, for sft, its states): all before the rollout."""
+        m = drawer.draw(global_step, micro, step_route)
         if args.method == "sft":
-            dropped = (torch.rand(world_batch, generator=gen) < args.caption_dropout_prob)[mine]
-            prompts = ["" if drop else p for drop, p in zip(dropped.tolist(), prompts)]
-            m.cond, _, m.height, m.width = encode_batch(m.rows, prompts, m.edit)
-            if args.cache_latents:
-                targets = functools.partial(_images_at_positions, buckets, m.rows, columns.target_image)
-                x0 = target_cache(m.rows, targets, m.height, m.width).to(weight_dtype)
-            else:
-                with torch.no_grad():
-                    pixels = images_to_tensor(buckets.images(m.rows, columns.target_image), m.height, m.width)
-                    x0 = family.encode_images(pipe, pixels, gen).to(weight_dtype)
-            sigma = sample_sft_sigmas(sft_scheduler, world_batch, gen, args.weighting_scheme)[mine]
-            m.states = sft_states(x0, sigma, my_noise(x0.shape[1:]), args.weighting_scheme)
+            drawer.drop_captions(m, args.caption_dropout_prob)
+            drawer.encode(m)
+            x0 = drawer.target_latents(m, args.cache_latents, weight_dtype)
+            sigma = drawer.mine(
+                sample_sft_sigmas(sft_scheduler, drawer.world_batch, m.generator, args.weighting_scheme)
+            )
+            m.states = sft_states(x0, sigma, drawer.noise(m, x0.shape[1:]), args.weighting_scheme)
             return m
-        m.cond, m.uncond, m.height, m.width = encode_batch(m.rows, prompts, m.edit)
+        drawer.encode(m)
         m.targets = RoutedTargets(
             [route_fields[r] for r in m.sample_routes], m.cond, m.uncond, args.num_rollout_steps
         )
         m.shape = family.latent_shape(pipe, len(m.rows), m.height, m.width)
-        m.noise = my_noise(m.shape[1:]).to(accelerator.device, weight_dtype)
-        m.query_sigmas = None
+        m.noise = drawer.noise(m, m.shape[1:]).to(accelerator.device, weight_dtype)
         if args.method == "dense":
             m.indices = torch.arange(args.num_rollout_steps).repeat(len(m.rows), 1)
         else:
-            m.indices, query_sigmas = query_law.sample(args.num_rollout_steps, world_batch, args.query_k, gen)
-            m.indices = m.indices[mine]
-            m.query_sigmas = None if query_sigmas is None else query_sigmas[mine]
+            m.indices, query_sigmas = query_law.sample(
+                args.num_rollout_steps, drawer.world_batch, args.query_k, m.generator
+            )
+            m.indices = drawer.mine(m.indices)
+            m.query_sigmas = None if query_sigmas is None else drawer.mine(query_sigmas)
         if args.method == "offpolicy":  # the re-noising draws, for the global batch's K states each
-            m.renoise = my_noise(m.shape[1:], per_sample=m.indices.shape[1])
+            m.renoise = drawer.noise(m, m.shape[1:], per_sample=m.indices.shape[1])
         return m
 
-    loss_history: list[float] = []
-    # per routed field, printed at the end: the routes' losses differ by an order of magnitude
-    route_history: dict[str, list[float]] = {}
-    rank = accelerator.process_index
     last_grid: dict[int, object] = {}  # step -> grid, so the final samples reuse the last validation
-
-    def validation_examples():
-        """Validation prompts against the text-to-image routes; the first row of each edit bucket against its
-        edit routes (source image shown first)."""
-        from danceopd_diffusers.validation import ValidationExample
-
-        def routed_to(tasks):
-            names = dict.fromkeys(r.field for r in fields_config.routes if r.task in tasks)
-            return [fields[n] for n in names] if args.method != "sft" else []
-
-        t2i_fields = routed_to({r.task for r in fields_config.routes} - edit_tasks)
-        examples = [ValidationExample(p, t2i_fields) for p in args.validation_prompt or []]
-        for task in sorted(edit_tasks):
-            row = buckets.buckets[task][0]
-            source = buckets.images([row], columns.source_image)[0]
-            examples.append(ValidationExample(buckets.prompts([row])[0], routed_to({task}), source, row))
-        return examples
+    examples = validation_examples(
+        fields_config.routes,
+        fields,
+        buckets,
+        columns.source_image,
+        args.validation_prompt or [],
+        drawer.edit_tasks,
+        show_fields=args.method != "sft",
+    )
+    run_validation = bool(examples)
 
     def validate(step: int):
-        from danceopd_diffusers.validation import log_grid, validation_grid
-
-        transformer.eval()
-        grid, captions = validation_grid(
+        caches, seeds = (drawer.prompt_cache, drawer.source_cache), args.validation_seeds
+        grid = save_validation(
             pipe,
             family,
-            prompt_cache,
-            source_cache,
-            validation_examples(),
-            args.validation_seeds,
+            caches,
+            examples,
+            seeds,
             args.num_rollout_steps,
             resolution,
+            args.output_dir,
+            accelerator,
+            step,
         )
-        transformer.train()
-        out = Path(args.output_dir, "validation")
-        out.mkdir(parents=True, exist_ok=True)
-        grid.save(out / f"step-{step:06d}.png")
-        log_grid(accelerator, grid, step)
-        log.info(f"validation grid at step {step}: rows {captions}")
         last_grid.clear()
         last_grid[step] = grid
         return grid
 
-    run_validation = bool(args.validation_prompt or edit_tasks)
-
-    def student_rollout(
-        targets: RoutedTargets,
-        cond: Conditioning,
-        noise: torch.Tensor,
-        indices: torch.Tensor,
-        query_sigmas: torch.Tensor | None,
-        height: int,
-        width: int,
-    ) -> TrainingStates:
+    def student_rollout(m: MicroBatch) -> TrainingStates:
         """The student's on-policy rollout, in eval mode, and the routed fields' targets at its queried states."""
-        # under FSDP2: gathered once for the rollout and every field (ranks differ in their calls)
-        with gathered(transformer):
+        with gathered(transformer):  # under FSDP2: gathered once for the rollout and every field
             set_training(False)
             states = on_policy_states(
                 pipe,
                 family,
-                targets,
-                cond,
-                noise,
+                m.targets,
+                m.cond,
+                m.noise,
                 args.num_rollout_steps,
-                indices,
-                height,
-                width,
+                m.indices,
+                m.height,
+                m.width,
                 dense=args.method == "dense",
                 dense_weighting=args.dense_weighting,
-                query_sigmas=query_sigmas,
+                query_sigmas=m.query_sigmas,
             )
             set_training(True)
         return states
 
-    def micro_states(m: SimpleNamespace) -> TrainingStates:
+    def micro_states(m: MicroBatch) -> TrainingStates:
         """A micro-step's training states: its own rollout (or the fields' own, off-policy)."""
         if args.method == "offpolicy":
             with gathered(transformer):
@@ -1388,105 +950,48 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
                 return off_policy_states(
                     family, m.targets, m.noise, sigmas, m.indices, m.renoise, m.query_sigmas
                 )
-        return student_rollout(m.targets, m.cond, m.noise, m.indices, m.query_sigmas, m.height, m.width)
+        return student_rollout(m)
 
-    def student_backward(
-        states: TrainingStates, cond: Conditioning, parts: list[SimpleNamespace]
-    ) -> list[tuple[float, list[tuple[int, float]]]]:
-        """One student forward and backward over ``states`` (rows of ``cond``), whose samples are those of
-        ``parts`` (micro-steps, in order): the loss is the sum of each part's velocity MSE. Returns, per part,
-        its loss and (sample within the part, error) of each of its rows, brought to the host in one sync."""
+    def student_velocity(states: TrainingStates, cond: Conditioning) -> torch.Tensor:
         with accelerator.autocast():
-            pred = family.velocity(
-                transformer_ddp,
-                states.x.to(weight_dtype),
-                states.sigma.to(accelerator.device),
-                cond.select(states.samples),
-            )
-        losses, starts, start = [], [], 0
-        for part in parts:
-            mask = (states.samples >= start) & (states.samples < start + len(part.rows))
-            rows = mask.nonzero()[:, 0].to(pred.device)
-            weight = None if states.weight is None else states.weight[mask.to(states.weight.device)]
-            losses.append(velocity_mse(pred[rows], states.target[rows], weight, num_samples=len(part.rows)))
-            starts.append(start)
-            start += len(part.rows)
-        loss = torch.stack(losses).sum()
-        with torch.no_grad():  # the losses and each row's error reach the host in one sync
-            per_row = (pred.detach().float() - states.target.float()).pow(2).flatten(1).mean(1)
-            on_host = torch.cat([torch.stack(losses).detach().float(), per_row]).cpu().tolist()
-        if not math.isfinite(sum(on_host[: len(parts)])):  # named by its source: rollout, target, prediction
-            error = describe_nonfinite(
-                global_step,
-                fields_config.routes[step_route].field,
-                states.x if args.method in ("danceopd", "dense") else None,
-                states.target,
-                pred,
-                args.learning_rate,
-            )
+            x, sigma = states.x.to(weight_dtype), states.sigma.to(accelerator.device)
+            return family.velocity(transformer_ddp, x, sigma, cond.select(states.samples))
+
+    def student_backward(states: TrainingStates, cond: Conditioning, parts: list[MicroBatch]) -> list[tuple]:
+        """One student forward and backward over ``states`` (rows of ``cond``) whose samples are those of ``parts``
+        (micro-steps, in order): the loss is the sum of each part's velocity MSE. Returns, per part, its loss and
+        (sample within the part, error) of each of its rows, brought to the host in one sync."""
+        pred = student_velocity(states, cond)
+        losses, results = part_losses(pred, states, [len(p.rows) for p in parts])
+        if not math.isfinite(
+            sum(loss for loss, _ in results)
+        ):  # named by its source: rollout, target, prediction
+            rollout = states.x if args.method in ("danceopd", "dense") else None
+            route = fields_config.routes[step_route].field
+            error = describe_nonfinite(global_step, route, rollout, states.target, pred, args.learning_rate)
             raise error or NonFiniteError(f"step {global_step + 1}: the loss is not finite (NaN or inf).")
         last_batch[:] = [states, cond]  # the probe of the weights before a save
-        accelerator.backward(loss)
-        out: list[tuple[float, list[tuple[int, float]]]] = [(value, []) for value in on_host[: len(parts)]]
-        for sample, error in zip(states.samples.tolist(), on_host[len(parts) :]):
-            part = bisect.bisect_right(starts, sample) - 1
-            out[part][1].append((sample - starts[part], error))
-        return out
-
-    def step_rows(states: list[TrainingStates]) -> dict[str, int]:
-        """Transformer rows of one optimizer step: the student's rollout (no grad), the fields' queries (an
-        off-policy field also rolls itself out over all N states) and the student's forward and backward."""
-        queried = sum(len(s.samples) for s in states)
-        field = queried
-        if args.method == "offpolicy":
-            field += sum(len(s.samples) // args.query_k for s in states) * args.num_rollout_steps
-        elif args.method == "sft":
-            field = 0
-        return {"rollout": sum(s.sample_steps for s in states), "field": field, "student": queried}
+        accelerator.backward(losses.sum())
+        return results
 
     last_batch: list = []  # (states, conditioning) of the last student forward
+    guard = WeightGuard(params, args.learning_rate, accelerator)
 
     def probe() -> torch.Tensor | None:
         """The student's prediction on the last batch it trained on, with the weights as they are now."""
-        if not last_batch:
-            return None
-        states, cond = last_batch
-        with accelerator.autocast():
-            return family.velocity(
-                transformer_ddp,
-                states.x.to(weight_dtype),
-                states.sigma.to(accelerator.device),
-                cond.select(states.samples),
-            )
-
-    guard = WeightGuard(params, args.learning_rate, accelerator)
+        return student_velocity(*last_batch) if last_batch else None
 
     # ---------------------------------------------------------------- training loop
     transformer.train()
     stop = StopOnSignal().start()
     while global_step < args.max_train_steps:
-        step_route = router.draw_step_route(args.seed, global_step, accelerator)
-        route_losses: dict[str, list[float]] = {}
-        step_loss = 0.0
+        step_route = drawer.router.draw_step_route(args.seed, global_step, accelerator)
         micros = [draw_micro(micro, step_route) for micro in range(args.gradient_accumulation_steps)]
         joint = None
         if batch_rollouts and len({(m.edit, m.height, m.width) for m in micros}) == 1:
             # the student is the same in every micro-step of an optimizer step: one rollout for all of them
-            joint_cond = Conditioning.cat([m.cond for m in micros])
-            joint = student_rollout(
-                RoutedTargets(
-                    [f for m in micros for f in m.targets.fields],
-                    joint_cond,
-                    Conditioning.cat([m.uncond for m in micros]),
-                    args.num_rollout_steps,
-                ),
-                joint_cond,
-                torch.cat([m.noise for m in micros]),
-                torch.cat([m.indices for m in micros]),
-                None if micros[0].query_sigmas is None else torch.cat([m.query_sigmas for m in micros]),
-                micros[0].height,
-                micros[0].width,
-            )
+            joint = MicroBatch.joined(micros, args.num_rollout_steps)
+            joint.states = student_rollout(joint)
         for i, m in enumerate(micros):
             with accelerator.accumulate(transformer_ddp):
                 if joint is None:
@@ -1496,48 +1001,29 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
                 elif i == len(micros) - 1:
                     # and one student forward and backward: the sum of the micro-steps' losses, so the
                     # gradient is the accumulated one (accelerate scales by 1 / accumulation either way)
-                    for micro, result in zip(micros, student_backward(joint, joint_cond, micros)):
+                    for micro, result in zip(micros, student_backward(joint.states, joint.cond, micros)):
                         micro.result = result
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-        for m in micros:
-            loss, errors = m.result
-            step_loss += loss / args.gradient_accumulation_steps
-            for sample, error in errors:
-                route_losses.setdefault(fields_config.routes[m.sample_routes[sample]].field, []).append(error)
-        routes_log.write(
-            json.dumps(
-                {
-                    "step": global_step,
-                    "loss": step_loss,  # the optimizer step's loss: curves without a tracker (multi-GPU, study)
-                    "route": fields_config.routes[step_route].field,
-                    "sample_routes": [fields_config.routes[r].field for r in micros[-1].sample_routes],
-                    # this rank's work in the step: the measure of compute of the study's equal-compute table
-                    "rows": step_rows([joint] if joint is not None else [m.states for m in micros]),
-                }
-            )
-            + "\n"
+        states = [joint.states] if joint is not None else [m.states for m in micros]
+        step_loss = step_log.record(
+            global_step, step_route, [(m.sample_routes, m.result) for m in micros], states
         )
-        routes_log.flush()
         global_step += 1
         guard.check_step(global_step, step_loss)  # the update's weights are finite; warns on a diverging loss
         owner.check_alive(global_step)
         progress_bar.update(1)
-        loss_history.append(step_loss)
-        logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
-        logs.update({f"loss/{name}": sum(v) / len(v) for name, v in route_losses.items()})
-        for name, v in route_losses.items():
-            route_history.setdefault(name, []).append(sum(v) / len(v))
+        logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], **step_log.last}
         progress_bar.set_postfix(loss=f"{step_loss:.4g}", lr=f"{logs['lr']:.2g}")
         accelerator.log(logs, step=global_step)
         path = None
         if global_step % args.checkpointing_steps == 0:
             guard.check_before_save(global_step, probe)
             path = owner.save_checkpoint(accelerator, global_step, args.checkpoints_total_limit, run_settings)
-            log.info(f"Saved state to {path}")
+            logger.info(f"Saved state to {path}")
             if hub_pusher is not None:
                 hub_pusher.on_save(path, global_step)
         signum = stop.requested(accelerator)
@@ -1548,7 +1034,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
                     accelerator, global_step, args.checkpoints_total_limit, run_settings
                 )
             stop.stop()
-            routes_log.close()
+            step_log.close()
             progress_bar.close()
             end_training(accelerator)
             raise Interrupted(
@@ -1561,7 +1047,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
                 if accelerator.is_main_process:
                     validate(global_step)
     stop.stop()
-    routes_log.close()
+    step_log.close()
     progress_bar.close()
     if graphed is not None:  # before the export fuses and unloads the adapters
         graphed.remove()
@@ -1575,150 +1061,46 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
             if accelerator.is_main_process:
                 validate(global_step)
     if accelerator.is_main_process:
-        from danceopd_diffusers.export import (
-            files_to_upload,
-            fused_student,
-            render_model_card,
-            save_pipeline_folder,
-            save_student_lora,
-            scrub_machine_paths,
-            trained_call_kwargs,
-            write_run_config,
-        )
-
-        if loss_history:
-            print(f"[danceopd] loss: {_first_last(loss_history)}", flush=True)
-        if len(fields_config.routes) > 1:
-            for name, history in route_history.items():
-                print(f"[danceopd] loss of route {name} ({len(history)} steps): {_first_last(history)}")
-        model = unwrap(transformer_ddp)
+        for line in step_log.summary():
+            logger.info(line)
+        model = unwrap(accelerator, transformer_ddp)
         if final_state is not None:
             model = unsharded_copy(model, final_state)
         export_dir = owner.stage()  # a hidden sibling folder; moved into output_dir by renames once complete
         samples_image = None
         if run_validation:
-            grid = last_grid.get(global_step) or validate(global_step)
-            grid.save(Path(export_dir, "samples.png"))
+            (last_grid.get(global_step) or validate(global_step)).save(Path(export_dir, "samples.png"))
             samples_image = "samples.png"
-        if not args.full_finetune:
-            save_student_lora(model, family, export_dir, STUDENT_ADAPTER)
-            experts = [n for n in model.peft_config if n != STUDENT_ADAPTER]
-            export_model = (
-                fused_student(model, STUDENT_ADAPTER, experts) if not args.skip_pipeline_export else None
-            )
-        else:
-            export_model = model.to(weight_dtype)  # the fp32 master weights, exported in the run's dtype
-        absorbed = _absorbed_scale(fields_config)
-        call = trained_call_kwargs(
+        export_student(
+            export_dir,
+            pipe,
             family,
-            method=args.method,
-            num_steps=args.num_rollout_steps,
-            max_sequence_length=args.max_sequence_length,
-        )
-        if args.skip_pipeline_export:
-            if args.full_finetune:
-                model.save_pretrained(os.path.join(export_dir, "transformer"))
-        else:
-            save_pipeline_folder(
-                pipe, family, export_model, export_dir, absorbed, call, trained_resolution=resolution
-            )
-        render_model_card(
-            export_dir,
+            model,
             base_model=args.pretrained_model_name_or_path,
-            repo_id=repo_id,
-            family=family,
             fields_config=fields_config,
-            call_kwargs=call,
-            prompt=(args.validation_prompt or [None])[0],
             fields=fields,
-            dataset_images=[(t, buckets.buckets[t][0]) for t in sorted(edit_tasks)] if samples_image else [],
-            method=args.method,
-            hyperparameters=_hyperparameters(args, resolution, queried_sigma),
-            absorbed_guidance_scale=absorbed,
-            has_lora=not args.full_finetune,
-            has_pipeline=not args.skip_pipeline_export,
+            hyperparameters=run_hyperparameters(args, resolution, queried_sigma),
+            full_finetune=args.full_finetune,
+            skip_pipeline_export=args.skip_pipeline_export,
+            dtype=weight_dtype,
+            repo_id=repo_id,
+            prompt=(args.validation_prompt or [None])[0],
             samples_image=samples_image,
+            dataset_images=[(t, buckets.buckets[t][0]) for t in sorted(drawer.edit_tasks)]
+            if samples_image
+            else [],
         )
-        write_run_config(
-            export_dir,
-            base_model=args.pretrained_model_name_or_path,
-            fields_config=fields_config,
-            hyperparameters=_hyperparameters(args, resolution, queried_sigma),
-            call_kwargs=call,
-        )
-        scrub_machine_paths(export_dir, args.pretrained_model_name_or_path)  # components' _name_or_path
         owner.publish(export_dir, global_step)
         if hub_pusher is not None:
-            from danceopd_diffusers.checkpointing import list_checkpoints
-
             checkpoints = list_checkpoints(args.output_dir)
             hub_pusher.push_final(files_to_upload(args.output_dir), checkpoints[-1] if checkpoints else None)
-        print(f"[danceopd] outputs written to {args.output_dir}", flush=True)
+        logger.info(f"outputs written to {args.output_dir}")
         if args.demo and not args.skip_pipeline_export:
             demo.report(args.output_dir, args.demo_eval_limit, args.max_train_steps)
         if hub_pusher is not None:
             hub_pusher.wait()
-            print(f"[danceopd] pushed to https://huggingface.co/{repo_id}", flush=True)
+            logger.info(f"pushed to https://huggingface.co/{repo_id}")
     end_training(accelerator)
-
-
-def _first_last(history: list[float]) -> str:
-    k = max(1, len(history) // 10)
-    first, last = sum(history[:k]) / k, sum(history[-k:]) / k
-    return f"first {k} steps {first:.5f} -> last {k} steps {last:.5f}"
-
-
-def _images_at_positions(buckets, rows: list[int], column: str, positions: list[int]) -> list:
-    return buckets.images([rows[i] for i in positions], column)
-
-
-def _absorbed_scale(config: FieldsConfig) -> float | None:
-    scales = set()
-    for route in config.routes:
-        for spec in config.resolve_chain(route.field):
-            if spec.type == "cfg":
-                scales.add(spec.scale)
-            elif spec.type == "guider" and "guidance_scale" in spec.guider_kwargs:
-                scales.add(float(spec.guider_kwargs["guidance_scale"]))
-    return max(scales) if scales else None
-
-
-def _hyperparameters(args: argparse.Namespace, resolution: int, queried_sigma: dict | None = None) -> dict:
-    keys = [
-        "method",
-        "num_rollout_steps",
-        "query_strategy",
-        "query_k",
-        "per_sample_routing",
-        "rank",
-        "lora_alpha",
-        "full_finetune",
-        "learning_rate",
-        "lr_scheduler",
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "max_train_steps",
-        "max_grad_norm",
-        "mixed_precision",
-        "seed",
-        "max_sequence_length",
-        "student_init",
-    ]
-    out = {k: getattr(args, k) for k in keys}
-    out["resolution"] = resolution
-    if args.query_space != "step":
-        out["query_space"] = args.query_space
-        out["query_reference_shift"] = args.query_reference_shift
-    if queried_sigma is not None:  # the noise levels the queries reached on the run's grid
-        out["queried_sigma"] = queried_sigma
-    if args.routing != "hard":
-        out["routing"] = args.routing
-    method_option = {"dense": "dense_weighting", "sft": "weighting_scheme"}.get(args.method)
-    if method_option:
-        out[method_option] = getattr(args, method_option)
-    if out["lora_alpha"] is None and not args.full_finetune:
-        out["lora_alpha"] = args.rank
-    return out
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -25,7 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, regular_file_problem
+from .logging_utils import get_logger
 from .lora_io import PICKLE_SUFFIXES
+
+logger = get_logger(__name__)
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 RECORD = "danceopd_checkpoint.json"
@@ -196,7 +199,7 @@ def resolve_resume(
         candidates = sorted(_numbered(output_dir), key=lambda p: (_started(p), checkpoint_step(p)))
         for candidate in reversed(candidates):
             if not (candidate / RECORD).is_file():  # a save that never finished: never resumed from
-                print(f"[danceopd] skipping {candidate}: {checkpoint_problem(candidate)}", flush=True)
+                logger.info(f"skipping {candidate}: {checkpoint_problem(candidate)}")
                 continue
             path = candidate
             break

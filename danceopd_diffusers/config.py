@@ -191,6 +191,19 @@ class FieldsConfig:
     def transformer_field(self, name: str) -> FieldSpec:
         return self.resolve_chain(name)[-1]
 
+    def absorbed_guidance_scale(self) -> float | None:
+        """The largest guidance scale a routed field applies (a cfg field's ``scale``, a guider's
+        ``guidance_scale``): what the student absorbs, recorded in the exported pipeline and its card so that
+        nobody adds it again at inference. None when no routed field guides."""
+        scales = set()
+        for route in self.routes:
+            for spec in self.resolve_chain(route.field):
+                if spec.type == "cfg":
+                    scales.add(spec.scale)
+                elif spec.type == "guider" and "guidance_scale" in spec.guider_kwargs:
+                    scales.add(float(spec.guider_kwargs["guidance_scale"]))
+        return max(scales) if scales else None
+
     def routed_fields(self) -> list[str]:
         seen: list[str] = []
         for route in self.routes:

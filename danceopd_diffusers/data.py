@@ -24,7 +24,9 @@ import torch
 from PIL import Image
 
 from .config import (
+    EDIT_ONLY_TYPES,
     ConfigError,
+    FieldsConfig,
     RouteSpec,
     _short,
     hub_offline,
@@ -33,6 +35,9 @@ from .config import (
     open_regular_file,
     regular_file_problem,
 )
+from .logging_utils import get_logger
+
+logger = get_logger(__name__)
 
 LOCAL_BUILDERS = {
     ".csv": "csv",
@@ -447,16 +452,12 @@ class TaskBuckets:
         if (
             unrouted
         ):  # said, never silent: training on a subset of a shared dataset is legitimate, a typo is not
-            import sys
-
             counts = ", ".join(
                 f"{t!r} ({len(self.buckets[t])} row(s), first row {self.buckets[t][0]})" for t in unrouted
             )
-            print(
-                f"warning: no route draws from task(s) {counts[:300]}: those rows are not trained on (routed: "
-                f"{_short(routed, 200)}). Route them (`task: NAME` in a route), fix their task, or remove them.",
-                file=sys.stderr,
-                flush=True,
+            logger.warning(
+                f"no route draws from task(s) {counts[:300]}: those rows are not trained on (routed: "
+                f"{_short(routed, 200)}). Route them (`task: NAME` in a route), fix their task, or remove them."
             )
         for task in routed:
             rows = self.buckets[task]
@@ -533,3 +534,33 @@ def images_to_tensor(images: Sequence[Image.Image], height: int, width: int) -> 
     """PIL images -> [B, 3, H, W] in [-1, 1] at (height, width) (aspect kept, centre crop)."""
     arrays = [np.asarray(fit_image(img, height, width), dtype=np.float32) for img in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def check_routes_on_data(
+    config: FieldsConfig,
+    buckets: TaskBuckets,
+    *,
+    per_sample_routing: bool,
+    need_target: bool,
+    can_edit: bool,
+    editing_families: list[str],
+) -> None:
+    """The routes against the data, before any weights load: a batch never mixes edits and text-to-image
+    (they cannot share a rollout), image guidance only on buckets with source images, and
+    :meth:`TaskBuckets.check_routes` (every routed bucket present and readable, edits only where the family
+    edits)."""
+    if per_sample_routing and len({buckets.is_edit_bucket(r.task) for r in config.routes}) > 1:
+        raise ConfigError(
+            "--per_sample_routing would put edit and text-to-image samples in one batch, which cannot share a "
+            "rollout. Use per-step routing (drop --per_sample_routing): each step then draws one bucket."
+        )
+    for route in config.routes:
+        edit_only = [s.name for s in config.resolve_chain(route.field) if s.type in EDIT_ONLY_TYPES]
+        if edit_only and not buckets.is_edit_bucket(route.task):
+            raise ConfigError(
+                f"Route to {route.field!r} uses image guidance ({edit_only[0]!r}) on bucket {route.task!r}, which "
+                "has no source images. Route it to an edit bucket or use a cfg field."
+            )
+    buckets.check_routes(
+        config.routes, need_target=need_target, can_edit=can_edit, editing_families=editing_families
+    )

@@ -153,3 +153,63 @@ def unsharded_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) 
     if left:
         raise RuntimeError(f"{cls.__name__} copy has tensors without values: {left[:3]}")
     return plain.requires_grad_(False)
+
+
+def unwrap(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
+    """The student as trained: without accelerate's wrapper (DDP) and ``torch.compile``'s."""
+    model = accelerator.unwrap_model(model)
+    return model._orig_mod if hasattr(model, "_orig_mod") else model
+
+
+def register_student_hooks(accelerator: Any, family: Any, full_finetune: bool) -> None:
+    """accelerate's save/load hooks for the student: a checkpoint holds the student's own files (its LoRA in
+    diffusers' format, or the full transformer as a diffusers folder), never a pickle of the model.
+
+    Saving gathers a sharded student on every rank (each must join) and writes on the main process only."""
+    from .export import save_student_lora
+    from .student import STUDENT_ADAPTER
+    from .student_init import load_student_lora_state
+
+    def save_model_hook(models: list, weights: list, output_dir: str) -> None:
+        for model in models:
+            model = unwrap(accelerator, model)
+            state = full_state_dict(accelerator, model)
+            if accelerator.is_main_process:
+                if state is not None:
+                    model = unsharded_copy(model, state)
+                if full_finetune:
+                    model.save_pretrained(os.path.join(output_dir, "transformer"))
+                else:
+                    save_student_lora(model, family, output_dir, STUDENT_ADAPTER)
+                if weights:
+                    weights.pop()
+
+    def load_model_hook(models: list, input_dir: str) -> None:
+        while models:
+            model = unwrap(accelerator, models.pop())
+            if full_finetune:
+                loaded = family.transformer_class().from_pretrained(
+                    input_dir,
+                    subfolder="transformer",
+                    use_safetensors=True,  # never a pickle
+                )
+                model.load_state_dict(loaded.state_dict())
+                del loaded
+            else:
+                load_student_lora_state(model, input_dir)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def describe_precision(accelerator: Any, flag: str | None) -> list[str]:
+    """What the run computes in and which setting chose it (the flag, ``accelerate launch`` / its config, or
+    nothing), and the paper's recipe when a GPU run trains in fp32."""
+    source = "--mixed_precision"
+    if not flag:
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        source = "`accelerate launch` / accelerate config" if launched else "default: no accelerate setting"
+    lines = [f"mixed precision: {accelerator.mixed_precision} (from {source})"]
+    if accelerator.mixed_precision == "no" and torch.cuda.is_available():
+        lines.append("training in fp32; the paper's recipe is bf16: pass --mixed_precision bf16")
+    return lines

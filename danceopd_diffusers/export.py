@@ -24,8 +24,9 @@ import torch
 CUSTOM_PIPELINE_MODULE = "pipeline_danceopd"
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*/**", "checkpoint-*", "*.tmp*/**", "logs/**", "validation/**", ".*"]
 PACKAGE_DIR = Path(__file__).resolve().parent
-#: what the card calls the embedded default's base (``danceopd_diffusers/shapesworld/sources/base``)
-SHAPESWORLD_BASE = "ShapesWorld base"
+#: a base folder shipped inside this package describes itself in this file (its name, license, card tags and the
+#: command that prints where it is installed): export reads the folder, not the code that ships it
+SHIPPED_BASE_FILE = "danceopd_base.json"
 DEFAULT_PROMPT = "a photo of a red fox in the snow"
 #: stock edit pipelines that need ``image=``: the stock class that runs text-to-image on their components (what
 #: the exported class does without ``image``), for the card's LoRA-on-the-base snippet
@@ -154,13 +155,14 @@ def public_path(path: str) -> str:
     return resolved.name
 
 
-def _public(value: Any) -> Any:
+def public_value(value: Any) -> Any:
+    """``value`` with every path in it made public (:func:`public_path`): for configs that may be pushed."""
     if isinstance(value, str):
         return public_path(value)
     if isinstance(value, dict):
-        return {k: _public(v) for k, v in value.items()}
+        return {k: public_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_public(v) for v in value]
+        return [public_value(v) for v in value]
     return value
 
 
@@ -221,6 +223,15 @@ def card_routes_table(routes: Sequence[Any]) -> str:
 _HUB_CACHE_SNAPSHOT = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
 
 
+def _shipped_base(path: str) -> dict[str, Any] | None:
+    """The description of a base shipped inside this package (its ``danceopd_base.json``), else None. Only a folder
+    inside the package is asked: a user's folder cannot name itself as something the package ships."""
+    if not os.path.isdir(path) or not Path(path).resolve().is_relative_to(PACKAGE_DIR):
+        return None
+    marker = Path(path, SHIPPED_BASE_FILE)
+    return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
+
+
 def base_model_reference(path: str) -> dict[str, Any]:
     """How the card names the base, says where it comes from, and loads it: its Hub id, the shipped ShapesWorld
     base, or a local folder (by its name only, with what the reader must point ``base`` at).
@@ -228,20 +239,20 @@ def base_model_reference(path: str) -> dict[str, Any]:
     ``name`` identifies the base in checkpoints' run settings; ``where`` is the card's sentence on where the base
     comes from (markdown); ``default`` is the value the card's ``base = ...`` line starts with.
     """
-    from .demo import base_path
-
-    if os.path.exists(path) and Path(path).resolve() == Path(base_path()).resolve():
-        shipped = public_path(base_path())
+    shipped = _shipped_base(path)
+    if shipped is not None:
+        folder = public_path(path)
         return {
-            "name": SHAPESWORLD_BASE,
+            "name": shipped["name"],
             "hub_id": None,
-            "license": "apache-2.0",  # shipped with (and under the license of) danceopd-diffusers
-            "default": shipped,
+            "license": shipped["license"],  # shipped with (and under the license of) danceopd-diffusers
+            "tags": list(shipped.get("tags", [])),
+            "default": folder,
             "where": (
-                "The base is the ShapesWorld base. It is not on the Hub: it ships with danceopd-diffusers, as the folder "
-                f"{md_code(shipped)} of its source repository and of its installed package "
-                '(`python -c "from danceopd_diffusers.demo import base_path; print(base_path())"` prints where it '
-                "is). Set `base` below to that folder; the code itself needs only diffusers."
+                f"The base is the {shipped['name']}. It is not on the Hub: it ships with danceopd-diffusers, as the "
+                f"folder {md_code(folder)} of its source repository and of its installed package "
+                f"(`{shipped['locate']}` prints where it is). Set `base` below to that folder; the code itself needs "
+                "only diffusers."
             ),
         }
     snapshot = _HUB_CACHE_SNAPSHOT.search(Path(path).resolve().as_posix()) if os.path.isdir(path) else None
@@ -365,7 +376,7 @@ def render_model_card(
     tags += ["lora" if has_lora else "full-finetune"]
     tags += ["text-to-image"] + (["image-to-image"] if edits else [])
     tags += ["distillation"] if method != "sft" else []
-    tags += ["shapesworld"] if base["name"] == SHAPESWORLD_BASE else []
+    tags += base.get("tags", [])
     resolution = hyperparameters["resolution"]
     call = card_call_kwargs(family, call_kwargs, resolution, prompt or DEFAULT_PROMPT)
     guidance = {k: v for k, v in call_kwargs.items() if k in family.unguided_call_kwargs()}
@@ -395,7 +406,7 @@ def render_model_card(
         method=method,
         distilled=method != "sft",
         hyperparameters_table="\n".join(
-            f"| `{k}` | {md_code(_public(v), table=True)} |" for k, v in hyperparameters.items()
+            f"| `{k}` | {md_code(public_value(v), table=True)} |" for k, v in hyperparameters.items()
         ),
         call=_python_call(call),
         guidance=", ".join(f"`{k}={v!r}`" for k, v in guidance.items()),
@@ -430,8 +441,8 @@ def write_run_config(
     base = base_model_reference(base_model)
     config = {
         "base_model": base["hub_id"] or base["name"],
-        "fields_config": _public(fields_config.to_dict()),
-        "args": _public(hyperparameters),
+        "fields_config": public_value(fields_config.to_dict()),
+        "args": public_value(hyperparameters),
         "trained_call_kwargs": call_kwargs,
     }
     Path(output_dir, "danceopd_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
@@ -505,3 +516,139 @@ def push_output_dir(output_dir: str | os.PathLike, repo_id: str, token: str | No
         ignore_patterns=UPLOAD_IGNORE_PATTERNS,
         token=token,
     )
+
+
+#: the flags a run's card and ``danceopd_config.json`` record (with the resolution it trained at)
+RECORDED_FLAGS = (
+    "method",
+    "num_rollout_steps",
+    "query_strategy",
+    "query_k",
+    "per_sample_routing",
+    "rank",
+    "lora_alpha",
+    "full_finetune",
+    "learning_rate",
+    "lr_scheduler",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "max_train_steps",
+    "max_grad_norm",
+    "mixed_precision",
+    "seed",
+    "max_sequence_length",
+    "student_init",
+)
+
+
+def run_hyperparameters(args: Any, resolution: int, queried_sigma: dict | None = None) -> dict[str, Any]:
+    """What the card and ``danceopd_config.json`` record of a run's flags: :data:`RECORDED_FLAGS`, the
+    resolution, the σ the queries reached, and the options of the method and routing only where they apply."""
+    out = {k: getattr(args, k) for k in RECORDED_FLAGS}
+    out["resolution"] = resolution
+    if args.query_space != "step":
+        out["query_space"] = args.query_space
+        out["query_reference_shift"] = args.query_reference_shift
+    if queried_sigma is not None:  # the noise levels the queries reached on the run's grid
+        out["queried_sigma"] = queried_sigma
+    if args.routing != "hard":
+        out["routing"] = args.routing
+    method_option = {"dense": "dense_weighting", "sft": "weighting_scheme"}.get(args.method)
+    if method_option:
+        out[method_option] = getattr(args, method_option)
+    if out["lora_alpha"] is None and not args.full_finetune:
+        out["lora_alpha"] = args.rank
+    return out
+
+
+def checkpoint_settings(args: Any, fields_config: Any, targets: Sequence[str]) -> dict[str, Any]:
+    """The settings every checkpoint records; resuming under other settings is refused. No machine paths:
+    checkpoints may be pushed. (The σ query law is recorded only when chosen, so checkpoints of earlier versions,
+    which queried by step, still resume.)"""
+    settings = {
+        "base_model": base_model_reference(args.pretrained_model_name_or_path)["name"],
+        "revision": args.revision,
+        "method": args.method,
+        "full_finetune": args.full_finetune,
+        "rank": None if args.full_finetune else args.rank,
+        "lora_alpha": None if args.full_finetune else args.lora_alpha or args.rank,
+        "targets": None if args.full_finetune else sorted(targets),
+        "fields_config": public_value(fields_config.to_dict()),
+    }
+    if args.query_space != "step":
+        settings["query_law"] = [args.query_space, args.query_reference_shift]
+    return settings
+
+
+def export_student(
+    export_dir: str | os.PathLike,
+    pipe: Any,
+    family: Any,
+    model: torch.nn.Module,
+    *,
+    base_model: str,
+    fields_config: Any,
+    fields: dict[str, Any],
+    hyperparameters: dict[str, Any],
+    full_finetune: bool,
+    skip_pipeline_export: bool,
+    dtype: torch.dtype,
+    repo_id: str | None = None,
+    prompt: str | None = None,
+    samples_image: str | None = None,
+    dataset_images: Sequence[tuple[str, int]] = (),
+) -> None:
+    """Everything a run hands over, written into ``export_dir`` (the output folder's staging sibling): the student
+    LoRA, the CFG-free pipeline folder with the student fused in (or, with ``skip_pipeline_export``, a full
+    fine-tune's transformer alone), the model card, ``danceopd_config.json``; then no machine path in any config.
+
+    ``model`` is the trained transformer (a LoRA student still carries its adapters; a full fine-tune's fp32 master
+    weights are exported in ``dtype``). The guidance the routed fields applied is recorded as absorbed."""
+    from .student import STUDENT_ADAPTER
+
+    method = hyperparameters["method"]
+    if not full_finetune:
+        save_student_lora(model, family, export_dir, STUDENT_ADAPTER)
+        experts = [n for n in model.peft_config if n != STUDENT_ADAPTER]
+        export_model = fused_student(model, STUDENT_ADAPTER, experts) if not skip_pipeline_export else None
+    else:
+        export_model = model.to(dtype)
+    absorbed = fields_config.absorbed_guidance_scale()
+    call = trained_call_kwargs(
+        family,
+        method=method,
+        num_steps=hyperparameters["num_rollout_steps"],
+        max_sequence_length=hyperparameters["max_sequence_length"],
+    )
+    resolution = hyperparameters["resolution"]
+    if not skip_pipeline_export:
+        save_pipeline_folder(
+            pipe, family, export_model, export_dir, absorbed, call, trained_resolution=resolution
+        )
+    elif full_finetune:
+        model.save_pretrained(os.path.join(export_dir, "transformer"))
+    render_model_card(
+        export_dir,
+        base_model=base_model,
+        repo_id=repo_id,
+        family=family,
+        fields_config=fields_config,
+        call_kwargs=call,
+        prompt=prompt,
+        fields=fields,
+        dataset_images=dataset_images,
+        method=method,
+        hyperparameters=hyperparameters,
+        absorbed_guidance_scale=absorbed,
+        has_lora=not full_finetune,
+        has_pipeline=not skip_pipeline_export,
+        samples_image=samples_image,
+    )
+    write_run_config(
+        export_dir,
+        base_model=base_model,
+        fields_config=fields_config,
+        hyperparameters=hyperparameters,
+        call_kwargs=call,
+    )
+    scrub_machine_paths(export_dir, base_model)  # the components' _name_or_path

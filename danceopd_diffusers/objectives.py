@@ -11,6 +11,7 @@ All methods end in :func:`velocity_mse` on detached states; the targets never ca
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,44 @@ def velocity_mse(
     if weight is None:
         return per_row.mean()
     return (per_row * weight.to(per_row)).sum() / (num_samples or 1)
+
+
+def part_losses(
+    pred: torch.Tensor, states: TrainingStates, sizes: Sequence[int]
+) -> tuple[torch.Tensor, list[tuple[float, list[tuple[int, float]]]]]:
+    """The velocity MSE of each part of a joint forward (micro-steps whose samples were batched: ``sizes`` samples
+    each, in order), stacked for the backward; and, brought to the host in one sync, each part's loss with the
+    (sample within the part, error) of each of its rows: the per-route losses the run logs."""
+    losses, starts, start = [], [], 0
+    for size in sizes:
+        mask = (states.samples >= start) & (states.samples < start + size)
+        rows = mask.nonzero()[:, 0].to(pred.device)
+        weight = None if states.weight is None else states.weight[mask.to(states.weight.device)]
+        losses.append(velocity_mse(pred[rows], states.target[rows], weight, num_samples=size))
+        starts.append(start)
+        start += size
+    stacked = torch.stack(losses)
+    with torch.no_grad():
+        per_row = (pred.detach().float() - states.target.float()).pow(2).flatten(1).mean(1)
+        on_host = torch.cat([stacked.detach().float(), per_row]).cpu().tolist()
+    out: list[tuple[float, list[tuple[int, float]]]] = [(value, []) for value in on_host[: len(sizes)]]
+    for sample, error in zip(states.samples.tolist(), on_host[len(sizes) :]):
+        part = bisect.bisect_right(starts, sample) - 1
+        out[part][1].append((sample - starts[part], error))
+    return stacked, out
+
+
+def step_rows(states: Sequence[TrainingStates], method: str, num_steps: int, k: int) -> dict[str, int]:
+    """Transformer rows of one optimizer step: the student's rollout (no grad), the fields' queries (an off-policy
+    field also rolls itself out over all N states; sft queries none) and the student's forward and backward. The
+    measure of compute of the study's equal-compute comparison."""
+    queried = sum(len(s.samples) for s in states)
+    field = queried
+    if method == "offpolicy":
+        field += sum(len(s.samples) // k for s in states) * num_steps
+    elif method == "sft":
+        field = 0
+    return {"rollout": sum(s.sample_steps for s in states), "field": field, "student": queried}
 
 
 class RoutedTargets:

@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .logging_utils import get_logger
+
+logger = get_logger(__name__)
 
 LOCK_FILE = ".danceopd.lock"
 STAGING_DIR = ".export.tmp"
@@ -102,7 +105,7 @@ def lock_output_dir(output_dir: str | os.PathLike) -> Path:
         ) from None
     previous = _read_holder(fd)
     if previous.get("pid") not in (None, os.getpid()):
-        print(f"[danceopd] taking over the lock of {output_dir} from process {previous['pid']}, which died")
+        logger.info(f"taking over the lock of {output_dir} from process {previous['pid']}, which died")
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder).encode(), 0)
@@ -238,8 +241,9 @@ def run_inputs(
 class OutputFolder:
     """The one owner of ``--output_dir`` during a run (a context manager; see the module docstring).
 
-    ``main_process`` is the process that writes the folder (lock, publish); every process calls
-    :meth:`save_checkpoint` (the save is collective). Leaving the ``with`` block releases the lock and removes
+    ``main_process`` is the process that writes the folder (lock, publish): by default global rank 0 as
+    accelerate reads it from the launcher's environment, so the folder has its owner before the accelerator
+    exists. Every process calls :meth:`save_checkpoint` (the save is collective). Leaving the ``with`` block releases the lock and removes
     this run's staging folder, whatever happened.
     """
 
@@ -247,12 +251,17 @@ class OutputFolder:
         self,
         path: str | os.PathLike,
         *,
-        main_process: bool = True,
+        main_process: bool | None = None,
         overwrite: bool = False,
         full_finetune: bool = False,
     ):
         from .checkpointing import Lineage
 
+        if main_process is None:
+            from accelerate.utils.environment import get_int_from_env
+
+            ranks = ["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"]
+            main_process = get_int_from_env(ranks, 0) == 0
         self.path = Path(path)
         self.main = main_process
         self.overwrite = overwrite
@@ -281,10 +290,7 @@ class OutputFolder:
             lock_output_dir(self.path)
             recovered = recover_publish(self.path)
             if recovered:
-                print(
-                    f"[danceopd] finished the export an interrupted run was publishing in {self.path}",
-                    flush=True,
-                )
+                logger.info(f"finished the export an interrupted run was publishing in {self.path}")
             for stale in _stage_parent(self.path).glob(_stage_prefix(self.path) + "*"):
                 if stale.is_dir() and not _pid_alive(stale.name.rsplit("-", 1)[-1]):
                     shutil.rmtree(stale, ignore_errors=True)
@@ -318,11 +324,10 @@ class OutputFolder:
             )
         if self.main:
             names = ", ".join(p.name for p in earlier)
-            print(
-                f"[danceopd] {self.path} holds checkpoints of an earlier run ({names[:200]}); this new run replaces "
+            logger.info(
+                f"{self.path} holds checkpoints of an earlier run ({names[:200]}); this new run replaces "
                 "them once it saves its first checkpoint (stop now and pass --resume_from_checkpoint latest to "
-                "continue that run instead)",
-                flush=True,
+                "continue that run instead)"
             )
         return None
 

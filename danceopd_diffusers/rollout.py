@@ -148,6 +148,23 @@ class QueryLaw:
             "p90": quantile(0.9),
         }
 
+    def report(self, grid: torch.Tensor) -> tuple[dict[str, float], str, str | None]:
+        """What the law means on a run's own grid: the queried σ rounded for the run's records, the line the run
+        prints, and a warning with the fix when the paper's low law reaches a much less noisy regime than on the
+        paper's grid (the index law on an unshifted or small dynamic-shift grid), else None."""
+        queried = {k: round(v, 4) for k, v in self.describe(grid).items()}
+        line = (
+            f"query law: {self.label()}; queried sigma on this run's grid: mean {queried['mean']:.3f}, "
+            f"p10 / p50 / p90 = {queried['p10']:.3f} / {queried['p50']:.3f} / {queried['p90']:.3f}"
+        )
+        warning = None
+        if queried["mean"] < LOW_QUERY_SIGMA and self.strategy == "low":
+            warning = (
+                f"the queries reach a mean sigma of {queried['mean']:.2f}, a less noisy regime than the paper's 0.55 "
+                "on its shift-3 grid; pass --query_space sigma to query the paper's noise levels on this grid."
+            )
+        return queried, line, warning
+
     def label(self) -> str:
         beta = {"low": "Beta(5, 2)", "mid": "Beta(5, 5)", "high": "Beta(2, 5)", "uniform": "uniform"}
         where = (

@@ -17,6 +17,10 @@ import signal
 import threading
 from typing import Any
 
+from .logging_utils import get_logger
+
+logger = get_logger(__name__)
+
 
 class NonFiniteError(RuntimeError):
     """A loss or target that is NaN or infinite: stop before it reaches the weights or any saved file."""
@@ -190,7 +194,6 @@ class WeightGuard:
     def _watch(self, step: int, loss: float) -> None:
         """One warning when the loss exceeds ``DIVERGED_FACTOR`` x the mean of the first steps' losses."""
         import math
-        import sys
 
         if not math.isfinite(loss) or self.warned:
             return
@@ -200,12 +203,10 @@ class WeightGuard:
         first = sum(self.first_losses) / len(self.first_losses)
         if first > 0 and loss > self.DIVERGED_FACTOR * first:
             self.warned = True
-            print(
-                f"warning: the loss is diverging: {loss:.4g} at step {step}, {loss / first:.0f}x its first steps' "
+            logger.warning(
+                f"the loss is diverging: {loss:.4g} at step {step}, {loss / first:.0f}x its first steps' "
                 f"{first:.4g}. The learning rate (--learning_rate {self.learning_rate:g}) is likely too high: "
-                "lower it (e.g. 10x), and resume from a checkpoint saved before the rise.",
-                file=sys.stderr,
-                flush=True,
+                "lower it (e.g. 10x), and resume from a checkpoint saved before the rise."
             )
 
 
@@ -252,10 +253,9 @@ class StopOnSignal:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(
-            f"[danceopd] {signal.Signals(signum).name} received: finishing this optimizer step, then saving a "
-            "checkpoint (Ctrl-C again to stop at once)",
-            flush=True,
+        logger.info(
+            f"{signal.Signals(signum).name} received: finishing this optimizer step, then saving a "
+            "checkpoint (Ctrl-C again to stop at once)"
         )
 
     def requested(self, accelerator: Any) -> int | None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +16,10 @@ from .caches import PromptCache, SourceCache
 from .data import fit_image
 from .families import FamilyAdapter, edit_size
 from .fields import Field, FieldQuery
+from .logging_utils import get_logger
 from .rollout import field_rollout
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -25,6 +30,32 @@ class ValidationExample:
     fields: list[Field] = field(default_factory=list)
     source_image: Image.Image | None = None
     key: Any = None  # cache key of the source (any hashable, unique per source image)
+
+
+def validation_examples(
+    routes: Sequence[Any],
+    fields: dict[str, Field],
+    buckets: Any,
+    source_column: str,
+    prompts: Sequence[str],
+    edit_tasks: set[str],
+    show_fields: bool = True,
+) -> list[ValidationExample]:
+    """The validation prompts against the fields of the text-to-image routes, and the first row of each edit
+    bucket (its source image shown first) against its edit routes' fields. Without ``show_fields`` (sft: no field
+    is trained towards) the student alone."""
+
+    def routed_to(tasks: set[str]) -> list[Field]:
+        names = dict.fromkeys(r.field for r in routes if r.task in tasks)
+        return [fields[n] for n in names] if show_fields else []
+
+    t2i_fields = routed_to({r.task for r in routes} - edit_tasks)
+    examples = [ValidationExample(p, t2i_fields) for p in prompts]
+    for task in sorted(edit_tasks):
+        row = buckets.buckets[task][0]
+        source = buckets.images([row], source_column)[0]
+        examples.append(ValidationExample(buckets.prompts([row])[0], routed_to({task}), source, row))
+    return examples
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -168,3 +199,28 @@ def log_grid(accelerator: Any, grid: Image.Image, step: int, tag: str = "validat
             import wandb
 
             tracker.log({tag: [wandb.Image(grid)]}, step=step)
+
+
+def save_validation(
+    pipe: Any,
+    family: FamilyAdapter,
+    caches: tuple[PromptCache, SourceCache],
+    examples: Sequence[ValidationExample],
+    seeds: Sequence[int],
+    num_steps: int,
+    resolution: int,
+    output_dir: str | os.PathLike,
+    accelerator: Any,
+    step: int,
+) -> Image.Image:
+    """The validation grid at ``step``, sampled in eval mode (the student returns to training after), saved as
+    ``validation/step-<step>.png`` and sent to the trackers."""
+    pipe.transformer.eval()
+    grid, captions = validation_grid(pipe, family, *caches, examples, seeds, num_steps, resolution)
+    pipe.transformer.train()
+    out = Path(output_dir, "validation")
+    out.mkdir(parents=True, exist_ok=True)
+    grid.save(out / f"step-{step:06d}.png")
+    log_grid(accelerator, grid, step)
+    logger.info(f"validation grid at step {step}: rows {captions}")
+    return grid

@@ -250,7 +250,7 @@ def test_script_refuses_a_query_space_where_nothing_is_chosen(tiny_path, tmp_pat
         extra = ["--cfg_scale", "3"] if method == "dense" else []
         argv = [a for a in args if a not in ("--cfg_scale", "3")] + extra + ["--method", method]
         with pytest.raises(train_danceopd.ConfigError, match="Drop --query_space"):
-            train_danceopd.check_numbers(train_danceopd.parse_args(argv))
+            check_numbers(train_danceopd.parse_args(argv))
 
 
 def test_the_audits_shapesworld_table():

@@ -37,74 +37,29 @@ from accelerate.utils import (
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from danceopd_diffusers import demo, hub
+from danceopd_diffusers import demo, distributed, export, hub, objectives, preflight, stopping
 from danceopd_diffusers.batches import BatchDrawer, MicroBatch
 from danceopd_diffusers.checkpointing import checkpoint_step, list_checkpoints
-from danceopd_diffusers.cli import ArgumentParser
+from danceopd_diffusers.cli import ArgumentParser, HelpFormatter, run_command
 from danceopd_diffusers.config import (
     ConfigError,
-    FieldsConfig,
-    FieldSpec,
     RouteSpec,
-    config_from_flags,
-    parse_fields_config,
 )
 from danceopd_diffusers.cuda_graphs import GraphedNoGradForward
 from danceopd_diffusers.data import DataColumns, TaskBuckets, check_routes_on_data, load_training_dataset
 from danceopd_diffusers.defaults import describe_fallback_resolution, fill_trained_defaults
-from danceopd_diffusers.distributed import (
-    check_engine,
-    describe_precision,
-    end_training,
-    full_state_dict,
-    gathered,
-    register_student_hooks,
-    unsharded_copy,
-    unwrap,
-)
-from danceopd_diffusers.export import (
-    checkpoint_settings,
-    export_student,
-    files_to_upload,
-    run_hyperparameters,
-)
 from danceopd_diffusers.families import Conditioning, editing_families
 from danceopd_diffusers.field_loading import build_fields, load_pipeline
 from danceopd_diffusers.flag_checks import check_flags
 from danceopd_diffusers.hub import HUB_STRATEGIES
 from danceopd_diffusers.known_warnings import silence_known_warnings
 from danceopd_diffusers.logging_utils import get_logger, setup_logging
-from danceopd_diffusers.objectives import (
-    DENSE_WEIGHTINGS,
-    METHODS,
-    RoutedTargets,
-    TrainingStates,
-    off_policy_states,
-    on_policy_states,
-    part_losses,
-    sample_sft_sigmas,
-    sft_states,
-)
+from danceopd_diffusers.objectives import on_policy_states, sft_states
 from danceopd_diffusers.output_dir import OutputFolder, check_apart, run_inputs
-from danceopd_diffusers.preflight import (
-    check_fields_against_model,
-    check_output_dir,
-    check_something_to_distill,
-    describe_load_error,
-    inspect_pipeline,
-    load_errors,
-)
+from danceopd_diffusers.preflight import inspect_pipeline
 from danceopd_diffusers.rollout import PAPER_REFERENCE_SHIFT, QUERY_SPACES, QUERY_STRATEGIES, QueryLaw
-from danceopd_diffusers.routing import ROUTINGS, soft_routes
+from danceopd_diffusers.routing import ROUTINGS, run_fields_config
 from danceopd_diffusers.step_log import StepLog, run_banner
-from danceopd_diffusers.stopping import (
-    Interrupted,
-    NonFiniteError,
-    StopOnSignal,
-    WeightGuard,
-    check_loaded_finite,
-    describe_nonfinite,
-)
 from danceopd_diffusers.student import mode_switch
 from danceopd_diffusers.student_init import DEFAULT_RANK, build_student, plan_student
 from danceopd_diffusers.validation import save_validation, validation_examples
@@ -150,16 +105,6 @@ def _demo_epilog() -> str:
     return "\n" + textwrap.fill(text, width=110, break_on_hyphens=False) + "\n"
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each option's help (not the empty ones: None, off switches; the help says what
-    happens then); the epilog's examples keep their line breaks."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False:
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(  # a bad flag: one error line and a "did you mean", not the usage block
         description=__doc__.split("\n\n")[0], epilog=EPILOG + _demo_epilog(), formatter_class=HelpFormatter
@@ -199,7 +144,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--method",
         type=str,
         default="danceopd",
-        choices=METHODS,
+        choices=objectives.METHODS,
         help="danceopd: on-policy (the paper); dense: every state of the rollout (DiffusionOPD); offpolicy: the routed field's own rollout; sft: flow-matching fine-tuning on the dataset's target images.",
     )
     parser.add_argument(
@@ -239,7 +184,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--dense_weighting",
         type=str,
         default="uniform",
-        choices=DENSE_WEIGHTINGS,
+        choices=objectives.DENSE_WEIGHTINGS,
         help="dense only: uniform = 0.5/N^2 per state (the official DiffusionOPD code), "
         "step = (sigma_i - sigma_i+1)^2/2 of the shifted grid.",
     )
@@ -569,20 +514,6 @@ def build_family(family_cls: type, args: argparse.Namespace):
     return family_cls(**{k: v for k, v in options.items() if k in accepted})
 
 
-def resolve_fields(args: argparse.Namespace) -> FieldsConfig:
-    """The fields and routes: the config file, or one field from the flags (none for sft: its routes, one per
-    data bucket, are filled once the data is read)."""
-    if args.method == "sft":
-        if args.fields_config:
-            return parse_fields_config(args.fields_config)
-        return FieldsConfig(fields={"base": FieldSpec("base", "base")}, routes=[])
-    if args.fields_config:
-        config = parse_fields_config(args.fields_config)
-    else:
-        config = config_from_flags(args.cfg_scale, args.expert_lora, args.expert_checkpoint)
-    return soft_routes(config) if args.routing == "soft" else config
-
-
 def main(args: argparse.Namespace) -> None:
     """A training run; what it holds open (the output folder's lock, its staging folder) is released however it
     ends."""
@@ -595,7 +526,14 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     silence_known_warnings()
     # ---------------------------------------------------------------- checks that load no weights
     # the files the user named first (fields config, data), then the model's configs, then the output folder
-    fields_config = resolve_fields(args)
+    fields_config = run_fields_config(
+        args.method,
+        args.fields_config,
+        args.cfg_scale,
+        args.expert_lora,
+        args.expert_checkpoint,
+        args.routing,
+    )
     columns = DataColumns(args.caption_column, args.task_column, args.source_image_column, args.image_column)
     if args.demo and args.dataset_name is None and args.train_data_dir is None:
         args.dataset_name = demo.demo_data_file()
@@ -608,9 +546,9 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     info = inspect_pipeline(args.pretrained_model_name_or_path, revision=args.revision)
     chosen = fill_trained_defaults(args, args.pretrained_model_name_or_path, args.revision)
     family = build_family(info.family_cls, args)
-    check_fields_against_model(fields_config, info)
+    preflight.check_fields_against_model(fields_config, info)
     if args.method != "sft":
-        check_something_to_distill(fields_config, warm_start=bool(args.student_init))
+        preflight.check_something_to_distill(fields_config, warm_start=bool(args.student_init))
     plan = plan_student(
         info,
         family.default_lora_targets,
@@ -633,7 +571,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     )
     # the output folder: apart from every folder the run reads (before anything is written there), writable
     check_apart(args.output_dir, *run_inputs(args, fields_config))
-    check_output_dir(args.output_dir)
+    preflight.check_output_dir(args.output_dir)
 
     # ---------------------------------------------------------------- the Hub: token, repo, Hub resume
     repo_id = None
@@ -650,7 +588,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
             args.output_dir, overwrite=args.overwrite_output_dir, full_finetune=args.full_finetune
         ).open()
     )
-    run_settings = checkpoint_settings(args, fields_config, plan.targets)
+    run_settings = export.checkpoint_settings(args, fields_config, plan.targets)
     resume_path = None
     if hub_resume is None:  # a Hub checkpoint is checked once downloaded, still before any weights load
         resume_path = owner.resume(args.resume_from_checkpoint, run_settings)
@@ -672,8 +610,8 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
     setup_logging(accelerator.is_local_main_process)
-    check_engine(accelerator, args.full_finetune, args.cuda_graphs)
-    for line in describe_precision(accelerator, args.mixed_precision):
+    distributed.check_engine(accelerator, args.full_finetune, args.cuda_graphs)
+    for line in distributed.describe_precision(accelerator, args.mixed_precision):
         logger.info(line)
     args.mixed_precision = accelerator.mixed_precision  # what the card and danceopd_config.json record
     if args.seed is None:  # one seed for every process
@@ -711,7 +649,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     student_dtype = torch.float32 if args.full_finetune else weight_dtype
 
     # ---------------------------------------------------------------- models
-    with load_errors("--pretrained_model_name_or_path", args.pretrained_model_name_or_path):
+    with preflight.load_errors("--pretrained_model_name_or_path", args.pretrained_model_name_or_path):
         pipe = load_pipeline(
             family,
             args.pretrained_model_name_or_path,
@@ -721,7 +659,9 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
             dtype={"transformer": student_dtype, "default": weight_dtype},
         )
     pipe.set_progress_bar_config(disable=True)
-    check_loaded_finite(pipe, f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}")
+    stopping.check_loaded_finite(
+        pipe, f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
+    )
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False)
@@ -735,7 +675,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     )
     transformer = pipe.transformer
     shares_base = scope is not None and not plan.init_is_checkpoint
-    with load_errors("--fields_config / --expert_*", "the fields' weights"):
+    with preflight.load_errors("--fields_config / --expert_*", "the fields' weights"):
         fields = build_fields(
             fields_config,
             family,
@@ -775,7 +715,9 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     )
 
     # ---------------------------------------------------------------- checkpoint hooks
-    register_student_hooks(accelerator, family, args.full_finetune)  # the student's own files, never a pickle
+    distributed.register_student_hooks(
+        accelerator, family, args.full_finetune
+    )  # the student's own files, never a pickle
     transformer_ddp, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     # FSDP2 shards pipe.transformer in place, with new parameters: clip (and switch adapters on) those
     params = [p for p in transformer.parameters() if p.requires_grad]
@@ -817,8 +759,12 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         try:
             accelerator.load_state(str(resume_path))
         except Exception as exc:  # its files matched their recorded sizes, so the damage is in their content
-            raise ConfigError(f"Cannot resume from {resume_path}: {describe_load_error(exc)}.") from exc
-        check_loaded_finite(transformer, f"--resume_from_checkpoint {resume_path}", trainable_only=True)
+            raise ConfigError(
+                f"Cannot resume from {resume_path}: {preflight.describe_load_error(exc)}."
+            ) from exc
+        stopping.check_loaded_finite(
+            transformer, f"--resume_from_checkpoint {resume_path}", trainable_only=True
+        )
         global_step = checkpoint_step(resume_path)
     queried_sigma = None
     if args.method in ("danceopd", "offpolicy"):  # what the query law means on this run's own grid
@@ -869,12 +815,14 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
             drawer.encode(m)
             x0 = drawer.target_latents(m, args.cache_latents, weight_dtype)
             sigma = drawer.mine(
-                sample_sft_sigmas(sft_scheduler, drawer.world_batch, m.generator, args.weighting_scheme)
+                objectives.sample_sft_sigmas(
+                    sft_scheduler, drawer.world_batch, m.generator, args.weighting_scheme
+                )
             )
             m.states = sft_states(x0, sigma, drawer.noise(m, x0.shape[1:]), args.weighting_scheme)
             return m
         drawer.encode(m)
-        m.targets = RoutedTargets(
+        m.targets = objectives.RoutedTargets(
             [route_fields[r] for r in m.sample_routes], m.cond, m.uncond, args.num_rollout_steps
         )
         m.shape = family.latent_shape(pipe, len(m.rows), m.height, m.width)
@@ -921,9 +869,11 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         last_grid[step] = grid
         return grid
 
-    def student_rollout(m: MicroBatch) -> TrainingStates:
+    def student_rollout(m: MicroBatch) -> objectives.TrainingStates:
         """The student's on-policy rollout, in eval mode, and the routed fields' targets at its queried states."""
-        with gathered(transformer):  # under FSDP2: gathered once for the rollout and every field
+        with distributed.gathered(
+            transformer
+        ):  # under FSDP2: distributed.gathered once for the rollout and every field
             set_training(False)
             states = on_policy_states(
                 pipe,
@@ -942,40 +892,46 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
             set_training(True)
         return states
 
-    def micro_states(m: MicroBatch) -> TrainingStates:
+    def micro_states(m: MicroBatch) -> objectives.TrainingStates:
         """A micro-step's training states: its own rollout (or the fields' own, off-policy)."""
         if args.method == "offpolicy":
-            with gathered(transformer):
+            with distributed.gathered(transformer):
                 sigmas = family.sigmas(pipe, args.num_rollout_steps, m.shape, accelerator.device)
-                return off_policy_states(
+                return objectives.off_policy_states(
                     family, m.targets, m.noise, sigmas, m.indices, m.renoise, m.query_sigmas
                 )
         return student_rollout(m)
 
-    def student_velocity(states: TrainingStates, cond: Conditioning) -> torch.Tensor:
+    def student_velocity(states: objectives.TrainingStates, cond: Conditioning) -> torch.Tensor:
         with accelerator.autocast():
             x, sigma = states.x.to(weight_dtype), states.sigma.to(accelerator.device)
             return family.velocity(transformer_ddp, x, sigma, cond.select(states.samples))
 
-    def student_backward(states: TrainingStates, cond: Conditioning, parts: list[MicroBatch]) -> list[tuple]:
+    def student_backward(
+        states: objectives.TrainingStates, cond: Conditioning, parts: list[MicroBatch]
+    ) -> list[tuple]:
         """One student forward and backward over ``states`` (rows of ``cond``) whose samples are those of ``parts``
         (micro-steps, in order): the loss is the sum of each part's velocity MSE. Returns, per part, its loss and
         (sample within the part, error) of each of its rows, brought to the host in one sync."""
         pred = student_velocity(states, cond)
-        losses, results = part_losses(pred, states, [len(p.rows) for p in parts])
+        losses, results = objectives.part_losses(pred, states, [len(p.rows) for p in parts])
         if not math.isfinite(
             sum(loss for loss, _ in results)
         ):  # named by its source: rollout, target, prediction
             rollout = states.x if args.method in ("danceopd", "dense") else None
             route = fields_config.routes[step_route].field
-            error = describe_nonfinite(global_step, route, rollout, states.target, pred, args.learning_rate)
-            raise error or NonFiniteError(f"step {global_step + 1}: the loss is not finite (NaN or inf).")
+            error = stopping.describe_nonfinite(
+                global_step, route, rollout, states.target, pred, args.learning_rate
+            )
+            raise error or stopping.NonFiniteError(
+                f"step {global_step + 1}: the loss is not finite (NaN or inf)."
+            )
         last_batch[:] = [states, cond]  # the probe of the weights before a save
         accelerator.backward(losses.sum())
         return results
 
     last_batch: list = []  # (states, conditioning) of the last student forward
-    guard = WeightGuard(params, args.learning_rate, accelerator)
+    guard = stopping.WeightGuard(params, args.learning_rate, accelerator)
 
     def probe() -> torch.Tensor | None:
         """The student's prediction on the last batch it trained on, with the weights as they are now."""
@@ -983,7 +939,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
 
     # ---------------------------------------------------------------- training loop
     transformer.train()
-    stop = StopOnSignal().start()
+    stop = stopping.StopOnSignal().start()
     while global_step < args.max_train_steps:
         step_route = drawer.router.draw_step_route(args.seed, global_step, accelerator)
         micros = [draw_micro(micro, step_route) for micro in range(args.gradient_accumulation_steps)]
@@ -1036,14 +992,16 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
             stop.stop()
             step_log.close()
             progress_bar.close()
-            end_training(accelerator)
-            raise Interrupted(
+            distributed.end_training(accelerator)
+            raise stopping.Interrupted(
                 f"stopped by {signal.Signals(signum).name} after step {global_step}; its state is saved in {path}. "
                 "Continue with --resume_from_checkpoint latest.",
                 signum,
             )
         if run_validation and global_step % args.validation_steps == 0:
-            with gathered(transformer):  # every rank joins the gathering; the main process samples
+            with distributed.gathered(
+                transformer
+            ):  # every rank joins the gathering; the main process samples
                 if accelerator.is_main_process:
                     validate(global_step)
     stop.stop()
@@ -1055,23 +1013,25 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
 
     # ---------------------------------------------------------------- outputs
     accelerator.wait_for_everyone()
-    final_state = full_state_dict(accelerator, transformer)  # a sharded student, gathered on the main process
+    final_state = distributed.full_state_dict(
+        accelerator, transformer
+    )  # a sharded student, distributed.gathered on the main process
     if run_validation and global_step not in last_grid:
-        with gathered(transformer):
+        with distributed.gathered(transformer):
             if accelerator.is_main_process:
                 validate(global_step)
     if accelerator.is_main_process:
         for line in step_log.summary():
             logger.info(line)
-        model = unwrap(accelerator, transformer_ddp)
+        model = distributed.unwrap(accelerator, transformer_ddp)
         if final_state is not None:
-            model = unsharded_copy(model, final_state)
+            model = distributed.unsharded_copy(model, final_state)
         export_dir = owner.stage()  # a hidden sibling folder; moved into output_dir by renames once complete
         samples_image = None
         if run_validation:
             (last_grid.get(global_step) or validate(global_step)).save(Path(export_dir, "samples.png"))
             samples_image = "samples.png"
-        export_student(
+        export.export_student(
             export_dir,
             pipe,
             family,
@@ -1079,7 +1039,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
             base_model=args.pretrained_model_name_or_path,
             fields_config=fields_config,
             fields=fields,
-            hyperparameters=run_hyperparameters(args, resolution, queried_sigma),
+            hyperparameters=export.run_hyperparameters(args, resolution, queried_sigma),
             full_finetune=args.full_finetune,
             skip_pipeline_export=args.skip_pipeline_export,
             dtype=weight_dtype,
@@ -1093,30 +1053,21 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         owner.publish(export_dir, global_step)
         if hub_pusher is not None:
             checkpoints = list_checkpoints(args.output_dir)
-            hub_pusher.push_final(files_to_upload(args.output_dir), checkpoints[-1] if checkpoints else None)
+            hub_pusher.push_final(
+                export.files_to_upload(args.output_dir), checkpoints[-1] if checkpoints else None
+            )
         logger.info(f"outputs written to {args.output_dir}")
         if args.demo and not args.skip_pipeline_export:
             demo.report(args.output_dir, args.demo_eval_limit, args.max_train_steps)
         if hub_pusher is not None:
             hub_pusher.wait()
             logger.info(f"pushed to https://huggingface.co/{repo_id}")
-    end_training(accelerator)
+    distributed.end_training(accelerator)
 
 
 def cli(argv: list[str] | None = None) -> int:
     """The command line: bad input is one ``error:`` line on stderr and exit status 2, never a traceback."""
-    try:
-        main(parse_args(argv))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except Interrupted as exc:
-        print(f"[danceopd] {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+    return run_command(main, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
-from typing import NoReturn
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 
 def suggest_option(message: str, options: list[str]) -> str | None:
@@ -36,3 +38,34 @@ class ArgumentParser(argparse.ArgumentParser):
         guess = suggest_option(message, options)
         hint = f"; did you mean {guess}?" if guess else ""
         self.exit(2, f"{self.prog}: error: {message}{hint} (every option: {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option's help (not the empty ones: None, off switches; the help says what
+    happens then); the epilog's examples keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def run_command(main: Callable[[Any], None], parse_args: Callable[[Any], Any], argv: list[str] | None) -> int:
+    """``main(parse_args(argv))`` as a command: bad input is one ``error:`` line on stderr and exit status 2, a
+    non-finite run status 1 (nothing broken saved), an interrupted run the signal's status; never a traceback for
+    what the user can fix."""
+    from .config import ConfigError
+    from .stopping import Interrupted, NonFiniteError
+
+    try:
+        main(parse_args(argv))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Interrupted as exc:
+        print(f"[danceopd] {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0

@@ -167,8 +167,8 @@ def register_student_hooks(accelerator: Any, family: Any, full_finetune: bool) -
 
     Saving gathers a sharded student on every rank (each must join) and writes on the main process only."""
     from .export import save_student_lora
+    from .lora_io import load_student_lora_state
     from .student import STUDENT_ADAPTER
-    from .student_init import load_student_lora_state
 
     def save_model_hook(models: list, weights: list, output_dir: str) -> None:
         for model in models:

@@ -286,3 +286,19 @@ def load_lora_for_diffusers(file: str) -> tuple[dict[str, torch.Tensor], dict | 
             continue
         state["transformer." + norm.replace(".default.weight", ".weight")] = value
     return state, _adapter_metadata(file)
+
+
+def load_student_lora_state(model: torch.nn.Module, input_dir: str) -> None:
+    """A checkpoint's student LoRA into the student adapter (accelerate's load hook), kept in fp32 for training."""
+    from peft import set_peft_model_state_dict
+
+    from .student import STUDENT_ADAPTER
+
+    state, _ = load_lora_for_diffusers(os.path.join(input_dir, "pytorch_lora_weights.safetensors"))
+    state = {k[len("transformer.") :]: v for k, v in state.items()}
+    result = set_peft_model_state_dict(model, state, adapter_name=STUDENT_ADAPTER)
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"Checkpoint {input_dir} does not match the student: {result.unexpected_keys[:3]}")
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import ConfigError, FieldsConfig, FieldSpec, RouteSpec
+from .config import ConfigError, FieldsConfig, FieldSpec, RouteSpec, config_from_flags, parse_fields_config
 
 ROUTINGS = ("hard", "soft")
 
@@ -69,3 +69,24 @@ def soft_routes(config: FieldsConfig) -> FieldsConfig:
         fields[name] = FieldSpec(name, "mix", of=list(weights), weights=list(weights.values()))
         routes.append(RouteSpec(field=name, task=route.task, weight=route.weight))
     return FieldsConfig(fields=fields, routes=routes)
+
+
+def run_fields_config(
+    method: str,
+    fields_config: str | None = None,
+    cfg_scale: float | None = None,
+    expert_lora: str | None = None,
+    expert_checkpoint: str | None = None,
+    routing: str = "hard",
+) -> FieldsConfig:
+    """A run's fields and routes: the config file, or the one field the flags declare, soft-mixed for
+    ``routing="soft"``. sft queries no field: its routes (one per data bucket) are filled once the data is read."""
+    if method == "sft":
+        if fields_config:
+            return parse_fields_config(fields_config)
+        return FieldsConfig(fields={"base": FieldSpec("base", "base")}, routes=[])
+    if fields_config:
+        config = parse_fields_config(fields_config)
+    else:
+        config = config_from_flags(cfg_scale, expert_lora, expert_checkpoint)
+    return soft_routes(config) if routing == "soft" else config

@@ -80,22 +80,79 @@ def test_the_cycle_finder_finds_a_lazy_cycle():
     assert find_cycles({"a": {"b"}, "b": set()}) == []
 
 
+def _reach(graph: dict[str, set[str]], module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def _leaf_wing(module: str) -> bool:
+    """ShapesWorld (world, scorer, evaluate, study, demo) and the test fixtures of ``tiny``."""
+    return module.startswith(("danceopd_diffusers.shapesworld", "danceopd_diffusers.tiny"))
+
+
 def test_the_method_core_imports_neither_the_benchmark_world_nor_test_fixtures():
     """fields, routing, rollout, objectives and the family base are the algorithm: they know no ShapesWorld and no
-    tiny test pipeline (export and two families still do; issue 23 moves those)."""
+    tiny test pipeline."""
     graph = import_graph()
     core = [
         f"danceopd_diffusers.{m}" for m in ("fields", "routing", "rollout", "objectives", "families.base")
     ]
-
-    def reach(module: str) -> set[str]:
-        seen, todo = set(), [module]
-        while todo:
-            for nxt in graph[todo.pop()] - seen:
-                seen.add(nxt)
-                todo.append(nxt)
-        return seen
-
     for module in core:
-        bad = {m for m in reach(module) if ".shapesworld" in m or ".tiny" in m or m.endswith(".demo")}
+        bad = {m for m in _reach(graph, module) if _leaf_wing(m)}
         assert not bad, (module, sorted(bad))
+
+
+def test_the_library_never_imports_the_benchmark_world_or_the_test_fixtures():
+    """Three wings, arrows one way: the plugin library at the bottom, ShapesWorld and ``tiny`` above it; no library
+    module reaches either (the training script, outside the package, may use the demo)."""
+    graph = import_graph()
+    for module in graph:
+        if not _leaf_wing(module):
+            bad = sorted(m for m in _reach(graph, module) if _leaf_wing(m))
+            assert not bad, f"{module} imports {bad}"
+
+
+def levels(graph: dict[str, set[str]]) -> dict[str, int]:
+    """Each module's floor: 1 for a module that imports none of the package, else one above its highest import."""
+    out: dict[str, int] = {}
+
+    def level(module: str) -> int:
+        if module not in out:
+            out[module] = 1 + max((level(m) for m in graph[module]), default=0)
+        return out[module]
+
+    for module in graph:
+        level(module)
+    return out
+
+
+def test_the_import_graph_is_at_most_eight_floors_with_the_script_on_top():
+    graph = import_graph()
+    script = Path(__file__).resolve().parents[1] / "train_danceopd.py"
+    imported = set()
+    for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                name = f"{node.module}.{alias.name}"
+                imported.add(name if name in graph else node.module)
+    graph["train_danceopd"] = {m for m in imported if m in graph}
+    floors = levels(graph)
+    assert floors["train_danceopd"] <= 8, sorted(floors.items(), key=lambda kv: -kv[1])[:10]
+    assert levels({"a": {"b"}, "b": {"c"}, "c": set()})["a"] == 3
+
+
+def test_the_package_exports_resolve():
+    """Every name of the curated ``__all__`` resolves, to the object its module defines."""
+    import importlib
+
+    import danceopd_diffusers
+
+    for name in danceopd_diffusers.__all__:
+        value = getattr(danceopd_diffusers, name)
+        if name != "__version__":
+            module = importlib.import_module(f"danceopd_diffusers.{danceopd_diffusers._EXPORTS[name]}")
+            assert getattr(module, name) is value, name

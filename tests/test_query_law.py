@@ -20,6 +20,7 @@ from test_train import SHORT, _prompts
 
 from danceopd_diffusers.families.base import linspace_grid, scheduler_sigmas, token_count_mu
 from danceopd_diffusers.fields import Field, FieldQuery
+from danceopd_diffusers.flag_checks import check_numbers
 from danceopd_diffusers.objectives import RoutedTargets, off_policy_states, on_policy_states
 from danceopd_diffusers.rollout import (
     QUERY_STRATEGIES,

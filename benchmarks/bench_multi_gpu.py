@@ -37,6 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_train_step as bench  # noqa: E402
+from bench_models import build_work_dir  # noqa: E402
 
 
 def launch(
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     ddp = "ddp.yaml" if cuda else None
     work_dir = Path(args.work_dir).expanduser().resolve()
-    paths = bench.build_work_dir(work_dir, "sd3", args.tiny, 64, "cuda" if cuda else "cpu")
+    paths = build_work_dir(work_dir, "sd3", args.tiny, 64, "cuda" if cuda else "cpu")
     tiny = ["--tiny"] * args.tiny
     precision = [] if cuda else ["--mixed_precision", "no"]
     n, results = args.processes, []

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import build_work_dir  # noqa: E402
 from bench_train_step import (  # noqa: E402
-    build_work_dir,
     measured_window,
     recipe_flops,
     run_resolutions,

@@ -44,7 +44,9 @@ def test_tiny_run_through_the_training_script(tmp_path, capsys):
     every field, the split adding up to the step, 4 rollouts timed in the measured step."""
     import train_danceopd
 
-    original = train_danceopd.on_policy_states, train_danceopd.RoutedTargets
+    from danceopd_diffusers.objectives import RoutedTargets
+
+    original = train_danceopd.on_policy_states, RoutedTargets.__call__
     out = tmp_path / "bench.json"
     _reset_accelerate()
     try:
@@ -75,8 +77,8 @@ def test_tiny_run_through_the_training_script(tmp_path, capsys):
     assert r["percent_of_limit"] == pytest.approx(100 * limit / r["s_per_sample"])
     rows = compare.table(results).splitlines()
     assert len(rows) == 3 and rows[2].startswith("| danceopd-diffusers: this checkout | 64² |")
-    # the wrappers are taken off the script's names again
-    assert (train_danceopd.on_policy_states, train_danceopd.RoutedTargets) == original
+    # the wrappers are taken off the script's names (and the targets' class) again
+    assert (train_danceopd.on_policy_states, RoutedTargets.__call__) == original
     # the folder is reused: its experts are PEFT adapters both toolkits read
     work = tmp_path / "work"
     assert (work / "pipeline" / "model_index.json").is_file()

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-#: the module exported folders carry and name in model_index.json (``danceopd_diffusers/pipeline_danceopd.py``)
-CUSTOM_PIPELINE_MODULE = "pipeline_danceopd"
+from .pipelines import EXPORTED_PIPELINE_FILE, EXPORTED_PIPELINE_MODULE
+
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*/**", "checkpoint-*", "*.tmp*/**", "logs/**", "validation/**", ".*"]
 PACKAGE_DIR = Path(__file__).resolve().parent
 #: a base folder shipped inside this package describes itself in this file (its name, license, card tags and the
@@ -96,11 +96,10 @@ def save_pipeline_folder(
     cls = family.pipeline_class()
     stock = cls(**components, **pipeline_settings(pipe, cls))
     stock.save_pretrained(output_dir)
-    module_file = CUSTOM_PIPELINE_MODULE + ".py"
-    shutil.copyfile(package_file(module_file), Path(output_dir) / module_file)
+    shutil.copyfile(EXPORTED_PIPELINE_FILE, Path(output_dir) / EXPORTED_PIPELINE_FILE.name)
     index_path = Path(output_dir) / "model_index.json"
     index = json.loads(index_path.read_text())
-    index["_class_name"] = [CUSTOM_PIPELINE_MODULE, family.custom_pipeline_class_name]
+    index["_class_name"] = [EXPORTED_PIPELINE_MODULE, family.custom_pipeline_class_name]
     index["absorbed_guidance_scale"] = absorbed_guidance_scale
     index["trained_call_kwargs"] = call_kwargs
     index["trained_resolution"] = trained_resolution

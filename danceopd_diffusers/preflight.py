@@ -24,7 +24,7 @@ from .config import (
     offline_error,
     regular_file_problem,
 )
-from .families import FamilyAdapter, family_for_pipeline_class
+from .families import FamilyAdapter
 from .lora_io import (
     PICKLE_SUFFIXES,
     LoraHeader,
@@ -35,9 +35,7 @@ from .lora_io import (
     resolve_lora_file,
 )
 from .network import check_hub_reachable, hub_failure
-
-#: the module name (``pipelines/pipeline_danceopd.py``) that exported folders put in their model_index.json
-EXPORTED_PIPELINE_MODULE = "pipeline_danceopd"
+from .stock_loading import family_of_index
 
 
 @dataclass
@@ -214,29 +212,8 @@ def inspect_pipeline(
         raise ConfigError(
             f"{flag} {path}: model_index.json holds no JSON object; download or export it again."
         )
-    class_name = index.get("_class_name")
-    custom_pipeline = None
-    if (
-        isinstance(class_name, (list, tuple))
-        and len(class_name) == 2
-        and all(isinstance(c, str) for c in class_name)
-    ):
-        custom_pipeline, class_name = class_name[0], class_name[-1]
-        if custom_pipeline != EXPORTED_PIPELINE_MODULE:
-            raise ConfigError(
-                f"{path!r} uses custom pipeline code ({custom_pipeline}.{class_name}), which this script does "
-                f"not run. Pass the stock diffusers pipeline it was built on, or a folder exported by "
-                "train_danceopd.py."
-            )
-    if not isinstance(class_name, str):
-        raise ConfigError(
-            f"{flag} {path}: model_index.json names the pipeline class {str(class_name)[:80]!r}, which is not a "
-            "class name; download or export the folder again."
-        )
-    try:
-        family_cls = family_for_pipeline_class(class_name)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    indexed = family_of_index(index, path, where=f"{flag} {path}")
+    class_name, family_cls, custom_pipeline = indexed.class_name, indexed.family_cls, indexed.exported_module
     scheduler_entry = index.get("scheduler")
     valid = isinstance(scheduler_entry, (list, tuple)) and len(scheduler_entry) == 2
     scheduler_name = scheduler_entry[1] if valid and isinstance(scheduler_entry[1], str) else None

@@ -225,6 +225,12 @@ def execution_device(pipe: Any, device: torch.device) -> Iterator[Any]:
     That costs 6.7 ms for the ShapesWorld pipeline on a 2-core CPU, once per rollout step's pipeline call. A
     training rollout has no offloading and runs where its latents are. The class is swapped for a subclass of the
     same name while inside, and swapped back on exit.
+
+    This subclass stays generic (made here per pipeline class, once) rather than an explicit class in
+    ``pipelines/``: ``_execution_device`` is a property of ``DiffusionPipeline`` (a data descriptor, which an
+    instance attribute cannot shadow), so only a class can pin it, and the pipe may be of any pipeline class,
+    stock or ours, of any family (the student's, and every field's loaded by ``field_loading``). An explicit
+    class per pipeline class would be a second copy of every family's class list for a 3-line override.
     """
     cls = type(pipe)
     if cls in _PINNED.values():  # nested: already pinned

@@ -15,26 +15,58 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
-from .families import family_for_pipeline_class
-from .preflight import EXPORTED_PIPELINE_MODULE
+from .families import FamilyAdapter, family_for_pipeline_class
+from .pipelines import EXPORTED_PIPELINE_MODULE
+
+
+@dataclass(frozen=True)
+class IndexedPipeline:
+    """What a ``model_index.json`` says about its pipeline: the class, its family, and whether it is an export."""
+
+    class_name: str
+    family_cls: type[FamilyAdapter]
+    #: the module an exported DanceOPD folder names for its class (:data:`EXPORTED_PIPELINE_MODULE`), else None
+    exported_module: str | None = None
+
+
+def family_of_index(index: dict, path: str, where: str | None = None) -> IndexedPipeline:
+    """The one reading of a ``model_index.json``'s ``_class_name``: its family, from a stock class name or an
+    exported ``[module, class]`` pair. Other custom code is refused (it is never run); ``where`` prefixes the
+    messages (default: the path)."""
+    where = where or repr(path)
+    class_name, module = index.get("_class_name"), None
+    if (
+        isinstance(class_name, (list, tuple))
+        and len(class_name) == 2
+        and all(isinstance(c, str) for c in class_name)
+    ):
+        module, class_name = class_name
+        if module != EXPORTED_PIPELINE_MODULE:
+            raise ConfigError(
+                f"{path!r} uses custom pipeline code ({module}.{class_name}), which danceopd-diffusers does not "
+                "run. Pass the stock diffusers pipeline it was built on, or a folder exported by train_danceopd.py."
+            )
+    if not isinstance(class_name, str):
+        raise ConfigError(
+            f"{where}: model_index.json names the pipeline class {str(class_name)[:80]!r}, which is not a "
+            "class name; download or export the folder again."
+        )
+    try:
+        family_cls = family_for_pipeline_class(class_name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return IndexedPipeline(class_name, family_cls, module)
 
 
 def split_class_name(index: dict, path: str) -> tuple[str, str | None]:
-    """``(class name, exported module or None)`` of a ``model_index.json``; other custom code is refused."""
-    class_name = index.get("_class_name")
-    if not isinstance(class_name, (list, tuple)):
-        return class_name, None
-    module, class_name = class_name[0], class_name[-1]
-    if module != EXPORTED_PIPELINE_MODULE:
-        raise ConfigError(
-            f"{path!r} uses custom pipeline code ({module}.{class_name}), which danceopd-diffusers does not run. "
-            "Pass the stock diffusers pipeline it was built on, or a folder exported by train_danceopd.py."
-        )
-    return class_name, module
+    """``(class name, exported module or None)`` of a ``model_index.json`` (:func:`family_of_index`)."""
+    found = family_of_index(index, path)
+    return found.class_name, found.exported_module
 
 
 def _local_folder(path: str, index: dict, revision: str | None) -> Path:
@@ -59,8 +91,7 @@ def stock_view(path: str, revision: str | None = None) -> Iterator[str]:
     from diffusers import DiffusionPipeline
 
     index = dict(DiffusionPipeline.load_config(path, revision=revision))
-    class_name, _ = split_class_name(index, path)
-    stock = family_for_pipeline_class(class_name)().pipeline_class()
+    stock = family_of_index(index, path).family_cls.pipeline_class()
     folder = _local_folder(path, index, revision)
     view = Path(tempfile.mkdtemp(prefix="danceopd-stock-view-"))
     try:
@@ -84,7 +115,7 @@ def load_stock_pipeline(pipeline_cls: type, path: str, revision: str | None = No
 
     index = DiffusionPipeline.load_config(path, revision=revision)
     kwargs.setdefault("use_safetensors", True)  # never a pickle (.bin): unpickling can run code
-    if split_class_name(index, path)[1] is None:
+    if family_of_index(index, path).exported_module is None:
         return pipeline_cls.from_pretrained(path, revision=revision, **kwargs)
     with stock_view(path, revision) as view:
         return pipeline_cls.from_pretrained(view, **kwargs)

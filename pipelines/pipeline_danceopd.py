@@ -1,1 +1,1 @@
-../danceopd_diffusers/pipeline_danceopd.py
+../danceopd_diffusers/pipelines/pipeline_danceopd.py

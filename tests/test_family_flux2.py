@@ -14,8 +14,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from danceopd_diffusers.families import FAMILIES, Conditioning, family_for_pipeline_class
-from danceopd_diffusers.families.flux2 import SOURCE_LATENTS, Flux2Family, Flux2KleinFamily, unpack
+from danceopd_diffusers.families.flux2 import SOURCE_LATENTS, Flux2Family, Flux2KleinFamily
 from danceopd_diffusers.fields import CFGField, FieldQuery, ImageGuidanceField, TransformerField
+from danceopd_diffusers.pipelines.pipeline_flux2_source import unpack
 from danceopd_diffusers.rollout import field_rollout
 
 # Prompt lengths: Klein's template is short; [dev]'s carries the system message (one token per byte here).

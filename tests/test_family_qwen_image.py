@@ -15,12 +15,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from danceopd_diffusers.families import FAMILIES, Conditioning, family_for_pipeline_class
-from danceopd_diffusers.families.qwen_image import (
-    QwenImageEditFamily,
-    QwenImageFamily,
-    qwen_image_t2i_view,
-)
+from danceopd_diffusers.families.qwen_image import QwenImageEditFamily, QwenImageFamily
 from danceopd_diffusers.fields import CFGField, FieldQuery, ImageGuidanceField, TransformerField
+from danceopd_diffusers.pipelines.pipeline_danceopd import qwen_image_t2i_view
 from danceopd_diffusers.rollout import field_rollout
 
 MAX_LEN = 64  # text tokens kept (the stock text-to-image calls are given the same)

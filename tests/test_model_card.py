@@ -374,7 +374,7 @@ def test_pipeline_file_imports_only_diffusers():
     """Exported folders load without danceopd_diffusers: their pipeline file imports only diffusers."""
     from danceopd_diffusers.export import package_file
 
-    tree = ast.parse(package_file("pipeline_danceopd.py").read_text())
+    tree = ast.parse(package_file("pipelines/pipeline_danceopd.py").read_text())
     modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert modules <= {"__future__", "inspect", "json", "os", "shutil", "diffusers", "huggingface_hub"}, (
@@ -386,9 +386,9 @@ def test_exported_class_table_mirrors_the_factory():
     """``export.exported_pipelines()`` (class name -> stock class) is the factory's table, for every family."""
     import diffusers
 
-    from danceopd_diffusers import pipeline_danceopd as module
     from danceopd_diffusers.export import exported_pipelines
     from danceopd_diffusers.families import FAMILIES
+    from danceopd_diffusers.pipelines import pipeline_danceopd as module
 
     table = exported_pipelines()
     assert table == {module.CLASS_PREFIX + k: k for k in module.UNGUIDED_DEFAULTS}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = ("pipeline_danceopd.py", "model_card_template.md")
+SHIPPED = ("pipelines/pipeline_danceopd.py", "model_card_template.md")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_wheel_carries_the_exported_files(wheel):
             packaged = zf.read(f"danceopd_diffusers/{name}")
             assert packaged == (REPO / "danceopd_diffusers" / name).read_bytes()
             # the top-level paths of the repository layout are the same files
-            top = REPO / ("pipelines" if name.endswith(".py") else "") / name
+            top = REPO / ("pipelines" if name.endswith(".py") else "") / Path(name).name
             assert top.read_bytes() == packaged
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -86,7 +86,12 @@ def edit_size(width: int, height: int, resolution: int, multiple: int = 16) -> t
 
 
 class FamilyAdapter:
-    """Base class of the per-family edge. Subclasses set the class attributes and the methods below."""
+    """Base class of the per-family edge. Subclasses set the class attributes and the methods below.
+
+    What a family *is* (its name, pipeline classes, transformer class, whether it edits, its LoRA targets) are
+    class facts: class attributes and classmethods, readable without an instance. An instance holds only the
+    options of a run (text length, embedded guidance) and nothing that one call leaves for the next.
+    """
 
     name: str = ""
     pipeline_class_names: tuple[str, ...] = ()
@@ -106,13 +111,16 @@ class FamilyAdapter:
     ragged_inputs: tuple[str, ...] | None = None
 
     # -- classes (imported lazily so that `import danceopd_diffusers` stays cheap) --------------------------
-    def pipeline_class(self) -> type:
+    @classmethod
+    def pipeline_class(cls) -> type:
+        """The diffusers pipeline class that loads this family's folders and runs the student's rollout."""
         raise NotImplementedError
 
-    def transformer_class(self) -> type:
+    @classmethod
+    def transformer_class(cls) -> type:
         import diffusers
 
-        return getattr(diffusers, self.transformer_class_name)
+        return getattr(diffusers, cls.transformer_class_name)
 
     # -- conditioning -------------------------------------------------------------------------------------
     def encode_prompts(
@@ -190,6 +198,43 @@ class FamilyAdapter:
         routed field (and kept by CFG's unconditional branch, which drops only the text).
         """
         raise NotImplementedError(f"The {self.name} family cannot edit.")
+
+
+#: every registered family, by name, in registration order (the order families are listed to users)
+FAMILIES: dict[str, type[FamilyAdapter]] = {}
+
+_Family = TypeVar("_Family", bound=type[FamilyAdapter])
+
+
+def register_family(cls: _Family) -> _Family:
+    """Class decorator: offer ``cls`` under ``cls.name``. A family module registers its own adapters, so adding a
+    family is its module (imported by ``families/__init__``), its pipeline classes and its tests."""
+    if not cls.name or not cls.pipeline_class_names:
+        raise TypeError(f"{cls.__name__} needs a name and its pipeline class names to be registered.")
+    taken = FAMILIES.get(cls.name)
+    if taken is not None and taken is not cls:
+        raise ValueError(f"Two families are named {cls.name!r}: {taken.__name__} and {cls.__name__}.")
+    FAMILIES[cls.name] = cls
+    return cls
+
+
+def family_for_pipeline_class(class_name: str) -> type[FamilyAdapter]:
+    """The family of a pipeline class name (stock or exported), or say which pipelines are supported.
+
+    Reading a ``model_index.json`` goes through ``stock_loading.family_of_index``, which calls this.
+    """
+    for family in FAMILIES.values():
+        if class_name in family.pipeline_class_names:
+            return family
+    supported = ", ".join(name for f in FAMILIES.values() for name in f.pipeline_class_names)
+    raise ValueError(
+        f"Pipeline class {class_name!r} is not supported by danceopd-diffusers. Supported pipelines: {supported}."
+    )
+
+
+def editing_families() -> list[str]:
+    """Names of the registered families that can edit (for messages about edit routes)."""
+    return [name for name, family in FAMILIES.items() if family.can_edit]
 
 
 def token_grid_conditioning(batch_size: int, grid_h: int, grid_w: int) -> Conditioning:

@@ -31,6 +31,7 @@ from .base import (
     Conditioning,
     FamilyAdapter,
     linspace_grid,
+    register_family,
     scheduler_sigmas,
     token_count_mu,
     token_grid_conditioning,
@@ -83,6 +84,7 @@ def latent_ids(grid_h: int, grid_w: int, device: torch.device, dtype: torch.dtyp
     return ids
 
 
+@register_family
 class FluxFamily(FamilyAdapter):
     """FLUX.1 [dev] / [schnell] text-to-image (``FluxPipeline``).
 
@@ -106,7 +108,8 @@ class FluxFamily(FamilyAdapter):
         self.max_sequence_length = max_sequence_length
         self.embedded_guidance = float(embedded_guidance)
 
-    def pipeline_class(self) -> type:
+    @classmethod
+    def pipeline_class(cls) -> type:
         from diffusers import FluxPipeline
 
         return FluxPipeline
@@ -219,6 +222,7 @@ class FluxFamily(FamilyAdapter):
         return pipe.image_processor.postprocess(images, output_type="pil")
 
 
+@register_family
 class FluxKontextFamily(FluxFamily):
     """FLUX.1 Kontext (``FluxKontextPipeline``): editing with a source image, and text-to-image without one.
 
@@ -236,7 +240,8 @@ class FluxKontextFamily(FluxFamily):
     #: what diffusers' train_dreambooth_lora_flux_kontext.py targets by default (Flux's + the single blocks' MLP)
     default_lora_targets = FLUX_LORA_TARGETS + ("proj_mlp",)
 
-    def pipeline_class(self) -> type:
+    @classmethod
+    def pipeline_class(cls) -> type:
         from diffusers import FluxKontextPipeline
 
         return FluxKontextPipeline

@@ -35,6 +35,7 @@ from .base import (
     Conditioning,
     FamilyAdapter,
     linspace_grid,
+    register_family,
     scheduler_sigmas,
     token_grid_conditioning,
     token_grid_of,
@@ -58,14 +59,6 @@ def pack(latents: torch.Tensor) -> torch.Tensor:
     return Flux2Pipeline._pack_latents(latents)
 
 
-def unpack(tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-    """The inverse of :func:`pack` for a known token grid."""
-    b, n, c = tokens.shape
-    if n != grid_h * grid_w:
-        raise ValueError(f"{n} tokens do not fill a {grid_h}x{grid_w} grid.")
-    return tokens.transpose(1, 2).reshape(b, c, grid_h, grid_w)
-
-
 def _bn_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the VAE's latent batch-norm, ``[1, 4C, 1, 1]``, as the pipelines compute them."""
     mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
@@ -75,86 +68,17 @@ def _bn_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return mean, std
 
 
-def _source_pipeline_class(base: type) -> type:
-    """``base`` (a stock Flux.2 pipeline) that also takes packed ``latents`` and per-sample ``source_latents``."""
-
-    class Flux2SourcePipeline(base):
-        """The stock pipeline; ``latents`` may be packed tokens ``[B, h·w, 4C]`` (the library's state layout), and
-        ``source_latents`` ``[B, 4C, h', w']`` (patchified, normalised) replace the in-call encoding of one shared
-        ``image`` list, so every sample is conditioned on its own reference. The denoising loop is the stock one.
-        """
-
-        _danceopd_sources: torch.Tensor | None = None
-
-        def __call__(self, *args, source_latents: torch.Tensor | None = None, **kwargs):
-            if source_latents is not None:
-                if args:
-                    raise TypeError("With `source_latents`, pass every other argument by keyword.")
-                if kwargs.get("image") is not None:
-                    raise ValueError("Pass either `image` or pre-encoded `source_latents`, not both.")
-                # the stock __call__ encodes references only when it is given some: a blank image stands in for
-                # them (never encoded: prepare_image_latents returns source_latents), sized to pass its checks;
-                # as with a real reference, the output defaults to the reference's size
-                from PIL import Image
-
-                kwargs["image"] = [Image.new("RGB", (64, 64))]
-                multiple = self.vae_scale_factor * 2
-                kwargs["height"] = kwargs.get("height") or source_latents.shape[-2] * multiple
-                kwargs["width"] = kwargs.get("width") or source_latents.shape[-1] * multiple
-            self._danceopd_sources = source_latents
-            try:
-                return super().__call__(*args, **kwargs)
-            finally:
-                self._danceopd_sources = None
-
-        def prepare_latents(
-            self, batch_size, num_latents_channels, height, width, dtype, device, generator, latents=None
-        ):
-            if latents is not None and latents.ndim == 3:
-                multiple = self.vae_scale_factor * 2
-                latents = unpack(latents, int(height) // multiple, int(width) // multiple)
-            return super().prepare_latents(
-                batch_size, num_latents_channels, height, width, dtype, device, generator, latents
-            )
-
-        def prepare_image_latents(self, images, batch_size, generator, device, dtype):
-            sources = self._danceopd_sources
-            if sources is None:
-                return super().prepare_image_latents(images, batch_size, generator, device, dtype)
-            if sources.shape[0] != batch_size:
-                raise ValueError(
-                    f"source_latents has {sources.shape[0]} samples but the call generates {batch_size}."
-                )
-            ids = self._prepare_image_ids([sources[:1]]).repeat(batch_size, 1, 1).to(device)
-            return pack(sources).to(device), ids
-
-    Flux2SourcePipeline.__name__ = Flux2SourcePipeline.__qualname__ = base.__name__ + "WithSources"
-    return Flux2SourcePipeline
-
-
-_SOURCE_PIPELINES: dict[str, type] = {}
-
-
 class _Flux2Base(FamilyAdapter):
     """What Flux.2 [dev] and [klein] share: latents, ids, time, references. Subclasses: prompts and guidance."""
 
     transformer_class_name = "Flux2Transformer2DModel"
     can_edit = True
     default_lora_targets = FLUX2_LORA_TARGETS
-    _stock_pipeline_name = ""
 
     def __init__(self, max_sequence_length: int = 512):
         if not 1 <= max_sequence_length <= 512:
             raise ValueError(f"Flux.2's prompt length must be in [1, 512], got {max_sequence_length}.")
         self.max_sequence_length = max_sequence_length
-
-    def pipeline_class(self) -> type:
-        if self._stock_pipeline_name not in _SOURCE_PIPELINES:
-            import diffusers
-
-            base = getattr(diffusers, self._stock_pipeline_name)
-            _SOURCE_PIPELINES[self._stock_pipeline_name] = _source_pipeline_class(base)
-        return _SOURCE_PIPELINES[self._stock_pipeline_name]
 
     # -- conditioning -------------------------------------------------------------------------------------
     def encode_prompts(
@@ -257,6 +181,8 @@ class _Flux2Base(FamilyAdapter):
 
     def vae_latents(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """States (tokens) -> the VAE's own latents ``[B, C, H/f, W/f]``, as the pipelines before decoding."""
+        from ..pipelines.pipeline_flux2_source import unpack
+
         multiple = pipe.vae_scale_factor * 2
         latents = unpack(latents, int(height) // multiple, int(width) // multiple)
         mean, std = _bn_stats(pipe.vae, latents)
@@ -281,22 +207,7 @@ class _Flux2Base(FamilyAdapter):
         )
 
 
-class Flux2KleinFamily(_Flux2Base):
-    """FLUX.2 [klein] (``Flux2KleinPipeline``, Qwen3 text encoder): text-to-image and reference-image edits.
-
-    CFG (``guidance_scale > 1`` on a non-distilled checkpoint) is the library's ``cfg`` field with the same scale.
-    Step-distilled checkpoints (``is_distilled``) are meant to run without CFG; the student's rollout always does.
-    """
-
-    name = "flux2-klein"
-    pipeline_class_names = ("Flux2KleinPipeline", "DanceOPDFlux2KleinPipeline")
-    custom_pipeline_class_name = "DanceOPDFlux2KleinPipeline"
-    _stock_pipeline_name = "Flux2KleinPipeline"
-
-    def unguided_call_kwargs(self) -> dict[str, Any]:
-        return {"guidance_scale": 1.0}  # Klein's CFG runs only when guidance_scale > 1
-
-
+@register_family
 class Flux2Family(_Flux2Base):
     """FLUX.2 [dev] (``Flux2Pipeline``, Mistral3 text encoder), guidance-distilled: text-to-image and edits.
 
@@ -309,7 +220,12 @@ class Flux2Family(_Flux2Base):
     pipeline_class_names = ("Flux2Pipeline", "DanceOPDFlux2Pipeline")
     custom_pipeline_class_name = "DanceOPDFlux2Pipeline"
     has_embedded_guidance = True
-    _stock_pipeline_name = "Flux2Pipeline"
+
+    @classmethod
+    def pipeline_class(cls) -> type:
+        from ..pipelines.pipeline_flux2_source import Flux2PipelineWithSources
+
+        return Flux2PipelineWithSources
 
     def __init__(self, max_sequence_length: int = 512, embedded_guidance: float = 4.0):
         super().__init__(max_sequence_length)
@@ -327,3 +243,25 @@ class Flux2Family(_Flux2Base):
         if per_field is not None:
             return per_field.reshape(-1).to(device=device, dtype=torch.float32).expand(batch)
         return torch.full([batch], self.embedded_guidance, device=device, dtype=torch.float32)
+
+
+@register_family
+class Flux2KleinFamily(_Flux2Base):
+    """FLUX.2 [klein] (``Flux2KleinPipeline``, Qwen3 text encoder): text-to-image and reference-image edits.
+
+    CFG (``guidance_scale > 1`` on a non-distilled checkpoint) is the library's ``cfg`` field with the same scale.
+    Step-distilled checkpoints (``is_distilled``) are meant to run without CFG; the student's rollout always does.
+    """
+
+    name = "flux2-klein"
+    pipeline_class_names = ("Flux2KleinPipeline", "DanceOPDFlux2KleinPipeline")
+    custom_pipeline_class_name = "DanceOPDFlux2KleinPipeline"
+
+    @classmethod
+    def pipeline_class(cls) -> type:
+        from ..pipelines.pipeline_flux2_source import Flux2KleinPipelineWithSources
+
+        return Flux2KleinPipelineWithSources
+
+    def unguided_call_kwargs(self) -> dict[str, Any]:
+        return {"guidance_scale": 1.0}  # Klein's CFG runs only when guidance_scale > 1

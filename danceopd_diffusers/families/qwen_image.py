@@ -17,7 +17,8 @@ Conventions hidden here (diffusers 0.42 ``pipeline_qwenimage.py`` / ``pipeline_q
   encoding), so ``Conditioning.without_source()`` (image guidance's image-free branch) drops the image from
   both paths; ``edit_grid`` (not a source key) keeps the state's token grid for that branch.
 - A Qwen-Image-Edit conditioning without a source is text-to-image: Qwen-Image's template and loop over the
-  same components (:func:`qwen_image_t2i_view`), which the exported edit pipeline runs without ``image``.
+  same components (``pipelines.pipeline_danceopd.qwen_image_t2i_view``), which the exported edit pipeline runs
+  without ``image``; the rollout pipeline is ``pipelines/pipeline_qwenimage_edit_latents.py``.
 - True CFG (``true_cfg_scale > 1`` with a negative prompt) is ``u + s (c - u)`` rescaled, per token, to the norm
   of the conditional prediction: a ``cfg`` field with ``norm_rescale: true`` (``CFGField(norm_rescale=True)``
   in ``fields.py``) is that operator exactly; without it the ``cfg`` field is plain CFG (no rescale).
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .base import Conditioning, FamilyAdapter, scheduler_sigmas, token_count_mu
+from .base import Conditioning, FamilyAdapter, register_family, scheduler_sigmas, token_count_mu
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def _square_grid(seq_len: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------- adapters
+@register_family
 class QwenImageFamily(FamilyAdapter):
     name = "qwen-image"
     pipeline_class_names = ("QwenImagePipeline", "DanceOPDQwenImagePipeline")
@@ -120,7 +122,8 @@ class QwenImageFamily(FamilyAdapter):
     def __init__(self, max_sequence_length: int = 256):
         self.max_sequence_length = max_sequence_length
 
-    def pipeline_class(self) -> type:
+    @classmethod
+    def pipeline_class(cls) -> type:
         from diffusers import QwenImagePipeline
 
         return QwenImagePipeline
@@ -129,6 +132,8 @@ class QwenImageFamily(FamilyAdapter):
     def encode_prompts(
         self, pipe: Any, prompts: list[str], device: torch.device, source_images: list | None = None
     ) -> Conditioning:
+        from ..pipelines.pipeline_danceopd import qwen_image_t2i_view
+
         # Qwen-Image's text-to-image encoding (its template, dropped system prompt, max_sequence_length)
         embeds, mask = qwen_image_t2i_view(pipe).encode_prompt(
             prompt=list(prompts), device=device, max_sequence_length=self.max_sequence_length
@@ -218,6 +223,7 @@ class QwenImageFamily(FamilyAdapter):
         return pipe.image_processor.postprocess(images, output_type="pil")
 
 
+@register_family
 class QwenImageEditFamily(QwenImageFamily):
     """Qwen-Image-Edit: edits, and text-to-image through Qwen-Image's own path on the same components.
 
@@ -233,8 +239,11 @@ class QwenImageEditFamily(QwenImageFamily):
     can_edit = True
     prompt_uses_source = True
 
-    def pipeline_class(self) -> type:
-        return qwen_image_edit_latents_pipeline_class()
+    @classmethod
+    def pipeline_class(cls) -> type:
+        from ..pipelines.pipeline_qwenimage_edit_latents import QwenImageEditLatentsPipeline
+
+        return QwenImageEditLatentsPipeline
 
     def encode_prompts(
         self, pipe: Any, prompts: list[str], device: torch.device, source_images: list | None = None
@@ -283,253 +292,4 @@ class QwenImageEditFamily(QwenImageFamily):
         return Conditioning({"source_latents": latents, "edit_grid": grid.to(latents.device)})
 
 
-# ---------------------------------------------------------------------------------------------------- rollout
-def qwen_image_t2i_view(pipe: Any) -> Any:
-    """``pipe`` itself if it is a QwenImagePipeline, else a QwenImagePipeline over its components (no copies).
-
-    Qwen-Image-Edit's transformer, VAE, text encoder and tokenizer are Qwen-Image's; the view runs them with
-    Qwen-Image's text-to-image template and loop.
-    """
-    from diffusers import QwenImagePipeline
-
-    if isinstance(pipe, QwenImagePipeline):
-        return pipe
-    view = QwenImagePipeline(
-        scheduler=pipe.scheduler,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        transformer=pipe.transformer,
-    )
-    view.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-    return view
-
-
-_EDIT_LATENTS_PIPELINE: type | None = None
-
-
-def qwen_image_edit_latents_pipeline_class() -> type:
-    """QwenImageEditPipeline that also takes its source pre-encoded, as ``image`` latents [B, z, 1, h, w],
-    and runs text-to-image (Qwen-Image's loop on the same components) without ``image``.
-
-    The stock ``__call__`` documents latents as ``image`` but reads ``image.size`` as a PIL size and always
-    sizes the source to ~1024^2 pixels. Training encodes each source once, at the edit size, and hands the
-    same latents to the rollout, the student and the fields: this ``__call__`` runs the stock denoising loop
-    with them (noisy tokens, then source tokens; prompt embeddings required, since the VL encoder needs the
-    image itself). Any other ``image`` goes to the stock ``__call__`` unchanged.
-    """
-    global _EDIT_LATENTS_PIPELINE
-    if _EDIT_LATENTS_PIPELINE is not None:
-        return _EDIT_LATENTS_PIPELINE
-
-    import numpy as np
-    from diffusers import QwenImageEditPipeline
-    from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift, retrieve_timesteps
-
-    # The tiny offline edit pipelines record their processor class by this module, and diffusers only loads
-    # components from modules already imported: import it so the training script loads them in any process.
-    from ..tiny import qwen_image as _tiny_qwen_image  # noqa: F401
-
-    class QwenImageEditLatentsPipeline(QwenImageEditPipeline):
-        __doc__ = qwen_image_edit_latents_pipeline_class.__doc__
-
-        @torch.no_grad()
-        def __call__(self, image=None, prompt=None, *args, **kwargs):
-            if image is None:  # text-to-image on the same components
-                return qwen_image_t2i_view(self)(prompt, *args, **kwargs)
-            is_latents = (
-                isinstance(image, torch.Tensor) and image.ndim == 5 and image.shape[1] == self.latent_channels
-            )
-            if not is_latents:
-                return super().__call__(image, prompt, *args, **kwargs)
-            if prompt is not None or args or kwargs.get("negative_prompt") is not None:
-                raise ValueError("With source latents, pass prompt_embeds (and negative_prompt_embeds).")
-            return self._call_with_source_latents(image, **kwargs)
-
-        def _call_with_source_latents(
-            self,
-            image_latents: torch.Tensor,
-            true_cfg_scale: float = 4.0,
-            height: int | None = None,
-            width: int | None = None,
-            num_inference_steps: int = 50,
-            sigmas: list[float] | None = None,
-            guidance_scale: float | None = None,
-            num_images_per_prompt: int = 1,
-            generator: torch.Generator | list[torch.Generator] | None = None,
-            latents: torch.Tensor | None = None,
-            prompt_embeds: torch.Tensor | None = None,
-            prompt_embeds_mask: torch.Tensor | None = None,
-            negative_prompt_embeds: torch.Tensor | None = None,
-            negative_prompt_embeds_mask: torch.Tensor | None = None,
-            output_type: str | None = "pil",
-            return_dict: bool = True,
-            attention_kwargs: dict[str, Any] | None = None,
-            callback_on_step_end: Any = None,
-            callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (the stock signature)
-            max_sequence_length: int = 512,
-            negative_prompt: None = None,
-        ):
-            if prompt_embeds is None:
-                raise ValueError("With source latents, pass prompt_embeds (the VL encoder needs the image).")
-            source_h, source_w = image_latents.shape[-2:]
-            height = height or source_h * self.vae_scale_factor
-            width = width or source_w * self.vae_scale_factor
-            multiple_of = self.vae_scale_factor * 2
-            width = width // multiple_of * multiple_of
-            height = height // multiple_of * multiple_of
-            self.check_inputs(
-                None,
-                height,
-                width,
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds,
-                prompt_embeds_mask=prompt_embeds_mask,
-                negative_prompt_embeds_mask=negative_prompt_embeds_mask,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                max_sequence_length=max_sequence_length,
-            )
-            self._guidance_scale = guidance_scale
-            self._attention_kwargs = attention_kwargs
-            self._current_timestep = None
-            self._interrupt = False
-            batch_size = prompt_embeds.shape[0]
-            device = self._execution_device
-
-            do_true_cfg = true_cfg_scale > 1 and negative_prompt_embeds is not None
-            prompt_embeds, prompt_embeds_mask = self.encode_prompt(
-                prompt=None,
-                prompt_embeds=prompt_embeds,
-                prompt_embeds_mask=prompt_embeds_mask,
-                device=device,
-                num_images_per_prompt=num_images_per_prompt,
-                max_sequence_length=max_sequence_length,
-            )
-            if do_true_cfg:
-                negative_prompt_embeds, negative_prompt_embeds_mask = self.encode_prompt(
-                    prompt=None,
-                    prompt_embeds=negative_prompt_embeds,
-                    prompt_embeds_mask=negative_prompt_embeds_mask,
-                    device=device,
-                    num_images_per_prompt=num_images_per_prompt,
-                    max_sequence_length=max_sequence_length,
-                )
-
-            num_channels_latents = self.transformer.config.in_channels // 4
-            latents, image_latents = self.prepare_latents(
-                image_latents,
-                batch_size * num_images_per_prompt,
-                num_channels_latents,
-                height,
-                width,
-                prompt_embeds.dtype,
-                device,
-                generator,
-                latents,
-            )
-            img_shapes = [
-                [
-                    (1, height // self.vae_scale_factor // 2, width // self.vae_scale_factor // 2),
-                    (1, source_h // 2, source_w // 2),
-                ]
-            ] * batch_size
-
-            sigmas = (
-                np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
-            )
-            mu = calculate_shift(
-                latents.shape[1],
-                self.scheduler.config.get("base_image_seq_len", 256),
-                self.scheduler.config.get("max_image_seq_len", 4096),
-                self.scheduler.config.get("base_shift", 0.5),
-                self.scheduler.config.get("max_shift", 1.15),
-            )
-            timesteps, num_inference_steps = retrieve_timesteps(
-                self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu
-            )
-            self._num_timesteps = len(timesteps)
-            if self.transformer.config.guidance_embeds:
-                if guidance_scale is None:
-                    raise ValueError("guidance_scale is required for guidance-distilled model.")
-                guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
-                guidance = guidance.expand(latents.shape[0])
-            else:
-                guidance = None
-            if self.attention_kwargs is None:
-                self._attention_kwargs = {}
-
-            self.scheduler.set_begin_index(0)
-            with self.progress_bar(total=num_inference_steps) as progress_bar:
-                for i, t in enumerate(timesteps):
-                    if self.interrupt:
-                        continue
-                    self._current_timestep = t
-                    latent_model_input = torch.cat([latents, image_latents], dim=1)
-                    timestep = t.expand(latents.shape[0]).to(latents.dtype)
-                    with self.transformer.cache_context("cond"):
-                        noise_pred = self.transformer(
-                            hidden_states=latent_model_input,
-                            timestep=timestep / 1000,
-                            guidance=guidance,
-                            encoder_hidden_states_mask=prompt_embeds_mask,
-                            encoder_hidden_states=prompt_embeds,
-                            img_shapes=img_shapes,
-                            attention_kwargs=self.attention_kwargs,
-                            return_dict=False,
-                        )[0]
-                        noise_pred = noise_pred[:, : latents.size(1)]
-                    if do_true_cfg:
-                        with self.transformer.cache_context("uncond"):
-                            neg_noise_pred = self.transformer(
-                                hidden_states=latent_model_input,
-                                timestep=timestep / 1000,
-                                guidance=guidance,
-                                encoder_hidden_states_mask=negative_prompt_embeds_mask,
-                                encoder_hidden_states=negative_prompt_embeds,
-                                img_shapes=img_shapes,
-                                attention_kwargs=self.attention_kwargs,
-                                return_dict=False,
-                            )[0]
-                        neg_noise_pred = neg_noise_pred[:, : latents.size(1)]
-                        comb_pred = neg_noise_pred + true_cfg_scale * (noise_pred - neg_noise_pred)
-                        cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
-                        noise_norm = torch.norm(comb_pred, dim=-1, keepdim=True)
-                        noise_pred = comb_pred * (cond_norm / noise_norm)
-                    latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-                    if callback_on_step_end is not None:
-                        callback_kwargs = {}
-                        for k in callback_on_step_end_tensor_inputs:
-                            callback_kwargs[k] = {"latents": latents, "prompt_embeds": prompt_embeds}[k]
-                        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                        latents = callback_outputs.pop("latents", latents)
-                        prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    progress_bar.update()
-
-            self._current_timestep = None
-            if output_type == "latent":
-                image = latents
-            else:
-                unpacked = self._unpack_latents(latents, height, width, self.vae_scale_factor).to(
-                    self.vae.dtype
-                )
-                mean, std = _vae_stats(self.vae, unpacked)
-                image = self.vae.decode(unpacked * std + mean, return_dict=False)[0][:, :, 0]
-                image = self.image_processor.postprocess(image, output_type=output_type)
-            self.maybe_free_model_hooks()
-            if not return_dict:
-                return (image,)
-            return QwenImagePipelineOutput(images=image)
-
-    QwenImageEditLatentsPipeline.__module__ = __name__
-    QwenImageEditLatentsPipeline.__qualname__ = "QwenImageEditLatentsPipeline"
-    _EDIT_LATENTS_PIPELINE = QwenImageEditLatentsPipeline
-    return QwenImageEditLatentsPipeline
-
-
-__all__ = [
-    "QwenImageEditFamily",
-    "QwenImageFamily",
-    "qwen_image_edit_latents_pipeline_class",
-    "qwen_image_t2i_view",
-]
+__all__ = ["QwenImageEditFamily", "QwenImageFamily"]

@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
-from .base import Conditioning, FamilyAdapter
+from .base import Conditioning, FamilyAdapter, register_family
 
 
+@register_family
 class SD3Family(FamilyAdapter):
     name = "sd3"
     pipeline_class_names = ("StableDiffusion3Pipeline", "DanceOPDStableDiffusion3Pipeline")
@@ -32,7 +33,8 @@ class SD3Family(FamilyAdapter):
     def __init__(self, max_sequence_length: int = 256):
         self.max_sequence_length = max_sequence_length
 
-    def pipeline_class(self) -> type:
+    @classmethod
+    def pipeline_class(cls) -> type:
         from diffusers import StableDiffusion3Pipeline
 
         return StableDiffusion3Pipeline

@@ -14,7 +14,8 @@ What the edge hides:
   serves text-to-image and edit samples and dropping the source (image guidance) gives exactly what the
   pipeline does without an image.
 - The omni pipeline encodes one list of source images for the whole batch, inside ``__call__``. The rollout
-  needs per-sample, pre-encoded sources, so :meth:`ZImageOmniFamily.pipeline_class` is a subclass whose
+  needs per-sample, pre-encoded sources, so :meth:`ZImageOmniFamily.pipeline_class` is a subclass
+  (``pipelines/pipeline_z_image_omni_source.py``) whose
   ``__call__`` also takes ``source_latents`` / ``source_siglip`` and returns them from the two
   ``prepare_*`` hooks; the stock denoising loop is untouched.
 """
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .base import Conditioning, FamilyAdapter, scheduler_sigmas, token_count_mu
+from .base import Conditioning, FamilyAdapter, register_family, scheduler_sigmas, token_count_mu
 
 #: Z-Image's FeedForward is w2(silu(w1 x) * w3 x); DanceOPD's Z-Image recipe adapts it with the attention
 _Z_IMAGE_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
@@ -85,6 +86,7 @@ def _keep_siglip_in_graph(model: torch.nn.Module, out: list[torch.Tensor], used:
     return [o + zero.to(o.dtype) for o in out]
 
 
+@register_family
 class ZImageFamily(FamilyAdapter):
     """``ZImagePipeline`` (Z-Image, Z-Image-Turbo): text-to-image only.
 
@@ -103,7 +105,8 @@ class ZImageFamily(FamilyAdapter):
     def __init__(self, max_sequence_length: int = 256):
         self.max_sequence_length = max_sequence_length
 
-    def pipeline_class(self) -> type:
+    @classmethod
+    def pipeline_class(cls) -> type:
         from diffusers import ZImagePipeline
 
         return ZImagePipeline
@@ -163,70 +166,7 @@ class ZImageFamily(FamilyAdapter):
         return scheduler_sigmas(pipe.scheduler, num_steps, device, get_default_z_image_sigmas(num_steps), mu)
 
 
-def _omni_source_pipeline_class() -> type:
-    """``ZImageOmniPipeline`` that also takes per-sample pre-encoded sources (built lazily: diffusers import)."""
-    from diffusers import ZImageOmniPipeline
-
-    class ZImageOmniSourcePipeline(ZImageOmniPipeline):
-        """The stock omni pipeline; ``source_latents`` ``[B, C, H, W]`` (and ``source_siglip`` ``[B, h, w, C]``)
-        replace its in-call encoding of one shared ``image`` list, so every sample edits its own source.
-
-        SigLIP is optional: without it (or without ``source_siglip``) edits condition on the VAE latents only.
-        """
-
-        _optional_components = ["siglip", "siglip_processor"]
-        _danceopd_sources: tuple[torch.Tensor, torch.Tensor | None] | None = None
-
-        def __init__(
-            self, scheduler, vae, text_encoder, tokenizer, transformer, siglip=None, siglip_processor=None
-        ):
-            super().__init__(
-                scheduler=scheduler,
-                vae=vae,
-                text_encoder=text_encoder,
-                tokenizer=tokenizer,
-                transformer=transformer,
-                siglip=siglip,
-                siglip_processor=siglip_processor,
-            )
-
-        def __call__(self, *args, source_latents=None, source_siglip=None, **kwargs):
-            if source_latents is not None and kwargs.get("image") is not None:
-                raise ValueError("Pass either `image` or pre-encoded `source_latents`, not both.")
-            self._danceopd_sources = None if source_latents is None else (source_latents, source_siglip)
-            try:
-                return super().__call__(*args, **kwargs)
-            finally:
-                self._danceopd_sources = None
-
-        def _sources_for(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-            latents, siglip = self._danceopd_sources
-            if latents.shape[0] != batch_size:
-                raise ValueError(
-                    f"source_latents has {latents.shape[0]} samples but the call generates {batch_size}."
-                )
-            return latents, siglip
-
-        def prepare_image_latents(self, images, batch_size, device, dtype):
-            if self._danceopd_sources is None:
-                return super().prepare_image_latents(images, batch_size, device, dtype)
-            latents, _ = self._sources_for(batch_size)
-            return [[latents[i].unsqueeze(1).to(device=device, dtype=dtype)] for i in range(batch_size)]
-
-        def prepare_siglip_embeds(self, images, batch_size, device, dtype):
-            if self._danceopd_sources is None:
-                return super().prepare_siglip_embeds(images, batch_size, device, dtype)
-            _, siglip = self._sources_for(batch_size)
-            if siglip is None:
-                return [[] for _ in range(batch_size)]
-            return [[siglip[i].to(device=device, dtype=dtype)] for i in range(batch_size)]
-
-    return ZImageOmniSourcePipeline
-
-
-_OMNI_SOURCE_PIPELINE: list[type] = []
-
-
+@register_family
 class ZImageOmniFamily(ZImageFamily):
     """``ZImageOmniPipeline``: text-to-image and instruction edits in one model.
 
@@ -240,10 +180,11 @@ class ZImageOmniFamily(ZImageFamily):
     can_edit = True
     ragged_inputs = None  # the omni loop also holds per-sample source latents and features
 
-    def pipeline_class(self) -> type:
-        if not _OMNI_SOURCE_PIPELINE:
-            _OMNI_SOURCE_PIPELINE.append(_omni_source_pipeline_class())
-        return _OMNI_SOURCE_PIPELINE[0]
+    @classmethod
+    def pipeline_class(cls) -> type:
+        from ..pipelines.pipeline_z_image_omni_source import ZImageOmniSourcePipeline
+
+        return ZImageOmniSourcePipeline
 
     # -- conditioning -------------------------------------------------------------------------------------
     def encode_prompts(

@@ -24,7 +24,7 @@ TINY_BUILDERS: dict[str, tuple[str, str, str]] = {
     "z-image": (".z_image", "build_tiny_z_image_pipeline", "1"),
     "z-image-omni": (".z_image", "build_tiny_z_image_omni_pipeline", "1"),
     "qwen-image": (".qwen_image", "build_tiny_qwen_image_pipeline", "1"),
-    "qwen-image-edit": (".qwen_image", "build_tiny_qwen_image_edit_pipeline", "1"),
+    "qwen-image-edit": (".qwen_image", "build_tiny_qwen_image_edit_pipeline", "2"),
     "flux2": (".flux2", "build_tiny_flux2_pipeline", "1"),
     "flux2-klein": (".flux2", "build_tiny_flux2_klein_pipeline", "1"),
 }

@@ -6,11 +6,9 @@ two pipelines' system prompts, so each template word is one token as in the real
 pipelines drop exactly ``prompt_template_encode_start_idx`` tokens (34 / 64) and keep the prompt, as they do
 with the real tokenizer. The builders check that count against the pipeline.
 
-The edit pipeline's ``Qwen2VLProcessor`` normally carries a video processor, which needs torchvision;
-:class:`Qwen2VLImageProcessor` is the same processor without that slot (text and images are processed by the
-stock code). Real checkpoints keep their own processor. ``model_index.json`` names it by this module, and
-diffusers loads components only from modules already imported: import this module before
-``from_pretrained`` of a tiny edit folder (``QwenImageEditFamily.pipeline_class()`` does).
+The edit pipeline's ``Qwen2VLProcessor`` normally carries a video processor, which needs torchvision; the tiny
+edit pipeline uses :class:`~danceopd_diffusers.pipelines.qwen2vl_image_processor.Qwen2VLImageProcessor`, the same
+processor without that slot, which the family's pipeline module imports (so the folder loads in any process).
 """
 
 from __future__ import annotations
@@ -18,8 +16,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import Qwen2VLProcessor
-from transformers.processing_utils import ProcessorMixin
+
+from ..pipelines.qwen2vl_image_processor import Qwen2VLImageProcessor
 
 if TYPE_CHECKING:
     from diffusers import QwenImageEditPipeline, QwenImagePipeline
@@ -74,21 +72,6 @@ def qwen2_tokenizer(model_max_length: int = 2048) -> Qwen2Tokenizer:
         additional_special_tokens=list(SPECIAL_TOKENS[1:]),
         model_max_length=model_max_length,
     )
-
-
-class Qwen2VLImageProcessor(Qwen2VLProcessor):
-    """Qwen2VLProcessor without the video processor slot (which needs torchvision); text + images only.
-
-    ``DiffusionPipeline.from_pretrained`` finds this class, and the ``ProcessorMixin`` it loads through, by
-    name in this module (the ``model_index.json`` entry is ``["danceopd_diffusers.tiny.qwen_image", ...]``).
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
 def tiny_qwen2_vl_processor(

@@ -43,7 +43,6 @@ def test_tiny_run_through_the_training_script(tmp_path, capsys):
     """2 optimizer steps of the recipe (batch 1, accumulation 4) through train_danceopd.main: one JSON line with
     every field, the split adding up to the step, 4 rollouts timed in the measured step."""
     import train_danceopd
-
     from danceopd_diffusers.objectives import RoutedTargets
 
     original = train_danceopd.on_policy_states, RoutedTargets.__call__

@@ -30,7 +30,6 @@ from types import SimpleNamespace
 
 import torch
 
-from danceopd_diffusers import demo
 from danceopd_diffusers.checkpointing import checkpoint_step
 from danceopd_diffusers.cli import ArgumentParser
 from danceopd_diffusers.config import (
@@ -85,6 +84,7 @@ from danceopd_diffusers.rollout import (
     QueryLaw,
 )
 from danceopd_diffusers.routing import ROUTINGS, Router, soft_routes, step_generator
+from danceopd_diffusers.shapesworld import demo
 from danceopd_diffusers.stopping import (
     Interrupted,
     NonFiniteError,

@@ -67,6 +67,11 @@ updates, a checkpoint every ``--checkpoint_every`` (150: the curve points), seed
 
 Evaluation: ``shapesworld.evaluate`` with its 95 % bootstrap intervals; DanceOPD against each baseline with
 ``evaluate.compare`` (paired bootstrap over the same samples).
+
+This module is the command line; the stages live beside it, each in a module named for what it holds:
+:mod:`.study_settings` (``R/study.json``), :mod:`.study_grid` (the grid above, as data), :mod:`.study_train` (the
+scheduler: runs and merges), :mod:`.study_eval` (the evaluation queue), :mod:`.study_results` (a root's results in
+one collection), :mod:`.study_report` (STUDY.md), :mod:`.study_ship` and :mod:`.study_carry`.
 """
 
 from __future__ import annotations

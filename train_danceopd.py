@@ -37,7 +37,7 @@ from accelerate.utils import (
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from danceopd_diffusers import demo, distributed, export, hub, objectives, preflight, stopping
+from danceopd_diffusers import distributed, export, hub, objectives, preflight, stopping
 from danceopd_diffusers.batches import BatchDrawer, MicroBatch
 from danceopd_diffusers.checkpointing import checkpoint_step, list_checkpoints
 from danceopd_diffusers.cli import ArgumentParser, HelpFormatter, run_command
@@ -59,6 +59,7 @@ from danceopd_diffusers.output_dir import OutputFolder, check_apart, run_inputs
 from danceopd_diffusers.preflight import inspect_pipeline
 from danceopd_diffusers.rollout import PAPER_REFERENCE_SHIFT, QUERY_SPACES, QUERY_STRATEGIES, QueryLaw
 from danceopd_diffusers.routing import ROUTINGS, run_fields_config
+from danceopd_diffusers.shapesworld import demo
 from danceopd_diffusers.step_log import StepLog, run_banner
 from danceopd_diffusers.student import mode_switch
 from danceopd_diffusers.student_init import DEFAULT_RANK, build_student, plan_student

@@ -141,7 +141,8 @@ def build_pipeline(device: str, dtype: torch.dtype, config: dict = SD35_MEDIUM):
     )
     from transformers import CLIPTextModelWithProjection
 
-    from danceopd_diffusers.tiny.sd3 import clip_tokenizer, t5_tokenizer
+    from danceopd_diffusers.shapesworld.text_encoders import clip_tokenizer
+    from danceopd_diffusers.tiny.sd3 import t5_tokenizer
 
     clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer(max_length=256)
     torch.manual_seed(0)
@@ -178,8 +179,9 @@ def build_kontext_pipeline(device: str, dtype: torch.dtype, config: dict = FLUX_
     )
     from transformers import CLIPTextModel
 
+    from danceopd_diffusers.shapesworld.text_encoders import clip_tokenizer
     from danceopd_diffusers.tiny.flux import FLUX_DEV_SCHEDULER_CONFIG
-    from danceopd_diffusers.tiny.sd3 import clip_tokenizer, t5_tokenizer
+    from danceopd_diffusers.tiny.sd3 import t5_tokenizer
 
     clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer(max_length=512)
     torch.manual_seed(0)

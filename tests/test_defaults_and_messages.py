@@ -23,8 +23,8 @@ def _prompts(tmp_path: Path) -> str:
 
 
 def test_trained_size_of_the_shapesworld_base_and_the_tiny_model(tiny_path):
-    from danceopd_diffusers import demo
     from danceopd_diffusers.defaults import trained_size
+    from danceopd_diffusers.shapesworld import demo
 
     size = trained_size(demo.base_path())
     assert (size.resolution, size.max_sequence_length) == (64, 32)
@@ -145,7 +145,7 @@ def test_known_library_warnings_are_silenced_narrowly():
 def test_loading_a_transformer_lora_for_evaluation_prints_no_text_encoder_notice():
     from diffusers.utils import logging as diffusers_logging
 
-    from danceopd_diffusers.demo import STUDENT_INIT, base_path
+    from danceopd_diffusers.shapesworld.demo import STUDENT_INIT, base_path
     from danceopd_diffusers.shapesworld.evaluate import load_pipeline
 
     records = []
@@ -221,7 +221,7 @@ def test_grid_is_enlarged_and_labelled():
 
 
 def test_limited_evaluation_covers_every_category_and_tables_show_no_partial_average():
-    from danceopd_diffusers.demo import summary_cells
+    from danceopd_diffusers.shapesworld.demo import summary_cells
     from danceopd_diffusers.shapesworld.evaluate import format_table, spread_over_categories
     from danceopd_diffusers.shapesworld.world import T2I_CATEGORIES, t2i_rows
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import python_blocks, run_card_blocks
 
-from danceopd_diffusers import demo
+from danceopd_diffusers.shapesworld import demo
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -338,7 +338,8 @@ def test_user_strings_stay_data_in_the_card(tmp_path):
 
 
 def test_hub_shapesworld_and_local_bases_say_where_the_base_comes_from(tmp_path):
-    from danceopd_diffusers import demo, export
+    from danceopd_diffusers import export
+    from danceopd_diffusers.shapesworld import demo
 
     hub = export.base_model_reference("stabilityai/stable-diffusion-3.5-medium")
     assert hub["hub_id"] == "stabilityai/stable-diffusion-3.5-medium"

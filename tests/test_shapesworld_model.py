@@ -43,7 +43,7 @@ def test_text_encoder_carries_word_order():
 def test_shipped_text_encoder_is_the_one_the_builder_makes():
     from safetensors.torch import load_file
 
-    from danceopd_diffusers.demo import SOURCES
+    from danceopd_diffusers.shapesworld.demo import SOURCES
 
     shipped = load_file(SOURCES / "base" / "text_encoder_2" / "model.safetensors")
     built = build_shapesworld_pipeline().text_encoder_2.state_dict()
@@ -68,7 +68,7 @@ def test_ship_writes_fp16_sources_and_scores_what_it_wrote(tmp_path):
 
     from safetensors.torch import load_file
 
-    from danceopd_diffusers.demo import SOURCES
+    from danceopd_diffusers.shapesworld.demo import SOURCES
     from danceopd_diffusers.shapesworld.ship import LORA_FILE, TRANSFORMER_FILE, ship
 
     root = tmp_path / "root"  # a train_sources.sh root, made from the shipped files

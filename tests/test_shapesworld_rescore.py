@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from danceopd_diffusers.demo import SOURCES
 from danceopd_diffusers.shapesworld import ship as ship_module
+from danceopd_diffusers.shapesworld.demo import SOURCES
 from danceopd_diffusers.shapesworld.scorer import SCORER_VERSION
 
 

@@ -5,13 +5,23 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from danceopd_diffusers.shapesworld import study
+from danceopd_diffusers.shapesworld import (
+    study,
+    study_carry,
+    study_grid,
+    study_report,
+    study_results,
+    study_settings,
+    study_ship,
+    study_train,
+)
 from danceopd_diffusers.shapesworld.prepare import write_buckets
 
 TOY = ["--steps", "2", "--checkpoint_every", "2", "--batch_size", "1", "--num_rollout_steps", "2"]
@@ -24,12 +34,13 @@ def _flag(cmd: list[str], name: str) -> str | None:
 
 
 def test_plan_gives_every_method_of_a_setting_the_same_start_and_budget(tmp_path):
-    settings = study.Settings()
-    runs = {r.name: r for r in study.all_runs(settings)}
+    settings = study_settings.Settings()
+    runs = {r.name: r for r in study_grid.all_runs(settings)}
     assert not any(r.group == "seeds" for r in runs.values())  # seeds wait for the main runs' scores
     for setting, init in (("A", "edit_lora"), ("B", "local_edit_lora")):
         cmds = {
-            k: study.train_command(runs[f"{setting}-{k}"], tmp_path, settings, False) for k in study.METHODS
+            k: study_train.train_command(runs[f"{setting}-{k}"], tmp_path, settings, False)
+            for k in study_grid.METHODS
         }
         for cmd in cmds.values():
             assert Path(_flag(cmd, "--student_init")).stem == init
@@ -46,27 +57,27 @@ def test_plan_gives_every_method_of_a_setting_the_same_start_and_budget(tmp_path
         }
         assert _flag(cmds["soft"], "--routing") == "soft" and "--routing" not in cmds["danceopd"]
         assert "--fields_config" not in cmds["joint"]  # sft: one route per data bucket, no field
-    configs = study.fields_configs(settings)
+    configs = study_grid.fields_configs(settings)
     assert [(r["task"], r["field"]) for r in configs["setting_b"]["routes"]] == [
         ("t2i", "base_cfg"),
         ("local_edit", "local_cfg"),
         ("global_edit", "global_cfg"),
     ]
     assert {r["field"] for r in configs["setting_a"]["routes"][1:]} == {"edit_cfg"}
-    ablation = study.train_command(runs["B-init-base"], tmp_path, settings, False)
+    ablation = study_train.train_command(runs["B-init-base"], tmp_path, settings, False)
     assert "--student_init" not in ablation and _flag(ablation, "--rank") == "32"
-    assert _flag(study.train_command(runs["B-k4"], tmp_path, settings, False), "--query_k") == "4"
-    assert _flag(study.train_command(runs["cfg-zero"], tmp_path, settings, False), "--dataset_name").endswith(
-        "t2i/metadata.jsonl"
-    )
+    assert _flag(study_train.train_command(runs["B-k4"], tmp_path, settings, False), "--query_k") == "4"
+    assert _flag(
+        study_train.train_command(runs["cfg-zero"], tmp_path, settings, False), "--dataset_name"
+    ).endswith("t2i/metadata.jsonl")
     settings.best_baselines = {"A": "joint", "B": "dense"}
-    seeds = [r.name for r in study.seed_runs(settings)]
+    seeds = [r.name for r in study_grid.seed_runs(settings)]
     assert seeds == [
         f"{s}-{k}-seed{i}"
         for s, k in (("A", "danceopd"), ("A", "joint"), ("B", "danceopd"), ("B", "dense"))
         for i in (1, 2)
     ]
-    assert {m.setting for m in study.merges()} == {"A", "B", "init"}
+    assert {m.setting for m in study_grid.merges()} == {"A", "B", "init"}
 
 
 def test_study_end_to_end_at_toy_size(tmp_path, capsys):
@@ -126,7 +137,7 @@ def test_study_end_to_end_at_toy_size(tmp_path, capsys):
     shipped = json.loads((dest / "results.json").read_text())
     assert set(shipped["rescored"]) == set(shipped["shipped"])  # each file re-scored from its fp16 weights
     assert shipped["rescored"]["A-danceopd"]["limit"] == 6
-    again_scored = study.rescore_one(dest, "A-danceopd.safetensors", limit=6)
+    again_scored = study_ship.rescore_one(dest, "A-danceopd.safetensors", limit=6)
     assert again_scored["t2i"] == shipped["rescored"]["A-danceopd"]["t2i"]
     again = tmp_path / "again" / "STUDY.md"
     assert study.main(["report", "--dest", str(dest), "--out", str(again), "--plot_backend", "pil"]) == 0
@@ -157,36 +168,36 @@ def test_study_end_to_end_at_toy_size(tmp_path, capsys):
 def test_equal_updates_table_and_merge_ties(tmp_path):
     """With unfinished runs the report compares every method at the last step all of them reached; among merges
     with the same selection score, `eval` and the report pick the same point."""
-    point = json.loads((Path(study.SOURCES) / "results.json").read_text())["T2I base"]
+    point = json.loads((Path(study_settings.SOURCES) / "results.json").read_text())["T2I base"]
     other = json.loads(json.dumps(point))
     other["t2i"]["overall"] = 0.5
-    settings = study.Settings(steps=600, curve_per_category=64)
+    settings = study_settings.Settings(steps=600, curve_per_category=64)
     runs = {
         f"A-{k}": {"done": False, "reached": 300, "curve": {"150": point, "300": point}}
-        for k in study.METHODS
+        for k in study_grid.METHODS
     }
     runs["A-dense"]["curve"] = {"150": other}  # dense reached step 150 only
     merges = {
-        m.name: {**study.asdict(m), "seconds": 1.0, "select": point, "final": None}
-        for m in study.merges()
+        m.name: {**asdict(m), "seconds": 1.0, "select": point, "final": None}
+        for m in study_grid.merges()
         if m.setting == "A"
     }
-    collection = {"settings": study.asdict(settings), "runs": runs, "merges": merges, "teachers": {}}
-    best = study.best_merge(collection, "A")
+    collection = {"settings": asdict(settings), "runs": runs, "merges": merges, "teachers": {}}
+    best = study_grid.best_merge(collection, "A")
     assert best[0] == max(merges)  # ties go to the last name
-    text = "\n".join(study._equal_updates(collection, "A"))
+    text = "\n".join(study_report._equal_updates(collection, "A"))
     assert "after the same 150 updates (setting A; curve set, 64 per category)" in text
     assert "| DiffusionOPD (dense) | 0.500 [" in text and "| DanceOPD | 0.891 [" in text
     assert f"| weight merge (best: {best[1]['label']}; no training) | 0.891 [" in text
     # paired differences over the same samples: zero against every identical baseline
     assert re.search(r"\| soft routing \| \+0\.00 \[\+0\.00, \+0\.00\] \| 1\.000 \|", text), text
-    assert study._equal_updates({**collection, "runs": {}}, "A") == []  # no shared step: no table
-    status = "\n".join(study._status_section(collection))
+    assert study_report._equal_updates({**collection, "runs": {}}, "A") == []  # no shared step: no table
+    status = "\n".join(study_report._status_section(collection))
     assert "- unfinished: A-danceopd (step 300), A-dense (step 300)" in status
 
 
 def test_merge_collections_takes_what_got_further_and_refuses_other_settings():
-    settings = study.asdict(study.Settings())
+    settings = asdict(study_settings.Settings())
     run = lambda done, reached, final=None: {"done": done, "reached": reached, "final": final, "wall_s": 1.0}  # noqa: E731
     previous = {
         "settings": {**settings, "best_baselines": {"A": "joint"}},
@@ -203,7 +214,7 @@ def test_merge_collections_takes_what_got_further_and_refuses_other_settings():
     }
     previous["runs"]["A-dense"]["curve"] = {"150": {"old": 150}, "600": {"old": 600}}
     new["runs"]["A-dense"]["curve"] = {600: {"new": 600}}  # resumed from the other root's checkpoint
-    merged, kept = study.merge_collections(previous, new)
+    merged, kept = study_results.merge_collections(previous, new)
     assert merged["runs"]["A-dense"]["final"] == {"y": 2}  # finished now: taken
     assert merged["runs"]["A-dense"]["curve"] == {"150": {"old": 150}, "600": {"new": 600}}
     assert merged["runs"]["A-danceopd"]["final"] == {"x": 1} and merged["runs"]["B-k4"]["reached"] == 300
@@ -213,7 +224,7 @@ def test_merge_collections_takes_what_got_further_and_refuses_other_settings():
     assert merged["settings"]["best_baselines"] == {"A": "joint"} and merged["notes"] == ["earlier"]
     other = {**new, "settings": {**new["settings"], "learning_rate": 1e-4}}
     try:
-        study.merge_collections(previous, other)
+        study_results.merge_collections(previous, other)
     except SystemExit as exc:
         assert "learning_rate = 0.0005" in str(exc) and "--learning_rate 0.0005" in str(exc)
     else:
@@ -226,11 +237,11 @@ def test_shipped_study_report_is_current_and_a_student_rescores_to_its_numbers(t
     out = tmp_path / "STUDY.md"
     assert study.main(["report", "--out", str(out), "--plot_backend", "pil"]) == 0
     assert out.read_text() == study.STUDY_MD.read_text()
-    shipped = json.loads((study.SHIP_DIR / "results.json").read_text())
+    shipped = json.loads((study_ship.SHIP_DIR / "results.json").read_text())
     for name, file in shipped["shipped"].items():
-        assert (study.SHIP_DIR / file).is_file(), name
+        assert (study_ship.SHIP_DIR / file).is_file(), name
     recorded = shipped["rescored"]["B-danceopd"]
-    result = study.rescore_one(study.SHIP_DIR, shipped["shipped"]["B-danceopd"])
+    result = study_ship.rescore_one(study_ship.SHIP_DIR, shipped["shipped"]["B-danceopd"])
     assert result["set"] == recorded["set"] == "quick" and result["nfe_per_image"] == 16
     # another CPU may flip a borderline sample: at most 2 of the 96 prompts, a quarter point of the edit average
     assert abs(result["t2i"]["overall"] - recorded["t2i"]["overall"]) <= 2 / 96 + 1e-9
@@ -241,7 +252,7 @@ def test_shipped_study_report_is_current_and_a_student_rescores_to_its_numbers(t
 def test_seeds_stage_counts_baselines_shipped_from_another_root(tmp_path, capsys):
     """A new root that scored no baseline itself takes each setting's best trained baseline from the shipped
     results: the highest (T2I + edit / 10) / 2 among the trained baselines with a final score."""
-    shipped = json.loads((study.SHIP_DIR / "results.json").read_text())["runs"]
+    shipped = json.loads((study_ship.SHIP_DIR / "results.json").read_text())["runs"]
     expected = {}
     for setting in ("A", "B"):
         scores = {}
@@ -263,49 +274,55 @@ def test_seeds_stage_counts_baselines_shipped_from_another_root(tmp_path, capsys
 
 def test_claims_verdicts():
     """Each claim's verdict comes from the paired difference: ahead only when positive with p < 0.05."""
-    assert study._ahead(None) == "not run"
-    assert study._ahead({"difference": 0.5, "ci": [0.2, 0.8], "p": 0.01}).startswith(
+    assert study_report._ahead(None) == "not run"
+    assert study_report._ahead({"difference": 0.5, "ci": [0.2, 0.8], "p": 0.01}).startswith(
         "ahead: +0.50 [+0.20, +0.80]"
     )
-    assert study._ahead({"difference": 0.2, "ci": [-0.1, 0.5], "p": 0.2}).startswith("**not significant**")
-    assert study._ahead({"difference": -0.4, "ci": [-0.6, -0.2], "p": 0.001}).startswith("**behind**")
-    shipped = json.loads((study.SHIP_DIR / "results.json").read_text())
-    text = "\n".join(study._claims_section(shipped))
+    assert study_report._ahead({"difference": 0.2, "ci": [-0.1, 0.5], "p": 0.2}).startswith(
+        "**not significant**"
+    )
+    assert study_report._ahead({"difference": -0.4, "ci": [-0.6, -0.2], "p": 0.001}).startswith("**behind**")
+    shipped = json.loads((study_ship.SHIP_DIR / "results.json").read_text())
+    text = "\n".join(study_report._claims_section(shipped))
     # the shipped study: B-danceopd against its own soft-routing run, the same samples as the main table's row
-    diff = study._paired(shipped["runs"]["B-danceopd"]["final"], shipped["runs"]["B-soft"]["final"])["edit"]
-    assert f"| B: hard routing > soft | soft routing | {study._ahead(diff)} |" in text
+    diff = study_report._paired(shipped["runs"]["B-danceopd"]["final"], shipped["runs"]["B-soft"]["final"])[
+        "edit"
+    ]
+    assert f"| B: hard routing > soft | soft routing | {study_report._ahead(diff)} |" in text
     assert "| B: local-expert init best | init base |" in text
 
 
 def test_calibrated_study_queries_in_sigma_where_a_run_chooses_its_states(tmp_path):
     """The second edition (``--query_space sigma``): every run that draws a query state reads the paper's law on a
     shift-3 grid; dense (every state), joint (no rollout) and the first edition's runs are unchanged."""
-    settings = study.Settings(query_space="sigma")
-    runs = study.all_runs(settings)
-    spaces = {r.name: _flag(study.train_command(r, tmp_path, settings, False), "--query_space") for r in runs}
+    settings = study_settings.Settings(query_space="sigma")
+    runs = study_grid.all_runs(settings)
+    spaces = {
+        r.name: _flag(study_train.train_command(r, tmp_path, settings, False), "--query_space") for r in runs
+    }
     for run in runs:
         chooses = run.method in ("danceopd", "offpolicy")
         assert spaces[run.name] == ("sigma" if chooses else None), run.name
     assert spaces["B-query-mid"] == "sigma" and spaces["cfg-3"] == "sigma" and spaces["A-dense"] is None
-    first = study.Settings()
-    assert not any("--query_space" in study.train_command(r, tmp_path, first, False) for r in runs)
+    first = study_settings.Settings()
+    assert not any("--query_space" in study_train.train_command(r, tmp_path, first, False) for r in runs)
 
 
 def test_carry_starts_a_second_edition_from_the_query_free_results(tmp_path):
     """Dense, joint, merges and teachers draw no query state: a sigma-space edition on the same grid takes them from
     the shipped first edition (files too), and nothing that queries; a second carry into the same place is refused."""
     dest = tmp_path / "study2"
-    carried = study.carry_stage(study.SHIP_DIR, dest, "sigma", log=lambda *a: None)
+    carried = study_carry.carry_stage(study_ship.SHIP_DIR, dest, "sigma", log=lambda *a: None)
     assert {r["method"] for r in carried["runs"].values()} == {"dense", "sft"}
     assert not any(n.endswith(("danceopd", "offpolicy", "soft")) for n in carried["runs"])
     assert carried["settings"]["query_space"] == "sigma" and carried["merges"]
     assert all((dest / f).is_file() for f in carried["shipped"].values())
     with pytest.raises(SystemExit, match="exists already"):
-        study.carry_stage(study.SHIP_DIR, dest, "sigma", log=lambda *a: None)
+        study_carry.carry_stage(study_ship.SHIP_DIR, dest, "sigma", log=lambda *a: None)
     # a root of the other space cannot be shipped on top of it
-    first = json.loads((study.SHIP_DIR / "results.json").read_text())
+    first = json.loads((study_ship.SHIP_DIR / "results.json").read_text())
     with pytest.raises(SystemExit, match="query_space"):
-        study.merge_collections(carried, first)
+        study_results.merge_collections(carried, first)
     out = tmp_path / "STUDY.md"
-    study.write_report(carried, out, "pil", source="test")
-    assert study.QUERY_REGIMES["sigma"] in out.read_text()
+    study_report.write_report(carried, out, "pil", source="test")
+    assert study_report.QUERY_REGIMES["sigma"] in out.read_text()

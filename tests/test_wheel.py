@@ -120,6 +120,6 @@ def test_installed_wheel_runs_the_study_cli(installed, tmp_path):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "STUDY.md").is_file() and "## Setting A" in (tmp_path / "STUDY.md").read_text()
     assert (tmp_path / "study" / "plots" / "ablations.png").is_file()
-    code = "from danceopd_diffusers.shapesworld import study; print(study.trainer_search_path())"
+    code = "from danceopd_diffusers.shapesworld import study_train; print(study_train.trainer_search_path())"
     found = _run_installed(installed, tmp_path, sys.executable, "-c", code)
     assert Path(found.stdout.strip()) == installed.resolve(), found

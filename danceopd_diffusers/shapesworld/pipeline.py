@@ -1,8 +1,8 @@
 """The ShapesWorld model: a small FluxKontextPipeline (a real diffusers editing family) built offline.
 
 Text goes through a word-level T5 tokenizer over the world's own vocabulary (every word of every prompt and
-instruction the world can produce) and the char-level CLIP of the tiny pipelines; both text encoders are small,
-seeded and frozen (training moves only the transformer). Flux gives text tokens no positions (``txt_ids`` are
+instruction the world can produce) and a char-level CLIP (:mod:`.text_encoders`, shared with the tiny test
+pipelines); both text encoders are small, seeded and frozen (training moves only the transformer). Flux gives text tokens no positions (``txt_ids`` are
 zero), so word order reaches the transformer only through the T5: a randomly initialised one is a bag of words
 ("red circle left of blue square" = "blue circle left of red square"), which caps position and colour attribution
 at chance. :func:`order_aware_t5` fixes the attention pattern instead (see there). The VAE is trained on world renders by
@@ -84,7 +84,7 @@ def order_aware_t5(vocab_size: int, d_model: int = 128, d_ff: int = 256, layers:
     from transformers import T5EncoderModel
     from transformers.models.t5.modeling_t5 import T5Attention
 
-    from ..tiny.sd3 import t5_config
+    from .text_encoders import t5_config
 
     heads, buckets, max_distance = len(T5_HEAD_READS), 32, 64
     config = t5_config(vocab_size, d_model, d_ff, layers, heads, buckets)
@@ -117,7 +117,7 @@ def build_shapesworld_pipeline(vae=None, seed: int = 0):
     )
     from transformers import CLIPTextModel
 
-    from ..tiny.sd3 import clip_config, clip_tokenizer
+    from .text_encoders import clip_config, clip_tokenizer
 
     clip_tok = clip_tokenizer()
     t5_tok = word_t5_tokenizer(world_vocabulary())

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ..paths import cache_root
 from .sd3 import build_tiny_sd3_pipeline
 
 #: family name -> (module in this package, builder function, recipe version)
@@ -35,10 +36,6 @@ def _builder(family: str) -> tuple[Callable, str]:
         raise ValueError(f"No tiny pipeline for family {family!r}; known: {sorted(TINY_BUILDERS)}.")
     module, name, version = TINY_BUILDERS[family]
     return getattr(importlib.import_module(module, __name__), name), version
-
-
-def cache_root(root: str | os.PathLike | None = None) -> Path:
-    return Path(root or os.environ.get("DANCEOPD_CACHE", Path(tempfile.gettempdir()) / "danceopd-diffusers"))
 
 
 def tiny_pipeline_path(family: str = "sd3", root: str | os.PathLike | None = None) -> str:

@@ -1,13 +1,15 @@
-"""Tiny Flux.1 and Flux.1 Kontext pipelines: CLIP + T5 with the char-level in-memory tokenizers of the SD3 module,
-a 1 + 1 block FluxTransformer2DModel with the embedded guidance input of the guidance-distilled checkpoints, a small
-VAE with 4 latent channels (the real one has 16; the layout is the same) and Flux's dynamically shifted scheduler.
+"""Tiny Flux.1 and Flux.1 Kontext pipelines: CLIP + T5 with the char-level in-memory tokenizers (ShapesWorld's
+CLIP one, the SD3 module's T5 one), a 1 + 1 block FluxTransformer2DModel with the embedded guidance input of the
+guidance-distilled checkpoints, a small VAE with 4 latent channels (the real one has 16; the layout is the same)
+and Flux's dynamically shifted scheduler.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .sd3 import clip_config, clip_tokenizer, t5_config, t5_tokenizer
+from ..shapesworld.text_encoders import clip_config, clip_tokenizer, t5_config
+from .sd3 import t5_tokenizer
 
 #: FLUX.1-dev's scheduler config: the shift grows with the image sequence length
 FLUX_DEV_SCHEDULER_CONFIG = dict(

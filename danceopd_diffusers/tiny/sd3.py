@@ -1,77 +1,25 @@
 """Tiny SD3: two CLIPs + T5 with character-level tokenizers built in memory, a 2-layer transformer, a small VAE.
 
-Every diffusers test downloads its tokenizers; we cannot. The char-level tokenizers here (and in the other
-families' modules, which reuse them) are built from a fixed vocabulary, the models from small configs with a
-fixed seed.
+Every diffusers test downloads its tokenizers; we cannot. The char-level tokenizers (the T5 one here, the CLIP
+one and the small text-encoder configs from :mod:`danceopd_diffusers.shapesworld.text_encoders`, which owns them
+because the shipped ShapesWorld base was built with them; the other families' modules reuse both) are built from
+a fixed vocabulary, the models from small configs with a fixed seed.
 """
 
 from __future__ import annotations
 
-import string
-
 import torch
 
-_CHARS = list(string.ascii_lowercase + string.digits + ",.'-!?:;()")
-
-
-def clip_tokenizer(max_length: int = 77):
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in _CHARS:
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    # model_max_length is required: SD3's encode_prompt reads it.
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+from ..shapesworld.text_encoders import CHARACTERS, clip_config, clip_tokenizer, t5_config
 
 
 def t5_tokenizer(max_length: int = 64):
+    """A T5Tokenizer over the same characters, alone and word-initial, built without a download."""
     from transformers import T5Tokenizer
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-    vocab += [(c, -2.0) for c in _CHARS] + [("\u2581" + c, -1.5) for c in _CHARS]
+    vocab += [(c, -2.0) for c in CHARACTERS] + [("\u2581" + c, -1.5) for c in CHARACTERS]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
-
-
-def clip_config(
-    vocab_size: int, hidden: int = 32, layers: int = 2, intermediate: int | None = None, heads: int = 4
-):
-    """A small CLIP text config for the char-level tokenizer (ids 0/1 = start/end; ``projection_dim`` = hidden)."""
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_size=hidden,
-        intermediate_size=intermediate or 2 * hidden,
-        num_attention_heads=heads,
-        num_hidden_layers=layers,
-        projection_dim=hidden,
-        vocab_size=vocab_size,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-    )
-
-
-def t5_config(
-    vocab_size: int, d_model: int = 64, d_ff: int = 128, layers: int = 2, heads: int = 4, buckets: int = 8
-):
-    """A small T5 encoder config for the in-memory tokenizers (pad 0, eos 1)."""
-    from transformers import T5Config
-
-    return T5Config(
-        vocab_size=vocab_size,
-        d_model=d_model,
-        d_kv=d_model // heads,
-        d_ff=d_ff,
-        num_layers=layers,
-        num_heads=heads,
-        relative_attention_num_buckets=buckets,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
 
 
 def build_tiny_sd3_pipeline(

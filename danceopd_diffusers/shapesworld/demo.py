@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-SHAPESWORLD = Path(__file__).resolve().parent / "shapesworld"
+SHAPESWORLD = Path(__file__).resolve().parent
 SOURCES = SHAPESWORLD / "sources"
 FUSION_CONFIG = SHAPESWORLD / "fusion.yaml"
 SETTING_A_CONFIG = SHAPESWORLD / "setting_a.yaml"
@@ -56,8 +56,8 @@ def base_path() -> str:
 
 def demo_data_file(root: str | None = None) -> str:
     """ShapesWorld train rows of every task (written once into the cache): the demo's prompts and sources."""
-    from .shapesworld.prepare import write_buckets
-    from .tiny import cache_root
+    from ..paths import cache_root
+    from .prepare import write_buckets
 
     folder = cache_root(root) / f"shapesworld-demo-{DEMO_ROWS_PER_CATEGORY}"
     meta = folder / "data" / "all" / "metadata.jsonl"
@@ -124,7 +124,7 @@ SUMMARY_COLUMNS = ("T2I overall", "local edits", "global edits")
 def summary_cells(result: dict[str, Any]) -> list[str]:
     """README.md's columns for one :func:`evaluate` result; "-" where a column's categories were not all scored
     (a limited evaluation), never an average of a subset passed off as the whole."""
-    from .shapesworld.world import GLOBAL_EDIT_CATEGORIES, LOCAL_EDIT_CATEGORIES, T2I_CATEGORIES
+    from .world import GLOBAL_EDIT_CATEGORIES, LOCAL_EDIT_CATEGORIES, T2I_CATEGORIES
 
     t2i, edit = result.get("t2i", {}), result.get("edit", {})
     cells = [f"{t2i['overall']:.3f}" if all(c in t2i for c in T2I_CATEGORIES) else "-"]
@@ -163,7 +163,7 @@ def summary_table(results: dict[str, dict[str, Any]], steps: int) -> str:
 def report(output_dir: str, limit: int | None = None, steps: int | None = None) -> dict:
     """Score the exported student (CFG-free, 16 steps) and print it under the sources and the expected student,
     in README.md's columns, then per category."""
-    from .shapesworld.evaluate import evaluate, examples_grid, format_table, load_pipeline
+    from .evaluate import evaluate, examples_grid, format_table, load_pipeline
 
     pipe, family = load_pipeline(output_dir)
     result = evaluate(pipe, family, guidance_scale=1.0, num_steps=16, seed=0, batch_size=8, limit=limit)
@@ -220,7 +220,7 @@ def verdict(
     Returns the text and its numbers. ``start``: the start's evaluation with every sample (default: the shipped
     :data:`STUDENT_START_RESULT`, the same quick set and seed).
     """
-    from .shapesworld.stats import bootstrap_ci, headlines, paired_bootstrap
+    from .stats import bootstrap_ci, headlines, paired_bootstrap
 
     start = start or json.loads(STUDENT_START_RESULT.read_text(encoding="utf-8"))
     if start.get("seed") != result.get("seed") or start.get("scorer_version") != result.get("scorer_version"):

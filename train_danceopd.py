@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import inspect
 import math
 import os
 import signal
 import sys
-import textwrap
 from pathlib import Path
 
 import torch
@@ -31,7 +29,6 @@ from accelerate.utils import (
     DistributedDataParallelKwargs,
     ProjectConfiguration,
     broadcast,
-    is_tensorboard_available,
     set_seed,
 )
 from diffusers.optimization import get_scheduler
@@ -39,16 +36,13 @@ from tqdm.auto import tqdm
 
 from danceopd_diffusers import distributed, export, hub, objectives, preflight, stopping
 from danceopd_diffusers.batches import BatchDrawer, MicroBatch
-from danceopd_diffusers.checkpointing import checkpoint_step, list_checkpoints
+from danceopd_diffusers.checkpointing import list_checkpoints
 from danceopd_diffusers.cli import ArgumentParser, HelpFormatter, run_command
-from danceopd_diffusers.config import (
-    ConfigError,
-    RouteSpec,
-)
+from danceopd_diffusers.config import RouteSpec
 from danceopd_diffusers.cuda_graphs import GraphedNoGradForward
 from danceopd_diffusers.data import DataColumns, TaskBuckets, check_routes_on_data, load_training_dataset
 from danceopd_diffusers.defaults import describe_fallback_resolution, fill_trained_defaults
-from danceopd_diffusers.families import Conditioning, editing_families
+from danceopd_diffusers.families import Conditioning
 from danceopd_diffusers.field_loading import build_fields, load_pipeline
 from danceopd_diffusers.flag_checks import check_flags
 from danceopd_diffusers.hub import HUB_STRATEGIES
@@ -83,32 +77,14 @@ EPILOG = """examples:
   # push to the Hub while training, then resume the run anywhere from the Hub's newest checkpoint
   accelerate launch train_danceopd.py ... --push_to_hub --hub_model_id you/my-student --hub_strategy checkpoint
   accelerate launch train_danceopd.py ... --resume_from_checkpoint you/my-student:latest
-
-Without --resolution / --max_sequence_length, the base's own training size and text length are used (an exported
-folder's danceopd_config.json, else the model's configs); the run prints what it chose and why.
 """
-
-
-def _demo_epilog() -> str:
-    """The defaults the embedded default changes, as flags (printed by --help, so they cannot drift)."""
-    shown = []
-    for key, value in demo.DEMO_DEFAULTS.items():
-        if key == "validation_prompt":
-            continue
-        if value is True:
-            shown.append(f"--{key}")
-        else:
-            shown.append(f"--{key} {Path(value).name if key == 'fields_config' else value}")
-    text = (
-        "With no --pretrained_model_name_or_path (the embedded default), options left at their default take these "
-        "values instead: " + " ".join(shown)
-    )
-    return "\n" + textwrap.fill(text, width=110, break_on_hyphens=False) + "\n"
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(  # a bad flag: one error line and a "did you mean", not the usage block
-        description=__doc__.split("\n\n")[0], epilog=EPILOG + _demo_epilog(), formatter_class=HelpFormatter
+        description=__doc__.split("\n\n")[0],
+        epilog=EPILOG + demo.flags_epilog(),
+        formatter_class=HelpFormatter,
     )
     # model
     parser.add_argument(
@@ -480,39 +456,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(input_args)
     args.demo = args.pretrained_model_name_or_path is None
     if args.demo:
-        # what the command line set, even to a parser default (e.g. --learning_rate 2e-4): the demo fills the rest
-        unset = object()
-        probe = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
-        given = {k for k, v in vars(parser.parse_args(input_args, namespace=probe)).items() if v is not unset}
-        args.demo_overrides = {}
-        user_fields = any(f in given for f in demo.FIELD_FLAGS)
-        for key, value in demo.DEMO_DEFAULTS.items():
-            if key in given:
-                continue
-            if key in demo.FIELDS_DEFAULTS and user_fields:
-                continue
-            if key == "student_init" and any(f in given for f in demo.FRESH_STUDENT_FLAGS):
-                continue  # a fresh LoRA of the user's rank, or a full fine-tune, from the base
-            setattr(args, key, value)
-            args.demo_overrides[key] = value
+        demo.apply_defaults(parser, args, input_args)
     check_flags(args)
     if args.rank is None and not args.full_finetune and not args.student_init:
         args.rank = DEFAULT_RANK  # with --student_init, a LoRA's own rank (main)
     return args
-
-
-def build_family(family_cls: type, args: argparse.Namespace):
-    """The family adapter with the options this run sets (only those the family has)."""
-    accepted = inspect.signature(family_cls.__init__).parameters
-    options = {"max_sequence_length": args.max_sequence_length}
-    if args.embedded_guidance is not None:
-        if "embedded_guidance" not in accepted:
-            raise ConfigError(
-                f"--embedded_guidance is an input of guidance-distilled Flux checkpoints; the {family_cls.name} family "
-                "has none. Drop the flag (use a cfg field for classifier-free guidance)."
-            )
-        options["embedded_guidance"] = args.embedded_guidance
-    return family_cls(**{k: v for k, v in options.items() if k in accepted})
 
 
 def main(args: argparse.Namespace) -> None:
@@ -546,29 +494,16 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         args.pretrained_model_name_or_path = demo.base_path()
     info = inspect_pipeline(args.pretrained_model_name_or_path, revision=args.revision)
     chosen = fill_trained_defaults(args, args.pretrained_model_name_or_path, args.revision)
-    family = build_family(info.family_cls, args)
+    family = info.family_cls.for_run(args.max_sequence_length, args.embedded_guidance)
     preflight.check_fields_against_model(fields_config, info)
     if args.method != "sft":
         preflight.check_something_to_distill(fields_config, warm_start=bool(args.student_init))
-    plan = plan_student(
-        info,
-        family.default_lora_targets,
-        full_finetune=args.full_finetune,
-        lora_layers=args.lora_layers,
-        rank=args.rank,
-        lora_alpha=args.lora_alpha,
-        student_init=args.student_init,
-    )
+    plan = plan_student(info, family.default_lora_targets, args)
     args.rank, args.lora_alpha = plan.rank, plan.lora_alpha  # what the checkpoints and the card record
     if args.method == "sft" and not fields_config.routes:  # sft: one route per data bucket
         fields_config.routes = [RouteSpec(field="base", task=t) for t in sorted(buckets.buckets)]
     check_routes_on_data(
-        fields_config,
-        buckets,
-        per_sample_routing=args.per_sample_routing,
-        need_target=args.method == "sft",
-        can_edit=family.can_edit,
-        editing_families=editing_families(),
+        fields_config, buckets, family, args.per_sample_routing, need_target=args.method == "sft"
     )
     # the output folder: apart from every folder the run reads (before anything is written there), writable
     check_apart(args.output_dir, *run_inputs(args, fields_config))
@@ -596,9 +531,6 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
 
     # ---------------------------------------------------------------- accelerator
     logging_dir = Path(args.output_dir, args.logging_dir)
-    if args.report_to == "tensorboard" and not is_tensorboard_available():
-        logger.info("tensorboard is not installed: logging to the console only (pip install tensorboard)")
-        args.report_to = "none"
     # Several processes on a machine without CUDA (`accelerate launch --multi_gpu --num_processes 2` on CPU):
     # run them as gloo CPU processes instead of independent single-process runs.
     cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -621,10 +553,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         if args.demo:
-            logger.info(
-                "embedded demo: DanceOPD on ShapesWorld (text-to-image + local edits + global edits) "
-                f"from the shipped sources at {demo.SOURCES}; settings {args.demo_overrides}"
-            )
+            logger.info(demo.describe(args.demo_overrides))
         for line in chosen:
             logger.info(line)
     hub_pusher = None
@@ -756,17 +685,7 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     if args.resume_from_checkpoint and resume_path is None:
         logger.info(f"No checkpoint in {args.output_dir} to resume from; starting a new run.")
     if resume_path is not None:
-        logger.info(f"Resuming from {resume_path}")
-        try:
-            accelerator.load_state(str(resume_path))
-        except Exception as exc:  # its files matched their recorded sizes, so the damage is in their content
-            raise ConfigError(
-                f"Cannot resume from {resume_path}: {preflight.describe_load_error(exc)}."
-            ) from exc
-        stopping.check_loaded_finite(
-            transformer, f"--resume_from_checkpoint {resume_path}", trainable_only=True
-        )
-        global_step = checkpoint_step(resume_path)
+        global_step = owner.restore(accelerator, resume_path, transformer)
     queried_sigma = None
     if args.method in ("danceopd", "offpolicy"):  # what the query law means on this run's own grid
         grid = family.sigmas(
@@ -777,11 +696,9 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         if warning:  # a note on the run's regime, printed with its settings (stdout), not an input error
             logger.info(f"warning: {warning}")
     if accelerator.is_main_process:
-        tracker_config = {  # never the token: tracker configs are written to disk (hparams.yml) and shared
-            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
-        }
-        tracker_config.update({f"queried_sigma_{k}": v for k, v in (queried_sigma or {}).items()})
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+        accelerator.init_trackers(
+            args.tracker_project_name, config=export.tracker_config(args, queried_sigma)
+        )
     logging_dir.mkdir(parents=True, exist_ok=True)
     step_log = StepLog(
         logging_dir / f"routes_rank{accelerator.process_index}.jsonl",

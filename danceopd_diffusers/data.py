@@ -537,18 +537,12 @@ def images_to_tensor(images: Sequence[Image.Image], height: int, width: int) -> 
 
 
 def check_routes_on_data(
-    config: FieldsConfig,
-    buckets: TaskBuckets,
-    *,
-    per_sample_routing: bool,
-    need_target: bool,
-    can_edit: bool,
-    editing_families: list[str],
+    config: FieldsConfig, buckets: TaskBuckets, family: Any, per_sample_routing: bool, need_target: bool
 ) -> None:
     """The routes against the data, before any weights load: a batch never mixes edits and text-to-image
     (they cannot share a rollout), image guidance only on buckets with source images, and
-    :meth:`TaskBuckets.check_routes` (every routed bucket present and readable, edits only where the family
-    edits)."""
+    :meth:`TaskBuckets.check_routes` (every routed bucket present and readable, edits only where ``family``
+    edits; ``need_target``: sft reads target images)."""
     if per_sample_routing and len({buckets.is_edit_bucket(r.task) for r in config.routes}) > 1:
         raise ConfigError(
             "--per_sample_routing would put edit and text-to-image samples in one batch, which cannot share a "
@@ -561,6 +555,8 @@ def check_routes_on_data(
                 f"Route to {route.field!r} uses image guidance ({edit_only[0]!r}) on bucket {route.task!r}, which "
                 "has no source images. Route it to an edit bucket or use a cfg field."
             )
+    from .families import editing_families
+
     buckets.check_routes(
-        config.routes, need_target=need_target, can_edit=can_edit, editing_families=editing_families
+        config.routes, need_target=need_target, can_edit=family.can_edit, editing_families=editing_families()
     )

@@ -560,6 +560,16 @@ def run_hyperparameters(args: Any, resolution: int, queried_sigma: dict | None =
     return out
 
 
+def tracker_config(args: Any, queried_sigma: dict | None = None) -> dict[str, Any]:
+    """What trackers record of a run: its scalar flags and the σ its queries reached. Never the token: tracker
+    configs are written to disk (``hparams.yml``) and shared."""
+    config = {
+        k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
+    }
+    config.update({f"queried_sigma_{k}": v for k, v in (queried_sigma or {}).items()})
+    return config
+
+
 def checkpoint_settings(args: Any, fields_config: Any, targets: Sequence[str]) -> dict[str, Any]:
     """The settings every checkpoint records; resuming under other settings is refused. No machine paths:
     checkpoints may be pushed. (The σ query law is recorded only when chosen, so checkpoints of earlier versions,

@@ -11,6 +11,7 @@ import argparse
 import math
 
 import torch
+from accelerate.utils import is_tensorboard_available
 
 from .config import ConfigError
 from .logging_utils import get_logger
@@ -146,6 +147,9 @@ def check_flags(args: argparse.Namespace) -> None:
             f"--lr_scheduler {args.lr_scheduler!r} is not a scheduler of diffusers; use one of {schedulers}."
         )
     check_trackers(args.report_to)
+    if args.report_to == "tensorboard" and not is_tensorboard_available():  # the default: not an error
+        logger.info("tensorboard is not installed: logging to the console only (pip install tensorboard)")
+        args.report_to = "none"
 
 
 def check_trackers(report_to: str) -> None:

@@ -331,6 +331,21 @@ class OutputFolder:
             )
         return None
 
+    def restore(self, accelerator: Any, checkpoint: Path, model: Any) -> int:
+        """The run's state from ``checkpoint`` (checked by :meth:`resume`), through accelerate's hooks; its step.
+        Its files matched their recorded sizes, so a failure to load is damage in their content: one clear error."""
+        from .checkpointing import checkpoint_step
+        from .preflight import describe_load_error
+        from .stopping import check_loaded_finite
+
+        logger.info(f"Resuming from {checkpoint}")
+        try:
+            accelerator.load_state(str(checkpoint))
+        except Exception as exc:
+            raise ConfigError(f"Cannot resume from {checkpoint}: {describe_load_error(exc)}.") from exc
+        check_loaded_finite(model, f"--resume_from_checkpoint {checkpoint}", trainable_only=True)
+        return checkpoint_step(checkpoint)
+
     def check_alive(self, step: int) -> None:
         """The folder still exists and is the one the run locked (main process; a ``stat``, so every step)."""
         if not self.main or self.identity is None:

@@ -54,18 +54,12 @@ class StudentPlan:
         return bool(self.init) and self.init_lora_file is None
 
 
-def plan_student(
-    info: ModelInfo,
-    default_targets: list[str],
-    *,
-    full_finetune: bool,
-    lora_layers: str | None = None,
-    rank: int | None = None,
-    lora_alpha: float | None = None,
-    student_init: str | None = None,
-) -> StudentPlan:
-    """The student from the flags and the model's configs (no weights loaded): targets are checked against the
-    model's modules, a LoRA init against its shapes and rank, a checkpoint init against the base transformer."""
+def plan_student(info: ModelInfo, default_targets: list[str], args: Any) -> StudentPlan:
+    """The student from the run's flags (``--full_finetune``, ``--lora_layers``, ``--rank``, ``--lora_alpha``,
+    ``--student_init``) and the model's configs, no weights loaded: targets are checked against the model's
+    modules, a LoRA init against its shapes and rank, a checkpoint init against the base transformer."""
+    full_finetune, lora_layers, student_init = args.full_finetune, args.lora_layers, args.student_init
+    rank, lora_alpha = args.rank, args.lora_alpha
     targets = [t.strip() for t in lora_layers.split(",")] if lora_layers else list(default_targets)
     if not full_finetune:
         check_lora_targets(targets, info.module_names, "--lora_layers")

@@ -74,6 +74,27 @@ TOKEN_GRID = "token_grid"
 HOST_KEYS = frozenset({TOKEN_GRID, "edit_grid"})
 
 
+#: the projections of a joint (text + image) attention block, as diffusers names them in Flux.1 and Flux.2's
+#: double-stream blocks: the LoRA targets both families share
+JOINT_ATTENTION_LORA_TARGETS = (
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under DistributedDataParallel / torch.compile wrappers (for its dtype and config)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
 def edit_size(width: int, height: int, resolution: int, multiple: int = 16) -> tuple[int, int]:
     """The size an edit is trained and sampled at: the source's aspect ratio, area ~ resolution^2.
 
@@ -111,6 +132,27 @@ class FamilyAdapter:
     ragged_inputs: tuple[str, ...] | None = None
 
     # -- classes (imported lazily so that `import danceopd_diffusers` stays cheap) --------------------------
+    @classmethod
+    def for_run(
+        cls, max_sequence_length: int | None, embedded_guidance: float | None = None
+    ) -> FamilyAdapter:
+        """The adapter with the options a run sets, those this family has; an embedded guidance is refused where
+        the family has none, with the fix."""
+        import inspect
+
+        from ..config import ConfigError
+
+        accepted = inspect.signature(cls.__init__).parameters
+        options: dict[str, Any] = {"max_sequence_length": max_sequence_length}
+        if embedded_guidance is not None:
+            if "embedded_guidance" not in accepted:
+                raise ConfigError(
+                    f"--embedded_guidance is an input of guidance-distilled Flux checkpoints; the {cls.name} family "
+                    "has none. Drop the flag (use a cfg field for classifier-free guidance)."
+                )
+            options["embedded_guidance"] = embedded_guidance
+        return cls(**{k: v for k, v in options.items() if k in accepted})
+
     @classmethod
     def pipeline_class(cls) -> type:
         """The diffusers pipeline class that loads this family's folders and runs the student's rollout."""

@@ -27,6 +27,7 @@ import torch
 
 from .base import (
     EMBEDDED_GUIDANCE,
+    JOINT_ATTENTION_LORA_TARGETS,
     SOURCE_PREFIX,
     Conditioning,
     FamilyAdapter,
@@ -36,6 +37,7 @@ from .base import (
     token_count_mu,
     token_grid_conditioning,
     token_grid_of,
+    unwrap_model,
 )
 
 #: key of the Kontext source-image latents in a Conditioning: unpacked ``[B, C, h, w]``, exactly what
@@ -43,27 +45,12 @@ from .base import (
 SOURCE_LATENTS = SOURCE_PREFIX + "latents"
 
 #: what diffusers' train_dreambooth_lora_flux.py targets by default
-FLUX_LORA_TARGETS = (
-    "attn.to_k",
-    "attn.to_q",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_k_proj",
-    "attn.add_q_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
+FLUX_LORA_TARGETS = JOINT_ATTENTION_LORA_TARGETS + (
     "ff.net.0.proj",
     "ff.net.2",
     "ff_context.net.0.proj",
     "ff_context.net.2",
 )
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under a DistributedDataParallel / torch.compile wrapper (for its config)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -159,7 +146,7 @@ class FluxFamily(FamilyAdapter):
         sigma = sigma.reshape(-1).to(device=device, dtype=torch.float32)
         timestep = ((sigma * 1000).to(dtype) / 1000).expand(batch)
         guidance = None
-        if _unwrap(transformer).config.guidance_embeds:
+        if unwrap_model(transformer).config.guidance_embeds:
             # a field may query its model at its own embedded guidance (a per-sample conditioning entry)
             per_field = cond.tensors.get(EMBEDDED_GUIDANCE)
             if per_field is not None:

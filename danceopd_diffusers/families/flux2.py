@@ -31,6 +31,7 @@ import torch
 
 from .base import (
     EMBEDDED_GUIDANCE,
+    JOINT_ATTENTION_LORA_TARGETS,
     SOURCE_PREFIX,
     Conditioning,
     FamilyAdapter,
@@ -39,8 +40,8 @@ from .base import (
     scheduler_sigmas,
     token_grid_conditioning,
     token_grid_of,
+    unwrap_model,
 )
-from .flux import FLUX_LORA_TARGETS, _unwrap
 
 #: key of the reference-image latents in a Conditioning: patchified and normalised ``[B, 4C, h, w]``
 SOURCE_LATENTS = SOURCE_PREFIX + "latents"
@@ -49,7 +50,7 @@ REFERENCE_TIME = 10
 
 #: attention projections of the double-stream blocks (named as in Flux.1's) and the fused QKV/MLP input of the
 #: single-stream blocks (diffusers' train_dreambooth_lora_flux2*.py target to_q/k/v/out.0, Klein's to_qkv_mlp_proj too)
-FLUX2_LORA_TARGETS = tuple(t for t in FLUX_LORA_TARGETS if t.startswith("attn.")) + ("attn.to_qkv_mlp_proj",)
+FLUX2_LORA_TARGETS = JOINT_ATTENTION_LORA_TARGETS + ("attn.to_qkv_mlp_proj",)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -237,7 +238,7 @@ class Flux2Family(_Flux2Base):
     def _guidance(
         self, transformer: torch.nn.Module, cond: Conditioning, batch: int, device
     ) -> torch.Tensor | None:
-        if not _unwrap(transformer).config.guidance_embeds:
+        if not unwrap_model(transformer).config.guidance_embeds:
             return None
         per_field = cond.tensors.get(EMBEDDED_GUIDANCE)  # a field queried at its own embedded guidance
         if per_field is not None:

@@ -26,16 +26,10 @@ from typing import Any
 
 import torch
 
-from .base import Conditioning, FamilyAdapter, register_family, scheduler_sigmas, token_count_mu
+from .base import Conditioning, FamilyAdapter, register_family, scheduler_sigmas, token_count_mu, unwrap_model
 
 #: Z-Image's FeedForward is w2(silu(w1 x) * w3 x); DanceOPD's Z-Image recipe adapts it with the attention
 _Z_IMAGE_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformer inside DDP / torch.compile wrappers (for its dtype and config)."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 def _model_time(sigma: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
@@ -135,7 +129,7 @@ class ZImageFamily(FamilyAdapter):
     def velocity(
         self, transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning
     ) -> torch.Tensor:
-        dtype = _unwrap(transformer).dtype
+        dtype = unwrap_model(transformer).dtype
         latents = list(x.to(dtype).unsqueeze(2).unbind(0))
         caps = _unpad(cond.tensors["prompt_embeds"], cond.tensors["prompt_lens"], dtype)
         out = transformer(latents, _model_time(sigma, x.shape[0], x.device), caps, return_dict=False)[0]
@@ -246,7 +240,7 @@ class ZImageOmniFamily(ZImageFamily):
     def velocity(
         self, transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning
     ) -> torch.Tensor:
-        dtype = _unwrap(transformer).dtype
+        dtype = unwrap_model(transformer).dtype
         batch = x.shape[0]
         targets = list(x.to(dtype).unsqueeze(2).unbind(0))
         source = cond.tensors.get("source_latents")
@@ -272,7 +266,7 @@ class ZImageOmniFamily(ZImageFamily):
             image_noise_mask=noise_mask,
             return_dict=False,
         )[0]
-        out = _keep_siglip_in_graph(_unwrap(transformer), out, used=siglip_feats[0] is not None)
+        out = _keep_siglip_in_graph(unwrap_model(transformer), out, used=siglip_feats[0] is not None)
         return -torch.stack([o.float() for o in out]).squeeze(2)
 
     # -- editing --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ student.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,52 @@ FIELD_FLAGS = ("fields_config", "cfg_scale", "expert_lora", "expert_checkpoint")
 FIELDS_DEFAULTS = ("fields_config", "student_init")
 #: flags that ask for a fresh student: given by the user, the demo starts from the base, not the edit source
 FRESH_STUDENT_FLAGS = ("rank", "lora_alpha", "full_finetune")
+
+
+def flags_epilog(width: int = 110) -> str:
+    """The defaults the embedded default changes, as flags, for the script's ``--help`` (so they cannot drift)."""
+    import textwrap
+
+    shown = []
+    for key, value in DEMO_DEFAULTS.items():
+        if key == "validation_prompt":
+            continue
+        if value is True:
+            shown.append(f"--{key}")
+        else:
+            shown.append(f"--{key} {Path(value).name if key == 'fields_config' else value}")
+    text = (
+        "With no --pretrained_model_name_or_path (the embedded default), options left at their default take these "
+        "values instead: " + " ".join(shown)
+    )
+    return "\n" + textwrap.fill(text, width=width, break_on_hyphens=False) + "\n"
+
+
+def apply_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> None:
+    """Fill the flags the command line left unset (``args.demo_overrides`` records which) with the embedded
+    default's. What the command line set counts, even to a parser default (``--learning_rate 2e-4``); a user's own
+    field flags replace the demo's fields config and init; a fresh student's flags (rank, full fine-tune) drop the
+    demo's init."""
+    unset = object()
+    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    given = {k for k, v in vars(parser.parse_args(argv, namespace=probe)).items() if v is not unset}
+    args.demo_overrides = {}
+    user_fields = any(f in given for f in FIELD_FLAGS)
+    for key, value in DEMO_DEFAULTS.items():
+        if key in given or (key in FIELDS_DEFAULTS and user_fields):
+            continue
+        if key == "student_init" and any(f in given for f in FRESH_STUDENT_FLAGS):
+            continue  # a fresh LoRA of the user's rank, or a full fine-tune, from the base
+        setattr(args, key, value)
+        args.demo_overrides[key] = value
+
+
+def describe(overrides: dict[str, Any]) -> str:
+    """The run's first line: what the embedded default trains, from where, with which settings."""
+    return (
+        "embedded demo: DanceOPD on ShapesWorld (text-to-image + local edits + global edits) from the shipped "
+        f"sources at {SOURCES}; settings {overrides}"
+    )
 
 
 def base_path() -> str:

@@ -18,6 +18,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from test_fields import FAMILY, _inputs
 from test_train import SHORT, _prompts
 
+from danceopd_diffusers.config import ConfigError
 from danceopd_diffusers.families.base import linspace_grid, scheduler_sigmas, token_count_mu
 from danceopd_diffusers.fields import Field, FieldQuery
 from danceopd_diffusers.flag_checks import check_numbers
@@ -250,7 +251,7 @@ def test_script_refuses_a_query_space_where_nothing_is_chosen(tiny_path, tmp_pat
     for method in ("dense", "sft"):
         extra = ["--cfg_scale", "3"] if method == "dense" else []
         argv = [a for a in args if a not in ("--cfg_scale", "3")] + extra + ["--method", method]
-        with pytest.raises(train_danceopd.ConfigError, match="Drop --query_space"):
+        with pytest.raises(ConfigError, match="Drop --query_space"):
             check_numbers(train_danceopd.parse_args(argv))
 
 

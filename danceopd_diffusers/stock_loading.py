@@ -63,12 +63,6 @@ def family_of_index(index: dict, path: str, where: str | None = None) -> Indexed
     return IndexedPipeline(class_name, family_cls, module)
 
 
-def split_class_name(index: dict, path: str) -> tuple[str, str | None]:
-    """``(class name, exported module or None)`` of a ``model_index.json`` (:func:`family_of_index`)."""
-    found = family_of_index(index, path)
-    return found.class_name, found.exported_module
-
-
 def _local_folder(path: str, index: dict, revision: str | None) -> Path:
     if Path(path).is_dir():
         return Path(path)

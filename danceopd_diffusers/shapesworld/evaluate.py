@@ -36,10 +36,10 @@ import torch
 from PIL import Image
 
 from ..caches import PromptCache, SourceCache
-from ..families import FamilyAdapter, family_for_pipeline_class
+from ..families import FamilyAdapter
 from ..fields import CFGField, Field, FieldQuery, GuiderField, TransformerField
 from ..rollout import field_rollout
-from ..stock_loading import load_stock_pipeline, split_class_name
+from ..stock_loading import family_of_index, load_stock_pipeline
 from ..validation import image_grid
 from .scorer import SCORER_VERSION, score_job, summarize_edit, summarize_t2i
 from .stats import bootstrap_ci, paired_bootstrap
@@ -112,8 +112,7 @@ def load_pipeline(
     """Any supported pipeline folder (stock or exported) and its family adapter; a LoRA is fused in if given."""
     from diffusers import DiffusionPipeline
 
-    class_name, _ = split_class_name(DiffusionPipeline.load_config(path), path)
-    family_cls = family_for_pipeline_class(class_name)
+    family_cls = family_of_index(DiffusionPipeline.load_config(path), path).family_cls
     length = prompt_length(path, max_sequence_length)
     family = family_cls(max_sequence_length=length) if length else family_cls()
     # an exported folder is loaded by the stock class: its pipeline_danceopd.py is never imported

@@ -644,10 +644,8 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         power=args.lr_power,
     )
 
-    # ---------------------------------------------------------------- checkpoint hooks
-    distributed.register_student_hooks(
-        accelerator, family, args.full_finetune
-    )  # the student's own files, never a pickle
+    # ---------------------------------------------------------------- checkpoint hooks: the student's own files
+    distributed.register_student_hooks(accelerator, family, args.full_finetune)
     transformer_ddp, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     # FSDP2 shards pipe.transformer in place, with new parameters: clip (and switch adapters on) those
     params = [p for p in transformer.parameters() if p.requires_grad]
@@ -789,9 +787,8 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
 
     def student_rollout(m: MicroBatch) -> objectives.TrainingStates:
         """The student's on-policy rollout, in eval mode, and the routed fields' targets at its queried states."""
-        with distributed.gathered(
-            transformer
-        ):  # under FSDP2: distributed.gathered once for the rollout and every field
+        # under FSDP2: gathered once for the rollout and every field
+        with distributed.gathered(transformer):
             set_training(False)
             states = on_policy_states(
                 pipe,
@@ -917,9 +914,8 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
                 signum,
             )
         if run_validation and global_step % args.validation_steps == 0:
-            with distributed.gathered(
-                transformer
-            ):  # every rank joins the gathering; the main process samples
+            # every rank joins the gathering; the main process samples
+            with distributed.gathered(transformer):
                 if accelerator.is_main_process:
                     validate(global_step)
     stop.stop()
@@ -931,9 +927,8 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
 
     # ---------------------------------------------------------------- outputs
     accelerator.wait_for_everyone()
-    final_state = distributed.full_state_dict(
-        accelerator, transformer
-    )  # a sharded student, distributed.gathered on the main process
+    # a sharded student, gathered on the main process (every rank joins)
+    final_state = distributed.full_state_dict(accelerator, transformer)
     if run_validation and global_step not in last_grid:
         with distributed.gathered(transformer):
             if accelerator.is_main_process:

@@ -44,6 +44,21 @@ class Field:
         return type(self).__name__
 
 
+class OperatorField(Field):
+    """A field made from another (``inner``): it runs on the inner field's transformer and is as step-dependent
+    as the inner field is (subclasses that read the step themselves say so)."""
+
+    inner: Field
+
+    @property
+    def transformer(self) -> torch.nn.Module | None:
+        return self.inner.transformer
+
+    @property
+    def step_dependent(self) -> bool:
+        return self.inner.step_dependent
+
+
 class TransformerField(Field):
     """The base model, a LoRA expert or a full checkpoint.
 
@@ -96,7 +111,7 @@ class TransformerField(Field):
         )
 
 
-class CFGField(Field):
+class CFGField(OperatorField):
     """``u + scale * (c - u)`` with u the empty-prompt velocity: the field of classifier-free guidance.
 
     ``norm_rescale`` rescales the result, per token (packed layouts) or per pixel (channel-first layouts), to the
@@ -109,14 +124,6 @@ class CFGField(Field):
         self.inner = inner
         self.scale = float(scale)
         self.norm_rescale = norm_rescale
-
-    @property
-    def transformer(self) -> torch.nn.Module | None:
-        return self.inner.transformer
-
-    @property
-    def step_dependent(self) -> bool:
-        return self.inner.step_dependent
 
     def velocity(self, query: FieldQuery) -> torch.Tensor:
         if query.uncond is None:
@@ -139,7 +146,7 @@ class CFGField(Field):
         return f"CFG(scale={self.scale}{rescale}) of {self.inner.name}"
 
 
-class ImageGuidanceField(Field):
+class ImageGuidanceField(OperatorField):
     """InstructPix2Pix-style three-branch guidance for edit experts.
 
     ``v(0,0) + s_img (v(I,0) - v(0,0)) + s_txt (v(I,T) - v(I,0))`` where I is the source image and T the
@@ -151,14 +158,6 @@ class ImageGuidanceField(Field):
         self.inner = inner
         self.text_scale = float(text_scale)
         self.image_scale = float(image_scale)
-
-    @property
-    def transformer(self) -> torch.nn.Module | None:
-        return self.inner.transformer
-
-    @property
-    def step_dependent(self) -> bool:
-        return self.inner.step_dependent
 
     def velocity(self, query: FieldQuery) -> torch.Tensor:
         if query.uncond is None or not query.cond.has_source:
@@ -172,7 +171,7 @@ class ImageGuidanceField(Field):
         return f"image guidance(text={self.text_scale}, image={self.image_scale}) of {self.inner.name}"
 
 
-class GuiderField(Field):
+class GuiderField(OperatorField):
     """Any ``diffusers.guiders`` guider (CFG, CFG-Zero*, APG, ...) used as an operator field.
 
     The guider sees the two branches as it does in a modular pipeline: ``prepare_inputs`` splits the
@@ -190,10 +189,6 @@ class GuiderField(Field):
         self.name = name
         self.inner = inner
         self.guider = guider
-
-    @property
-    def transformer(self) -> torch.nn.Module | None:
-        return self.inner.transformer
 
     def velocity(self, query: FieldQuery) -> torch.Tensor:
         if query.uncond is None:

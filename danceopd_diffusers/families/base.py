@@ -190,7 +190,8 @@ class FamilyAdapter:
         raise NotImplementedError
 
     def default_resolution(self, pipe: Any) -> int:
-        raise NotImplementedError
+        """The pipeline's own default size (its ``default_sample_size`` latents, in pixels)."""
+        return pipe.default_sample_size * pipe.vae_scale_factor
 
     def size_call_kwargs(self, height: int, width: int) -> dict[str, Any]:
         """Pipeline ``__call__`` arguments that make it run at exactly ``height`` x ``width`` (besides those two).
@@ -352,3 +353,23 @@ def euler_step(
     sigmas = torch.tensor([float(sigma), float(sigma_next)], dtype=torch.float32, device=v.device)
     dt = sigmas[1] - sigmas[0]
     return (x.to(torch.float32) + dt * v).to(v.dtype)
+
+
+class PackedTokenFamily(FamilyAdapter):
+    """A family whose states are rows of tokens, one per 2x2 patch of latents (Flux, Flux.2): the token grid of a
+    state cannot be read off its token count, so each sample's conditioning carries it (:data:`TOKEN_GRID`)."""
+
+    @staticmethod
+    def _latent_grid(pipe: Any, height: int, width: int) -> tuple[int, int]:
+        """The token grid of ``height`` x ``width`` pixels: the VAE factor times the 2x2 patch, as the pipelines'
+        ``prepare_latents`` (the latent grid must be even for the packing)."""
+        multiple = pipe.vae_scale_factor * 2
+        return int(height) // multiple, int(width) // multiple
+
+    def size_conditioning(self, pipe: Any, batch_size: int, height: int, width: int) -> Conditioning:
+        return token_grid_conditioning(batch_size, *self._latent_grid(pipe, height, width))
+
+    def latent_shape(self, pipe: Any, batch_size: int, height: int, width: int) -> tuple[int, ...]:
+        """Packed ``(B, tokens, 4C)``."""
+        grid_h, grid_w = self._latent_grid(pipe, height, width)
+        return (batch_size, grid_h * grid_w, pipe.transformer.config.in_channels)

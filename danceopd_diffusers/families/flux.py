@@ -30,12 +30,11 @@ from .base import (
     JOINT_ATTENTION_LORA_TARGETS,
     SOURCE_PREFIX,
     Conditioning,
-    FamilyAdapter,
+    PackedTokenFamily,
     linspace_grid,
     register_family,
     scheduler_sigmas,
     token_count_mu,
-    token_grid_conditioning,
     token_grid_of,
     unwrap_model,
 )
@@ -72,7 +71,7 @@ def latent_ids(grid_h: int, grid_w: int, device: torch.device, dtype: torch.dtyp
 
 
 @register_family
-class FluxFamily(FamilyAdapter):
+class FluxFamily(PackedTokenFamily):
     """FLUX.1 [dev] / [schnell] text-to-image (``FluxPipeline``).
 
     ``embedded_guidance`` is the distilled-guidance input of guidance-distilled checkpoints (the pipeline's
@@ -128,15 +127,6 @@ class FluxFamily(FamilyAdapter):
         source_grid = None if source is None else (source.shape[-2] // 2, source.shape[-1] // 2)
         return token_grid_of(num_tokens, cond, source_grid, "packed Flux")
 
-    @staticmethod
-    def _latent_grid(pipe: Any, height: int, width: int) -> tuple[int, int]:
-        """The token grid of states of ``height`` x ``width`` pixels (as FluxPipeline.prepare_latents: the latent
-        grid must be even for the 2x2 packing)."""
-        return int(height) // (pipe.vae_scale_factor * 2), int(width) // (pipe.vae_scale_factor * 2)
-
-    def size_conditioning(self, pipe: Any, batch_size: int, height: int, width: int) -> Conditioning:
-        return token_grid_conditioning(batch_size, *self._latent_grid(pipe, height, width))
-
     def velocity(
         self, transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning
     ) -> torch.Tensor:
@@ -176,14 +166,6 @@ class FluxFamily(FamilyAdapter):
         return out[:, :num_tokens]
 
     # -- latents -------------------------------------------------------------------------------------------
-    def default_resolution(self, pipe: Any) -> int:
-        return pipe.default_sample_size * pipe.vae_scale_factor
-
-    def latent_shape(self, pipe: Any, batch_size: int, height: int, width: int) -> tuple[int, ...]:
-        """Packed ``(B, tokens, 4C)``."""
-        grid_h, grid_w = self._latent_grid(pipe, height, width)
-        return (batch_size, grid_h * grid_w, pipe.transformer.config.in_channels)
-
     def sigmas(
         self, pipe: Any, num_steps: int, latent_shape: tuple[int, ...], device: torch.device
     ) -> torch.Tensor:

@@ -34,11 +34,10 @@ from .base import (
     JOINT_ATTENTION_LORA_TARGETS,
     SOURCE_PREFIX,
     Conditioning,
-    FamilyAdapter,
+    PackedTokenFamily,
     linspace_grid,
     register_family,
     scheduler_sigmas,
-    token_grid_conditioning,
     token_grid_of,
     unwrap_model,
 )
@@ -69,7 +68,7 @@ def _bn_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return mean, std
 
 
-class _Flux2Base(FamilyAdapter):
+class _Flux2Base(PackedTokenFamily):
     """What Flux.2 [dev] and [klein] share: latents, ids, time, references. Subclasses: prompts and guidance."""
 
     transformer_class_name = "Flux2Transformer2DModel"
@@ -103,15 +102,6 @@ class _Flux2Base(FamilyAdapter):
         source = cond.tensors.get(SOURCE_LATENTS)
         source_grid = None if source is None else (source.shape[-2], source.shape[-1])
         return token_grid_of(num_tokens, cond, source_grid, "Flux.2")
-
-    @staticmethod
-    def _latent_grid(pipe: Any, height: int, width: int) -> tuple[int, int]:
-        """The token grid of ``height`` x ``width`` pixels: as prepare_latents, VAE factor x the 2x2 patch."""
-        multiple = pipe.vae_scale_factor * 2
-        return int(height) // multiple, int(width) // multiple
-
-    def size_conditioning(self, pipe: Any, batch_size: int, height: int, width: int) -> Conditioning:
-        return token_grid_conditioning(batch_size, *self._latent_grid(pipe, height, width))
 
     def _guidance(
         self, transformer: torch.nn.Module, cond: Conditioning, batch: int, device
@@ -150,14 +140,6 @@ class _Flux2Base(FamilyAdapter):
         return out[:, :num_tokens]
 
     # -- latents -------------------------------------------------------------------------------------------
-    def default_resolution(self, pipe: Any) -> int:
-        return pipe.default_sample_size * pipe.vae_scale_factor
-
-    def latent_shape(self, pipe: Any, batch_size: int, height: int, width: int) -> tuple[int, ...]:
-        """Packed ``(B, tokens, 4C)``."""
-        grid_h, grid_w = self._latent_grid(pipe, height, width)
-        return (batch_size, grid_h * grid_w, pipe.transformer.config.in_channels)
-
     def sigmas(
         self, pipe: Any, num_steps: int, latent_shape: tuple[int, ...], device: torch.device
     ) -> torch.Tensor:

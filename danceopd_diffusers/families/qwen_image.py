@@ -183,9 +183,6 @@ class QwenImageFamily(FamilyAdapter):
         return out[:, : x.shape[1]]
 
     # -- latents --------------------------------------------------------------------------------------------
-    def default_resolution(self, pipe: Any) -> int:
-        return pipe.default_sample_size * pipe.vae_scale_factor
-
     def latent_shape(self, pipe: Any, batch_size: int, height: int, width: int) -> tuple[int, ...]:
         cell = pipe.vae_scale_factor * 2  # VAE factor x 2x2 packing
         return (batch_size, (height // cell) * (width // cell), pipe.transformer.config.in_channels)

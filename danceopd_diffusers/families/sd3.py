@@ -78,9 +78,6 @@ class SD3Family(FamilyAdapter):
             return_dict=False,
         )[0]
 
-    def default_resolution(self, pipe: Any) -> int:
-        return pipe.default_sample_size * pipe.vae_scale_factor
-
     def latent_shape(self, pipe: Any, batch_size: int, height: int, width: int) -> tuple[int, ...]:
         channels = pipe.transformer.config.in_channels
         return (batch_size, channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)

@@ -25,13 +25,15 @@ def query_free_part(collection: dict, query_space: str) -> dict:
     shipped = {
         n: f for n, f in collection.get("shipped", {}).items() if n in runs or n in collection["merges"]
     }
-    settings = {**collection["settings"], "query_space": query_space}
+    # the best trained baselines (which seeds run) are chosen again from the new edition's own results
+    settings = {**collection["settings"], "query_space": query_space, "best_baselines": {}}
     first = collection["settings"].get("query_space", "step")
     note = (
         f"Carried over from the {first}-space study: {', '.join(sorted(runs))}, the weight merges and the teachers. "
         "Their training draws no query state (DiffusionOPD queries all 16 states, joint training rolls nothing "
         "out, merges and teachers are not trained), so the query law does not change them; every run that draws "
-        f"a query was trained again with --query_space {query_space}."
+        f"a query is trained again with --query_space {query_space} (the report says which are, and which are not run "
+        "yet)."
     )
     return {
         "settings": settings,
@@ -42,6 +44,12 @@ def query_free_part(collection: dict, query_space: str) -> dict:
         "notes": [note],
         "rescored": {k: v for k, v in (collection.get("rescored") or {}).items() if k in shipped},
         "history": [],
+        # what the report names as carried, and from which edition
+        "carried": {
+            "edition": collection.get("carried", {}).get("edition", 1) + 1,
+            "query_space": first,
+            "runs": sorted(runs),
+        },
     }
 
 
@@ -55,6 +63,7 @@ def carry_stage(source: Path, dest: Path, query_space: str, log: Any = print) ->
     if read_json(dest / "results.json") is not None:
         raise SystemExit(f"error: {dest / 'results.json'} exists already: carry starts a new --dest only.")
     carried = query_free_part(previous, query_space)
+    carried["carried"]["from"] = source.resolve().name
     dest.mkdir(parents=True, exist_ok=True)
     for name, file in carried["shipped"].items():
         (dest / file).write_bytes((source / file).read_bytes())

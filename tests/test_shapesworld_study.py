@@ -407,9 +407,26 @@ def test_second_edition_report_is_current_and_says_what_it_is(tmp_path):
     assert "| A: DanceOPD ahead on edits | DiffusionOPD (dense) *(carried)* |" in claims
 
 
+def test_carry_beside_the_first_edition_names_its_files_instead_of_copying(tmp_path):
+    """Editions shipped side by side (the package's study/ and study2/): the carried students are the first
+    edition's files, named relative to the new folder, so the package holds each student once."""
+    import shutil
+
+    first = tmp_path / "study"
+    shutil.copytree(study_ship.SHIP_DIR, first, ignore=shutil.ignore_patterns("plots"))
+    carried = study_carry.carry_stage(first, tmp_path / "study2", "sigma", log=lambda *a: None)
+    assert carried["shipped"] and all(f.startswith("../study/") for f in carried["shipped"].values())
+    assert not list((tmp_path / "study2").glob("*.safetensors"))
+    assert all((tmp_path / "study2" / f).resolve().is_file() for f in carried["shipped"].values())
+    shipped = json.loads((study_ship.SHIP_DIR.parent / "study2" / "results.json").read_text())
+    assert not list((study_ship.SHIP_DIR.parent / "study2").glob("*dense*.safetensors"))  # nothing shipped twice
+    assert shipped["shipped"]["A-dense"] == "../study/A-dense.safetensors"
+
+
 def test_second_edition_students_are_fp16_and_load(tmp_path):
     """The shipped second-edition students: small fp16 files with the first edition's keys; the carried ones are
-    the first edition's bytes, the new ones are not; a new one fuses into the base as B @ A at scale 1."""
+    the first edition's own files (named through ``../study/``, never shipped twice), the new ones are not; a new
+    one fuses into the base as B @ A at scale 1."""
     from safetensors.torch import load_file
 
     from danceopd_diffusers.shapesworld.evaluate import load_pipeline

@@ -1,8 +1,10 @@
 """``carry``: start a new edition of the study (another query space on the same grid) from a shipped one.
 
 Runs whose training draws no query state (dense, joint), the weight merges and the teachers are the same under
-either query law, so they are carried with their shipped files and a note saying where they come from; every run
-that draws a query is trained again.
+either query law, so they are carried with a note saying where they come from; every run that draws a query is
+trained again. Their student files are not copied when the editions are shipped side by side
+(``shapesworld/study`` and ``shapesworld/study2``): the new edition's ``results.json`` names the first edition's
+file (``../study/<run>.safetensors``), so the package ships each student once.
 """
 
 from __future__ import annotations
@@ -65,8 +67,13 @@ def carry_stage(source: Path, dest: Path, query_space: str, log: Any = print) ->
     carried = query_free_part(previous, query_space)
     carried["carried"]["from"] = source.resolve().name
     dest.mkdir(parents=True, exist_ok=True)
+    sibling = source.resolve().parent == dest.resolve().parent
     for name, file in carried["shipped"].items():
-        (dest / file).write_bytes((source / file).read_bytes())
-        log(f"[study] carried {name} -> {dest / file}")
+        if sibling:  # editions shipped side by side (in the package): the new one points at the first's file
+            carried["shipped"][name] = f"../{source.resolve().name}/{file}"
+            log(f"[study] carried {name}: {dest / carried['shipped'][name]}")
+        else:  # anywhere else, a copy: the folder must stand alone (and name no machine path)
+            (dest / file).write_bytes((source / file).read_bytes())
+            log(f"[study] carried {name} -> {dest / file}")
     write_json(dest / "results.json", carried)
     return carried

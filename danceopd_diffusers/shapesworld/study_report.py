@@ -8,6 +8,7 @@ Only text and plots: the numbers come from :func:`.study_results.collect` (a stu
 
 from __future__ import annotations
 
+import posixpath
 import statistics
 from dataclasses import fields
 from pathlib import Path
@@ -24,6 +25,14 @@ from .study_grid import (
 )
 from .study_settings import Settings
 from .study_ship import RESCORE_COMMAND
+
+
+def _rescore_command(file: str, ship_dir: str) -> str:
+    """The command that re-scores one shipped student; a file carried from another edition (``../study/...``)
+    is named by its own folder."""
+    folder, name = posixpath.split(posixpath.normpath(f"{ship_dir}/{file}"))
+    return RESCORE_COMMAND.format(file=name, dest=folder)
+
 
 #: what each query space means on ShapesWorld's unshifted grid (``../shared/audits/query_sigma.md``)
 QUERY_REGIMES = {
@@ -610,7 +619,7 @@ def _rescored_section(collection: dict, ship_dir: str = "study") -> list[str]:
         + (" (a test re-scores one):" if ship_dir == "study" else ":"),
         "",
         "```bash",
-        RESCORE_COMMAND.format(file=collection["shipped"][first], dest=ship_dir)
+        _rescore_command(collection["shipped"][first], ship_dir)
         + (f" --limit {rescored[first]['limit']}" if rescored[first].get("limit") else ""),
         "```",
         "",

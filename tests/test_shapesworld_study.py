@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
 
@@ -268,7 +269,9 @@ def test_seeds_stage_counts_baselines_shipped_from_another_root(tmp_path, capsys
     settings = json.loads((root / "study.json").read_text())
     assert settings["best_baselines"] == expected
     capsys.readouterr()
-    assert study.main([*args, "--dest", str(tmp_path / "nothing-shipped")]) == 2  # an error line, no traceback
+    assert (
+        study.main([*args, "--dest", str(tmp_path / "nothing-shipped")]) == 2
+    )  # an error line, no traceback
     assert "no trained baseline of setting A is scored yet" in capsys.readouterr().err
 
 
@@ -323,6 +326,131 @@ def test_carry_starts_a_second_edition_from_the_query_free_results(tmp_path):
     first = json.loads((study_ship.SHIP_DIR / "results.json").read_text())
     with pytest.raises(SystemExit, match="query_space"):
         study_results.merge_collections(carried, first)
+    assert carried["settings"]["best_baselines"] == {}  # the new edition chooses its own seeds' baselines
+    assert carried["carried"] == {
+        "edition": 2,
+        "query_space": "step",
+        "runs": ["A-dense", "A-joint", "B-dense", "B-joint"],
+        "from": "study",
+    }
     out = tmp_path / "STUDY.md"
     study_report.write_report(carried, out, "pil", source="test")
-    assert study_report.QUERY_REGIMES["sigma"] in out.read_text()
+    text = out.read_text()
+    assert study_report.QUERY_REGIMES["sigma"] in text and "## This edition" in text
+    # a partial edition: everything that draws a query is "not run yet", nothing crashes
+    (missing,) = [line for line in text.splitlines() if line.startswith("- **Not run yet**")]
+    assert "A-danceopd" in missing and "(B-k4)" in missing and "seeds" in missing
+    assert "| DiffusionOPD (dense) *(carried)* | 0.787 [" in text and "| DanceOPD | not run |" in text
+
+
+STUDY2 = study_settings.HERE / "study2"
+STUDY2_MD = study_settings.HERE / "STUDY2.md"
+#: the second edition's new runs with the large-set headlines the GPU printed for them (T2I overall, edit
+#: average), trained with --query_space sigma on one H100 on 2026-12-07
+SECOND_EDITION = {
+    "A-danceopd": ("0.786", "6.20"),
+    "A-offpolicy": ("0.721", "4.66"),
+    "A-soft": ("0.484", "4.70"),
+    "B-danceopd": ("0.805", "6.49"),
+    "B-init-base": ("0.773", "0.51"),
+    "B-init-global": ("0.734", "2.25"),
+    "B-offpolicy": ("0.747", "4.19"),
+    "B-query-high": ("0.703", "6.19"),
+    "B-query-mid": ("0.801", "6.33"),
+    "B-soft": ("0.646", "0.58"),
+}
+
+
+def test_second_edition_report_is_current_and_says_what_it_is(tmp_path):
+    """STUDY2.md is what `report` writes from the shipped study2/results.json (plots in a folder of its own), says
+    near its top what changed, what is new, carried and not run yet, and prints the GPU's large-set numbers."""
+    out = tmp_path / "STUDY2.md"
+    args = ["report", "--dest", str(STUDY2), "--out", str(out), "--plot_backend", "pil"]
+    assert study.main(args) == 0
+    text = out.read_text()
+    assert text == STUDY2_MD.read_text(), (
+        "STUDY2.md is stale: run `study report --dest ... --out ...STUDY2.md`"
+    )
+    assert (tmp_path / "study2" / "plots" / "ablations.png").is_file()
+    top = text.split("## Setting A")[0]
+    assert (
+        "second edition" in top.splitlines()[0] and "`--query_space sigma`" in top and "paper's regime" in top
+    )
+    (new,) = [line for line in top.splitlines() if line.startswith("- **New in this edition**")]
+    assert "one NVIDIA H100 on 2026-12-07" in new and new.endswith(", ".join(sorted(SECOND_EDITION)) + ".")
+    (carried,) = [
+        line for line in top.splitlines() if line.startswith("- **Carried from the first edition**")
+    ]
+    assert "A-dense, A-joint, B-dense, B-joint, the 21 weight merges and the 10 teachers" in carried
+    (missing,) = [line for line in top.splitlines() if line.startswith("- **Not run yet**")]
+    for what in (
+        "(B-k4)",
+        "(B-init-merged)",
+        "CFG absorption (cfg-1.5, cfg-3, cfg-5, cfg-apg, cfg-zero)",
+        "seeds",
+    ):
+        assert what in missing
+    shipped = json.loads((STUDY2 / "results.json").read_text())
+    first = json.loads((study_ship.SHIP_DIR / "results.json").read_text())
+    assert shipped["settings"]["query_space"] == "sigma" and shipped["settings"]["best_baselines"] == {}
+    for name, (t2i, edit) in SECOND_EDITION.items():
+        final = shipped["runs"][name]["final"]
+        assert final["set"] == "large" and final["per_category"] == {"t2i": 192, "edit": 256}
+        assert (f"{final['t2i']['overall']:.3f}", f"{final['edit']['average']:.2f}") == (t2i, edit), name
+    for name in shipped["carried"]["runs"]:  # the query-free runs: the first edition's results, unchanged
+        assert shipped["runs"][name] == first["runs"][name]
+    assert shipped["merges"] == first["merges"] and shipped["teachers"] == first["teachers"]
+    for name in ("B-k4", "B-init-merged", "cfg-3"):
+        assert name not in shipped["runs"]
+    claims = "\n".join(study_report._claims_section(shipped))
+    assert "| B: K = 1 ≥ K = 4 | K = 4 | not run |" in claims
+    assert "| A: DanceOPD ahead on edits | DiffusionOPD (dense) *(carried)* |" in claims
+
+
+def test_carry_beside_the_first_edition_names_its_files_instead_of_copying(tmp_path):
+    """Editions shipped side by side (the package's study/ and study2/): the carried students are the first
+    edition's files, named relative to the new folder, so the package holds each student once."""
+    import shutil
+
+    first = tmp_path / "study"
+    shutil.copytree(study_ship.SHIP_DIR, first, ignore=shutil.ignore_patterns("plots"))
+    carried = study_carry.carry_stage(first, tmp_path / "study2", "sigma", log=lambda *a: None)
+    assert carried["shipped"] and all(f.startswith("../study/") for f in carried["shipped"].values())
+    assert not list((tmp_path / "study2").glob("*.safetensors"))
+    assert all((tmp_path / "study2" / f).resolve().is_file() for f in carried["shipped"].values())
+    shipped = json.loads((study_ship.SHIP_DIR.parent / "study2" / "results.json").read_text())
+    assert not list((study_ship.SHIP_DIR.parent / "study2").glob("*dense*.safetensors"))  # nothing shipped twice
+    assert shipped["shipped"]["A-dense"] == "../study/A-dense.safetensors"
+
+
+def test_second_edition_students_are_fp16_and_load(tmp_path):
+    """The shipped second-edition students: small fp16 files with the first edition's keys; the carried ones are
+    the first edition's own files (named through ``../study/``, never shipped twice), the new ones are not; a new
+    one fuses into the base as B @ A at scale 1."""
+    from safetensors.torch import load_file
+
+    from danceopd_diffusers.shapesworld.evaluate import load_pipeline
+
+    shipped = json.loads((STUDY2 / "results.json").read_text())
+    first = json.loads((study_ship.SHIP_DIR / "results.json").read_text())
+    with safe_open(str(study_ship.SHIP_DIR / "B-danceopd.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert set(shipped["shipped"]) == set(first["shipped"])
+    for name, file in shipped["shipped"].items():
+        path = STUDY2 / file
+        assert path.stat().st_size < 2 * 2**20, name
+        with safe_open(str(path), "pt") as f:
+            assert set(f.keys()) == keys and all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+        same = path.read_bytes() == (study_ship.SHIP_DIR / first["shipped"][name]).read_bytes()
+        assert same == (name in shipped["carried"]["runs"] or name in shipped["merges"]), name
+    base = Path(study_settings.SOURCES) / "base"
+    plain, _ = load_pipeline(str(base))
+    student, _ = load_pipeline(str(base), str(STUDY2 / "B-danceopd.safetensors"))
+    lora = load_file(str(STUDY2 / "B-danceopd.safetensors"))
+    module = "single_transformer_blocks.0.attn.to_k"
+    delta = (
+        lora[f"transformer.{module}.lora_B.weight"].float()
+        @ lora[f"transformer.{module}.lora_A.weight"].float()
+    )
+    got = student.transformer.get_submodule(module).weight - plain.transformer.get_submodule(module).weight
+    assert delta.abs().max() > 0 and torch.allclose(got, delta, atol=1e-4), (got - delta).abs().max()

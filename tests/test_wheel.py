@@ -71,6 +71,9 @@ def test_wheel_carries_the_trainer_the_license_and_an_entry_point(wheel):
         (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         assert "Apache-2.0" in zf.read(metadata).decode()
         assert "danceopd_diffusers/shapesworld/study/results.json" in names  # `study report` reads it
+        assert "danceopd_diffusers/shapesworld/study2/results.json" in names  # the second edition's
+        assert "danceopd_diffusers/shapesworld/STUDY2.md" in names
+        assert "danceopd_diffusers/shapesworld/study2/plots/ablations.png" in names
 
 
 @pytest.fixture(scope="module")

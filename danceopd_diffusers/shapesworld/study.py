@@ -23,7 +23,8 @@ eval       score what is finished and not scored yet: each run's final LoRA and 
            main runs and every merge on the curve set (``--curve_per_category``, default 64 per category), and
            then each setting's best merge on the final set
 report     ``shapesworld/STUDY.md`` and its PNG plots from ``R`` (or, without ``--root``, from the shipped
-           ``shapesworld/study/results.json``)
+           ``shapesworld/study/results.json``; ``--dest`` another shipped folder, ``--out`` another report,
+           whose plots go to a folder named for it: ``STUDY2.md``'s to ``study2/plots``)
 carry      start a new ``--dest`` (another query space on the same grid) from ``--carry_from``'s results that the
            query law does not change: dense, joint, merges, teachers (``--query_space`` names the new space)
 ship       the main table's students (fp16 LoRAs) and every result into ``shapesworld/study/``, keeping what is
@@ -188,6 +189,12 @@ def _main(argv: list[str] | None = None) -> int:
         default=None,
         help="carry: a shipped study folder whose query-free results (dense, joint, merges, teachers) start --dest",
     )
+    parser.add_argument(
+        "--trained_on",
+        default=None,
+        help="ship: the machine and date the root's runs were trained on, for the report (e.g. 'one NVIDIA H100 on "
+        "2026-12-07')",
+    )
     for f in fields(Settings):
         if f.name == "best_baselines":
             continue
@@ -214,7 +221,11 @@ def _main(argv: list[str] | None = None) -> int:
             )
         if not isinstance(collection, dict) or not has_results(collection):
             parser.error(f"{shipped} holds no results; nothing to report (STUDY.md is left as it is)")
-        write_report(collection, Path(args.out), args.plot_backend, source=f"the shipped `{shipped.name}`")
+        dest = Path(args.dest)
+        named = shipped.name if dest.resolve() == SHIP_DIR else f"{dest.name}/{shipped.name}"
+        write_report(
+            collection, Path(args.out), args.plot_backend, source=f"the shipped `{named}`", ship_dir=dest.name
+        )
         print(f"[study] wrote {args.out}")
         return 0
     if args.stage == "carry":
@@ -274,10 +285,16 @@ def _main(argv: list[str] | None = None) -> int:
                 f"--root {args.root} holds no results (no run, merge or teacher is scored); nothing to report, "
                 f"{args.out} is left as it is. Run the eval stage first."
             )
-        write_report(collection, Path(args.out), args.plot_backend, source=f"`{root.name}`")
+        write_report(
+            collection,
+            Path(args.out),
+            args.plot_backend,
+            source=f"`{root.name}`",
+            ship_dir=Path(args.dest).name,
+        )
         print(f"[study] wrote {args.out}")
         return 0
-    ship_stage(root, settings, Path(args.dest))
+    ship_stage(root, settings, Path(args.dest), trained_on=args.trained_on)
     return 0
 
 

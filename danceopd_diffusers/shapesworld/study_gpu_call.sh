@@ -57,6 +57,7 @@ import json, sys, tarfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 root, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -71,7 +72,9 @@ for i, chunk in enumerate((finished[:half], finished[half:])):
     with tarfile.open(out / f"students{i}.tar", "w") as tar:
         for path in chunk:
             fp16 = path.with_name("student_fp16.safetensors")
-            save_file({k: v.to(torch.float16) for k, v in load_file(path).items()}, fp16)
+            with safe_open(path, "pt") as f:  # the LoRA's metadata (rank, alpha) travels with it
+                metadata = f.metadata()
+            save_file({k: v.to(torch.float16) for k, v in load_file(path).items()}, fp16, metadata=metadata)
             tar.add(fp16, arcname=f"{path.parent.name}.safetensors")
 state = {p.parent.name: p.name for p in sorted(root.glob("runs/*/checkpoint-*/"))}
 print("[call] finished:", [p.parent.name for p in finished])

@@ -8,6 +8,7 @@ Only text and plots: the numbers come from :func:`.study_results.collect` (a stu
 
 from __future__ import annotations
 
+import posixpath
 import statistics
 from dataclasses import fields
 from pathlib import Path
@@ -24,6 +25,14 @@ from .study_grid import (
 )
 from .study_settings import Settings
 from .study_ship import RESCORE_COMMAND
+
+
+def _rescore_command(file: str, ship_dir: str) -> str:
+    """The command that re-scores one shipped student; a file carried from another edition (``../study/...``)
+    is named by its own folder."""
+    folder, name = posixpath.split(posixpath.normpath(f"{ship_dir}/{file}"))
+    return RESCORE_COMMAND.format(file=name, dest=folder)
+
 
 #: what each query space means on ShapesWorld's unshifted grid (``../shared/audits/query_sigma.md``)
 QUERY_REGIMES = {
@@ -64,13 +73,14 @@ def _setting_rows(collection: dict, setting: str) -> list[tuple[str, dict | None
     steps = collection["settings"]["steps"]
     for key in METHODS:
         run = collection["runs"].get(f"{setting}-{key}") or {}
-        label = METHODS[key][0]
+        label = _mark(collection, f"{setting}-{key}", METHODS[key][0])
         if run and not run.get("done"):
             label += f" (unfinished: step {run.get('reached', 0)} of {steps})"
         rows.append((label, run.get("final"), _wall(run.get("wall_s"), run.get("jobs"))))
         if key == "joint":
             best = best_merge(collection, setting)
             label = f"weight merge (best: {best[1]['label']})" if best else "weight merge"
+            label = _mark(collection, best[0] if best else None, label)
             rows.append(
                 (label, best[1]["final"] if best else None, _wall(best[1]["seconds"]) if best else "-")
             )
@@ -95,12 +105,20 @@ def _main_table(rows: list[tuple[str, dict | None, str]]) -> list[str]:
 def _comparisons(collection: dict, setting: str) -> list[str]:
     ours = (collection["runs"].get(f"{setting}-danceopd") or {}).get("final")
     baselines = [
-        (METHODS[k][0], (collection["runs"].get(f"{setting}-{k}") or {}).get("final"))
+        (
+            _mark(collection, f"{setting}-{k}", METHODS[k][0]),
+            (collection["runs"].get(f"{setting}-{k}") or {}).get("final"),
+        )
         for k in METHODS
         if k != "danceopd"
     ]
     best = best_merge(collection, setting)
-    baselines.append(("weight merge (best)", best[1]["final"] if best else None))
+    baselines.append(
+        (
+            _mark(collection, best[0] if best else None, "weight merge (best)"),
+            best[1]["final"] if best else None,
+        )
+    )
     return _comparison_rows(ours, baselines)
 
 
@@ -148,10 +166,11 @@ def _equal_updates(collection: dict, setting: str) -> list[str]:
         return []
     step = max(shared)
     size = collection["settings"]["curve_per_category"]
-    rows = [(METHODS[k][0], curves[k][step], "-") for k in METHODS]
+    rows = [(_mark(collection, f"{setting}-{k}", METHODS[k][0]), curves[k][step], "-") for k in METHODS]
     best = best_merge(collection, setting)
     if best:
-        rows.append((f"weight merge (best: {best[1]['label']}; no training)", best[1]["select"], "-"))
+        label = _mark(collection, best[0], f"weight merge (best: {best[1]['label']}; no training)")
+        rows.append((label, best[1]["select"], "-"))
     lines = [
         "",
         f"Every method after the same {step} updates (setting {setting}; curve set, {size} per category):",
@@ -207,9 +226,18 @@ def _claims_section(collection: dict) -> list[str]:
     ]
     for setting in ("A", "B"):
         ours = final(f"{setting}-danceopd")
-        rows = [(METHODS[k][0], final(f"{setting}-{k}")) for k in METHODS if k != "danceopd"]
+        rows = [
+            (_mark(collection, f"{setting}-{k}", METHODS[k][0]), final(f"{setting}-{k}"))
+            for k in METHODS
+            if k != "danceopd"
+        ]
         best = best_merge(collection, setting)
-        rows.append(("weight merge (best)", best[1]["final"] if best else None))
+        rows.append(
+            (
+                _mark(collection, best[0] if best else None, "weight merge (best)"),
+                best[1]["final"] if best else None,
+            )
+        )
         for label, theirs in rows:
             d = _paired(ours, theirs)
             lines.append(f"| {setting}: DanceOPD ahead on edits | {label} | {_ahead(d and d['edit'])} |")
@@ -273,21 +301,128 @@ def _run_names(collection: dict) -> list[str]:
     return [r.name for r in all_runs(settings)]
 
 
+def _carried(collection: dict) -> set[str]:
+    """The runs and merges a later edition took from an earlier one (``carry``): empty for a first edition."""
+    carried = collection.get("carried")
+    if not carried:
+        return set()
+    return set(carried.get("runs", [])) | set(collection.get("merges", {}))
+
+
+def _mark(collection: dict, name: str | None, label: str, plain: bool = False) -> str:
+    """A row's label, marked where its result was carried from the earlier edition (``plain``: for a plot)."""
+    if name not in _carried(collection):
+        return label
+    return f"{label} (carried)" if plain else f"{label} *(carried)*"
+
+
+ORDINALS = {2: "second", 3: "third", 4: "fourth"}
+
+
+def _edition_title(collection: dict) -> str:
+    carried = collection.get("carried")
+    if not carried:
+        return ""
+    n = carried.get("edition", 2)
+    return f", {ORDINALS.get(n, f'edition {n}')} edition"
+
+
+def _edition_section(collection: dict) -> list[str]:
+    """A later edition (``carry``) in words: what changed, what is new, what is carried and what is not run yet."""
+    carried = collection.get("carried")
+    if not carried:
+        return []
+    s = collection["settings"]
+    space, first = s.get("query_space", "step"), carried.get("query_space", "step")
+    n = carried.get("edition", 2)
+    earlier = "the first edition" if n == 2 else "the earlier edition"
+    where = f" (`{carried['from']}/results.json`)" if carried.get("from") else ""
+    lines = [
+        "## This edition",
+        "",
+        f"The {ORDINALS.get(n, f'edition {n}')} edition of the study: the grid, data, training settings and "
+        f"evaluation of {earlier}{where}, with one change: every run that draws a query state (DanceOPD, "
+        "off-policy, soft routing, the ablations, CFG absorption and the seeds) reads the query law with "
+        f"`--query_space {space}` instead of `--query_space {first}`."
+        + (
+            " This is the paper's regime: the paper's law read in σ on a shift-3 grid, where the first edition read "
+            "it over the step index of ShapesWorld's unshifted grid and so queried much less noisy states (mean σ "
+            "0.32 instead of the paper's 0.55)."
+            if (first, space) == ("step", "sigma")
+            else ""
+        ),
+        "",
+    ]
+    carried_runs = set(carried.get("runs", []))
+    for h in collection.get("history", []):
+        new = [r for r in h["runs"] if r not in carried_runs]
+        if not new:
+            continue
+        trained = f" on {h['trained_on']}" if h.get("trained_on") else f" (shipped on {h['date']})"
+        lines.append(
+            f"- **New in this edition** ({len(new)} runs, {s['steps']} steps each from step 0, trained with "
+            f"`--query_space {space}`{trained}, scored on the {s.get('eval_preset') or 'final'} set there): "
+            f"{', '.join(new)}."
+        )
+    merges_, teachers_ = collection.get("merges", {}), collection.get("teachers", {})
+    lines.append(
+        f"- **Carried from {earlier}** (query-free: their training draws no query state, so the query law does not "
+        f"change them; their numbers, files and wall times are {earlier}'s, and they are marked *(carried)* in the "
+        f"tables): {', '.join(sorted(carried_runs)) or 'no run'}, the {len(merges_)} weight merges and the "
+        f"{len(teachers_)} teachers."
+    )
+    runs = collection["runs"]
+    missing: dict[str, list[str]] = {}
+    for run in _run_names_and_groups(collection):
+        name, group = run
+        if name in runs and (runs[name].get("done") or runs[name].get("final")):
+            continue
+        if group == "ablation":
+            missing.setdefault(f"{ABLATIONS[name][1]} ({name})", [])
+        elif group == "cfg":
+            missing.setdefault("CFG absorption", []).append(name)
+        elif group == "seeds":
+            missing.setdefault("seeds", []).append(name)
+        else:
+            missing.setdefault(name, [])
+    if not any(group == "seeds" for _, group in _run_names_and_groups(collection)):
+        missing["seeds (seeds 1 and 2 of DanceOPD and of each setting's best trained baseline)"] = []
+    if missing:
+        parts = [f"{k} ({', '.join(v)})" if v else k for k, v in missing.items()]
+        lines.append(
+            f'- **Not run yet** in this edition: {"; ".join(parts)}. Their rows read "not run"; {earlier}\'s '
+            "numbers for them were measured with the other query law and are not carried."
+        )
+    return lines + [""]
+
+
+def _run_names_and_groups(collection: dict) -> list[tuple[str, str]]:
+    settings = Settings(
+        **{k: v for k, v in collection["settings"].items() if k in {f.name for f in fields(Settings)}}
+    )
+    return [(r.name, r.group) for r in all_runs(settings)]
+
+
 def _ci(result: dict | None, task: str, name: str) -> tuple[float, float] | None:
     interval = (result or {}).get("ci", {}).get(task, {}).get(name)
     return tuple(interval) if interval else None
 
 
-def write_report(collection: dict, out: Path, backend: str = "auto", source: str = "") -> Path:
-    """STUDY.md and its plots (in ``out.parent/study/plots``) from a collection."""
+def write_report(
+    collection: dict, out: Path, backend: str = "auto", source: str = "", ship_dir: str = "study"
+) -> Path:
+    """STUDY.md and its plots from a collection. The plots go to a folder named for the report, beside it
+    (``STUDY.md``'s to ``study/plots``, ``STUDY2.md``'s to ``study2/plots``), so editions keep their own;
+    ``ship_dir`` names the shipped folder of the students the re-score section points at."""
     from .plots import line_chart
 
-    plots = out.parent / "study" / "plots"
+    rel = f"{out.stem.lower()}/plots"
+    plots = out.parent / rel
     plots.mkdir(parents=True, exist_ok=True)
     s = collection["settings"]
     runs = collection["runs"]
     lines = [
-        "# The ShapesWorld study (issue 10)",
+        f"# The ShapesWorld study (issue 10){_edition_title(collection)}",
         "",
         f"Written by `python -m danceopd_diffusers.shapesworld.study report` from {source or 'a study root'}; "
         "the module docstring of `shapesworld/study.py` gives the grid and the commands. Do not edit by hand.",
@@ -301,6 +436,7 @@ def write_report(collection: dict, out: Path, backend: str = "auto", source: str
         QUERY_REGIMES[s.get("query_space", "step")],
         "",
     ]
+    lines += _edition_section(collection)
     history = [
         f"Shipped on {h['date']} from the study root `{h['root']}`: "
         + (f"runs {', '.join(h['runs'])}" if h["runs"] else "no runs")
@@ -335,8 +471,9 @@ def write_report(collection: dict, out: Path, backend: str = "auto", source: str
             curve = (runs.get(f"{setting}-{key}") or {}).get("curve") or {}
             points = sorted((int(step), r) for step, r in curve.items())
             if points:
-                series_edit[METHODS[key][0]] = [(x, r["edit"].get("average", 0.0)) for x, r in points]
-                series_t2i[METHODS[key][0]] = [(x, r["t2i"].get("overall", 0.0)) for x, r in points]
+                label = _mark(collection, f"{setting}-{key}", METHODS[key][0], plain=True)
+                series_edit[label] = [(x, r["edit"].get("average", 0.0)) for x, r in points]
+                series_t2i[label] = [(x, r["t2i"].get("overall", 0.0)) for x, r in points]
         if series_edit:
             tag = setting.lower()
             line_chart(
@@ -363,20 +500,20 @@ def write_report(collection: dict, out: Path, backend: str = "auto", source: str
                 at = {x: (e, t) for (x, e), (_, t) in zip(series_edit[label], series_t2i[label])}
                 cells = [f"{at[x][0]:.2f} / {at[x][1]:.3f}" if x in at else "-" for x in steps]
                 lines.append(f"| {label} (edit / T2I) | " + " | ".join(cells) + " |")
-            lines += ["", f"![edit average vs step](study/plots/length_edit_{tag}.png) "
-                      f"![T2I vs step](study/plots/length_t2i_{tag}.png)", ""]  # fmt: skip
+            lines += ["", f"![edit average vs step]({rel}/length_edit_{tag}.png) "
+                      f"![T2I vs step]({rel}/length_t2i_{tag}.png)", ""]  # fmt: skip
     lines += _claims_section(collection)
     lines += _status_section(collection)
-    lines += _ablation_section(collection, plots, backend)
+    lines += _ablation_section(collection, plots, backend, rel)
     lines += _cfg_section(collection)
     lines += _seeds_section(collection)
     lines += _compute_section(collection)
-    lines += _rescored_section(collection)
+    lines += _rescored_section(collection, ship_dir)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
 
 
-def _ablation_section(collection: dict, plots: Path, backend: str) -> list[str]:
+def _ablation_section(collection: dict, plots: Path, backend: str, rel: str = "study/plots") -> list[str]:
     from .plots import bar_chart
 
     runs = collection["runs"]
@@ -409,7 +546,7 @@ def _ablation_section(collection: dict, plots: Path, backend: str) -> list[str]:
             bars,
             backend,
         )
-        lines += ["", "![ablations](study/plots/ablations.png)"]
+        lines += ["", f"![ablations]({rel}/ablations.png)"]
     return lines + [""]
 
 
@@ -469,7 +606,7 @@ def _seeds_section(collection: dict) -> list[str]:
     return lines + ["", "The best trained baseline of each setting is chosen by (T2I + edit / 10) / 2.", ""]
 
 
-def _rescored_section(collection: dict) -> list[str]:
+def _rescored_section(collection: dict, ship_dir: str = "study") -> list[str]:
     rescored = collection.get("rescored") or {}
     if not rescored:
         return []
@@ -477,11 +614,12 @@ def _rescored_section(collection: dict) -> list[str]:
     lines = [
         "## Re-score a shipped student on a CPU",
         "",
-        "The students of the main tables ship as fp16 LoRAs in `shapesworld/study/`. Scored from those files on the "
-        "quick set, on a CPU, without CFG (NFE 16), each gives the row below (a test re-scores one):",
+        f"The students of the main tables ship as fp16 LoRAs in `shapesworld/{ship_dir}/`. Scored from those files "
+        "on the quick set, on a CPU, without CFG (NFE 16), each gives the row below"
+        + (" (a test re-scores one):" if ship_dir == "study" else ":"),
         "",
         "```bash",
-        RESCORE_COMMAND.format(file=collection["shipped"][first])
+        _rescore_command(collection["shipped"][first], ship_dir)
         + (f" --limit {rescored[first]['limit']}" if rescored[first].get("limit") else ""),
         "```",
         "",
@@ -498,7 +636,8 @@ def _rescored_section(collection: dict) -> list[str]:
 
 
 def _compute_section(collection: dict) -> list[str]:
-    runs = [r for r in collection["runs"].values() if r.get("wall_s")]
+    carried = _carried(collection)
+    runs = [r for n, r in collection["runs"].items() if r.get("wall_s") and n not in carried]
     if not runs:
         return ["## Compute", "", "No run recorded yet.", ""]
     jobs = max(r["jobs"] or 1 for r in runs)
@@ -508,13 +647,15 @@ def _compute_section(collection: dict) -> list[str]:
         "## Compute",
         "",
         f"{len(runs)} runs, up to {jobs} at once on one device; {total / 3600:.2f} run-hours in all (start-ups "
-        f"included). Per run ({steps} steps):",
+        f"included)" + ("; the carried runs' times are the earlier edition's, on its device, and not in this sum"
+                        if carried else "") + f". Per run ({steps} steps):",
         "",
         "| run | wall time | launches | steps/s |",
         "|---|---|---|---|",
-    ]
+    ]  # fmt: skip
     for name, r in collection["runs"].items():
         if r.get("wall_s"):
             rate = f"{steps / r['wall_s']:.2f}" if r.get("done") else "-"
-            lines.append(f"| {name} | {_wall(r['wall_s'], r['jobs'])} | {r['launches']} | {rate} |")
+            label = _mark(collection, name, name)
+            lines.append(f"| {label} | {_wall(r['wall_s'], r['jobs'])} | {r['launches']} | {rate} |")
     return lines + [""]

@@ -22,17 +22,20 @@ SHIP_DIR = HERE / "study"
 RESCORE_KEYS = ("t2i", "edit", "ci", "set", "per_category", "limit", "seed", "num_steps", "nfe_per_image")
 RESCORE_COMMAND = (
     "python -m danceopd_diffusers.shapesworld.evaluate --pipeline danceopd_diffusers/shapesworld/sources/base "
-    "--lora danceopd_diffusers/shapesworld/study/{file} --device cpu"
+    "--lora danceopd_diffusers/shapesworld/{dest}/{file} --device cpu"
 )
 
 
-def ship_stage(root: Path, settings: Settings, dest: Path = SHIP_DIR, log: Any = print) -> dict:
+def ship_stage(
+    root: Path, settings: Settings, dest: Path = SHIP_DIR, log: Any = print, trained_on: str | None = None
+) -> dict:
     """The main table's students (each run of settings A and B, and each setting's best merge) as fp16 LoRAs in
     ``dest``, and the whole collection in ``dest/results.json`` (what `report` reads without ``--root``).
 
     What ``dest`` already holds is kept where this root has nothing better (a run it lacks or got less far with, a
     teacher or merge it did not score): a study can be finished on another machine, or after one was lost, and
-    shipped into the same place. Each ship is recorded in ``history``; only files written now are re-scored."""
+    shipped into the same place. Each ship is recorded in ``history`` (with ``trained_on``, the machine and date
+    its runs were trained on, where given: a root carries neither); only files written now are re-scored."""
     from .ship import _to_fp16
 
     collection = collect(root, settings)
@@ -69,9 +72,8 @@ def ship_stage(root: Path, settings: Settings, dest: Path = SHIP_DIR, log: Any =
         k: v for k, v in (collection.get("rescored") or {}).items() if k in shipped and k not in written
     }
     collection["settings"] = {k: v for k, v in collection["settings"].items() if k not in ("data", "sources")}
-    collection.setdefault("history", []).append(
-        {"date": time.strftime("%Y-%m-%d"), "root": root.name, "runs": taken["runs"], "files": written}
-    )
+    entry = {"date": time.strftime("%Y-%m-%d"), "root": root.name, "runs": taken["runs"], "files": written}
+    collection.setdefault("history", []).append({**entry, "trained_on": trained_on} if trained_on else entry)
     write_json(dest / "results.json", collection)
     return rescore_shipped(dest, Path(settings.sources), settings.eval_limit, log=log)
 

@@ -42,7 +42,7 @@ if [ "$TRAIN_S" -gt 60 ] && [ ${#PATTERNS[@]} -gt 0 ]; then
   $S train --root "$ROOT" --query_space sigma --jobs "${JOBS:-12}" --budget_s "$TRAIN_S" --only "${MAIN[@]:-none}" &
   T1=$!
   if [ ${#SEEDS[@]} -gt 0 ]; then
-    $S seeds --root "$ROOT" --query_space sigma --jobs "${SEED_JOBS:-4}" --budget_s "$TRAIN_S" --only "${SEEDS[@]}" &
+    $S seeds --root "$ROOT" --query_space sigma --dest "${DEST:-danceopd_diffusers/shapesworld/study2}" --jobs "${SEED_JOBS:-4}" --budget_s "$TRAIN_S" --only "${SEEDS[@]}" &
   fi
   wait
 fi

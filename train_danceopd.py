@@ -458,9 +458,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.demo:
         demo.apply_defaults(parser, args, input_args)
     check_flags(args)
-    if args.rank is None and not args.full_finetune and not args.student_init:
-        args.rank = DEFAULT_RANK  # with --student_init, a LoRA's own rank (main)
-    return args
+    return (
+        args  # --rank left out: plan_student chooses it (a --student_init LoRA's own rank, else the default)
+    )
 
 
 def main(args: argparse.Namespace) -> None:

@@ -65,6 +65,8 @@ class StepLog:
         self.routes, self.method, self.num_steps, self.k = list(routes), method, num_steps, k
         self.losses: list[float] = []
         self.route_losses: dict[str, list[float]] = {}
+        #: the last step's mean loss per routed field, as trackers receive it (``loss/<field>``)
+        self.last: dict[str, float] = {}
 
     def record(
         self,

@@ -22,3 +22,27 @@ def test_no_source_file_is_over_800_lines_and_the_script_is_at_most_1000():
     }
     assert not long, long
     assert _lines(REPO / "train_danceopd.py") <= 1000
+
+
+def test_the_script_speaks_through_one_logger_and_imports_at_its_top():
+    """One output channel (the ``danceopd`` logger; ``cli.run_command`` owns the ``error:`` line) and every import
+    at the top of the script, as diffusers' examples have them."""
+    import ast
+
+    tree = ast.parse((REPO / "train_danceopd.py").read_text(encoding="utf-8"))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    printing = [
+        n.lineno
+        for n in calls
+        if (isinstance(n.func, ast.Name) and n.func.id == "print")
+        or (isinstance(n.func, ast.Attribute) and n.func.attr == "print")
+    ]
+    assert not printing, f"print calls at lines {printing}: use the logger"
+    nested = [
+        n.lineno
+        for top in tree.body
+        if not isinstance(top, (ast.Import, ast.ImportFrom))
+        for n in ast.walk(top)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+    ]
+    assert not nested, f"imports inside functions at lines {nested}"
